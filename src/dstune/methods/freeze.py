@@ -1,0 +1,48 @@
+"""Full fine-tuning and layer freezing (train only the top layers and chosen modules)."""
+
+from __future__ import annotations
+
+import re
+
+import torch.nn as nn
+
+from dstune.config import RunConfig
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def prepare_full(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """Trains every parameter."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a parameter name (``model.layers.3.mlp...`` -> 3), or None."""
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def prepare_freeze(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """Freezes everything, then unfreezes the top ``freeze.top_layers`` decoder layers, the parameters
+    matching ``freeze.patterns``, and the output head when ``freeze.train_head`` is set.
+
+    Top layers are the ones nearest the output: fine-tuning guides start there because lower layers
+    hold the general features that a small domain set should not overwrite.
+    """
+    fz = cfg.freeze
+    n_layers = model.config.num_hidden_layers
+    if fz.top_layers > n_layers:
+        raise ValueError(f"freeze.top_layers={fz.top_layers} but the model has {n_layers} layers; "
+                         f"use 0..{n_layers}")
+    first_trained = n_layers - fz.top_layers
+    patterns = [re.compile(p) for p in fz.patterns]
+    head = model.get_output_embeddings()
+    head_ids = {id(p) for p in head.parameters()} if (fz.train_head and head is not None) else set()
+    for name, p in model.named_parameters():
+        idx = layer_index(name)
+        train = (idx is not None and idx >= first_trained) or id(p) in head_ids \
+            or any(r.search(name) for r in patterns)
+        p.requires_grad_(train)
+    return model

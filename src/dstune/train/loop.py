@@ -1,0 +1,235 @@
+"""The one training loop: ``train(cfg) -> RunResult``, shared by every method, the demo and each trial.
+
+It runs on accelerate, so one process, DDP and FSDP are the same code. It keeps no module-level state:
+a search trial or a test calls it as a function.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from dstune.config import RunConfig, save_config
+from dstune.data import prepare_data
+from dstune.evaluate.loss import evaluate_loss
+from dstune.methods import prepare_model, trainable_summary
+from dstune.methods.summary import render_summary
+from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
+from dstune.models.templates import resolve_chat_template
+from dstune.report.logger import MetricsLogger
+from dstune.report.plots import plot_loss
+from dstune.train.batching import MicroBatches
+from dstune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dstune.train.loss import count_loss_tokens, token_loss_sum
+from dstune.train.optim import build_optimizer, build_scheduler
+
+_MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunDirError(RuntimeError):
+    """The output directory holds another run and neither resume nor a new directory was asked for."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced; every path is inside ``run_dir``."""
+
+    run_dir: Path
+    steps: int
+    train_losses: list[float]
+    val: dict[str, float] = field(default_factory=dict)
+    final_dir: Path | None = None
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float:
+        return self.train_losses[-1] if self.train_losses else math.nan
+
+
+def total_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, else ``epochs`` over the data."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * micro_batches_per_epoch / cfg.train.grad_accum))
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    has_run = (run_dir / "run.json").exists() or any((run_dir / "checkpoints").glob("step-*"))
+    if has_run and not resume:
+        raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
+                          f"--output (nothing was changed)")
+    if resume and latest_checkpoint(run_dir) is None:
+        raise RunDirError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+
+
+def _cast_frozen(model: torch.nn.Module, precision: str) -> None:
+    """Keeps frozen weights in the compute dtype under bf16/fp16: they get no updates, so fp32 copies
+    only cost memory. Trainable weights stay fp32 (master weights) for stable optimizer updates."""
+    if precision == "fp32":
+        return
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(_DTYPE[precision])
+
+
+def save_final(model, tokenizer, chat_template: str | None, out: Path) -> Path:
+    """Saves the trained model: an adapter in peft's format, or a full model, plus the tokenizer.
+
+    ``save_pretrained`` writes safetensors in both cases, so plain transformers/peft load the result.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if chat_template and not tokenizer.chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = None) -> RunResult:
+    """Fine-tunes ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and writes a run directory.
+
+    Args:
+        cfg: the resolved run configuration.
+        resume: continue from the newest complete checkpoint in ``cfg.output``.
+        console: where to print; defaults to stdout.
+
+    Returns:
+        RunResult with per-step training losses, final validation metrics and paths.
+    """
+    console = console or Console()
+    tc = cfg.train
+    run_dir = Path(cfg.output)
+    _check_run_dir(run_dir, resume)
+    accelerator = Accelerator(mixed_precision=_MIXED[tc.precision])
+    is_main = accelerator.is_main_process
+    torch.manual_seed(tc.seed)
+
+    resolved = resolve_model_dir(cfg.model.name, revision=cfg.model.revision,
+                                 trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.path)
+    template = resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family)
+    data = prepare_data(cfg.data, tokenizer, template, tc.seed)
+    if not data.train:
+        raise ValueError(f"no training examples left in {cfg.data.train} after tokenising; see the data report")
+    model = load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+                       revision=cfg.model.revision)
+    torch.manual_seed(tc.seed)  # adapter initialisation is seeded, independent of what loading consumed
+    model = prepare_model(model, cfg)
+    _cast_frozen(model, tc.precision)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    summary = trainable_summary(model)
+    is_moe = bool(getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None))
+    if is_main:
+        console.print(f"[bold]{cfg.method}[/] on {cfg.model.name} ({resolved.family}); "
+                      f"{len(data.train)} train / {len(data.val)} val examples")
+        console.print(render_summary(summary, is_moe), markup=False, highlight=False)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = MicroBatches(data.train, tc.micro_batch_size, tc.seed, pad_id,
+                           num_shards=accelerator.num_processes, shard=accelerator.process_index)
+    steps = total_steps(cfg, batches.per_epoch)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, steps, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    step, losses = 0, []
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        loop_state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        step, losses, batches.position = loop_state["step"], loop_state["losses"], loop_state["position"]
+        if is_main:
+            console.print(f"resumed from {ckpt} at step {step}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2, ensure_ascii=False), "utf-8")
+        (run_dir / "run.json").write_text(json.dumps({
+            "base_model": resolved.path, "model": cfg.model.name, "family": resolved.family,
+            "method": cfg.method, "final": "final"}, indent=2), "utf-8")
+    logger = MetricsLogger(run_dir, enabled=is_main)
+
+    def checkpoint() -> None:
+        if is_main:
+            save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", accelerator.unwrap_model(model),
+                            optimizer, scheduler, {"step": step, "losses": losses, "position": batches.position})
+        accelerator.wait_for_everyone()
+
+    def validate() -> dict[str, float]:
+        metrics = evaluate_loss(model, data.val, tc.micro_batch_size, pad_id, accelerator, tc.eval_batches)
+        if metrics:
+            logger.log(step, "val", metrics)
+        return metrics
+
+    progress = _progress(console, enabled=is_main and tc.progress)
+    task = progress.add_task("training", total=steps, completed=step, loss=float("nan"))
+    model.train()
+    t0, tokens_seen = time.perf_counter(), 0
+    with progress:
+        while step < steps:
+            window = [batches.next()[0] for _ in range(tc.grad_accum)]
+            # Normalise by the labelled tokens of the whole window (on every process), so accumulation
+            # and data parallelism give the same gradient as one big batch.
+            n_local = sum(count_loss_tokens(b["labels"]) for b in window).to(accelerator.device)
+            n_global = accelerator.reduce(n_local, "sum").clamp(min=1)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(window):
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                sync = nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    micro = token_loss_sum(logits, batch["labels"])
+                accelerator.backward(micro * accelerator.num_processes / n_global)
+                loss_sum += micro.detach()
+                tokens_seen += int(batch["attention_mask"].sum())
+            if cfg.optim.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss = (accelerator.reduce(loss_sum, "sum") / n_global).item()
+            losses.append(loss)
+            progress.update(task, advance=1, loss=loss)
+            if step % tc.log_every == 0 or step == steps:
+                elapsed = time.perf_counter() - t0
+                logger.log(step, "train", {"loss": loss, "lr": scheduler.get_last_lr()[0],
+                                           "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / elapsed,
+                                           "epoch": batches.epoch()})
+            if tc.eval_every and step % tc.eval_every == 0 and step < steps:
+                validate()
+            if tc.save_every and step % tc.save_every == 0 and step < steps:
+                checkpoint()
+    checkpoint()
+    val = validate()
+    final_dir = None
+    if is_main:
+        final_dir = save_final(accelerator.unwrap_model(model), tokenizer, template, run_dir / "final")
+        plot_loss(run_dir)
+    logger.close()
+    result_summary = {"steps": step, "final_train_loss": losses[-1] if losses else None, "val": val,
+                      "trainable": summary, "data": data.report,
+                      "wall_s": round(time.perf_counter() - t0, 2)}
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(result_summary, indent=2, ensure_ascii=False), "utf-8")
+    return RunResult(run_dir, step, losses, val, final_dir, result_summary)
+
+
+def _progress(console: Console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=not enabled)
