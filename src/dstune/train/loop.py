@@ -49,6 +49,7 @@ class RunResult:
     val: dict[str, float] = field(default_factory=dict)
     final_dir: Path | None = None
     summary: dict = field(default_factory=dict)
+    model: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
     def final_loss(self) -> float:
@@ -178,20 +179,8 @@ def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = Non
     with progress:
         while step < steps:
             window = [batches.next()[0] for _ in range(tc.grad_accum)]
-            # Normalise by the labelled tokens of the whole window (on every process), so accumulation
-            # and data parallelism give the same gradient as one big batch.
-            n_local = sum(count_loss_tokens(b["labels"]) for b in window).to(accelerator.device)
-            n_global = accelerator.reduce(n_local, "sum").clamp(min=1)
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(window):
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                sync = nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    micro = token_loss_sum(logits, batch["labels"])
-                accelerator.backward(micro * accelerator.num_processes / n_global)
-                loss_sum += micro.detach()
-                tokens_seen += int(batch["attention_mask"].sum())
+            loss_sum, n_global = backward_window(model, window, accelerator)
+            tokens_seen += sum(int(b["attention_mask"].sum()) for b in window)
             if cfg.optim.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
             else:
@@ -224,7 +213,32 @@ def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = Non
                       "wall_s": round(time.perf_counter() - t0, 2)}
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(result_summary, indent=2, ensure_ascii=False), "utf-8")
-    return RunResult(run_dir, step, losses, val, final_dir, result_summary)
+    return RunResult(run_dir, step, losses, val, final_dir, result_summary, accelerator.unwrap_model(model))
+
+
+def backward_window(model, window: list[dict], accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulates the gradients of one optimizer step's micro-batches into ``.grad``.
+
+    The loss is normalised by the labelled tokens of the whole window on every process, so
+    accumulation and data parallelism give the same gradient as one big batch (DDP averages
+    gradients over processes, hence the ``num_processes`` factor).
+
+    Returns:
+        The summed token loss of this process (detached) and the window's labelled-token count over
+        all processes.
+    """
+    n_local = sum(count_loss_tokens(b["labels"]) for b in window).to(accelerator.device)
+    n_global = accelerator.reduce(n_local, "sum").clamp(min=1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(window):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        sync = nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            micro = token_loss_sum(logits, batch["labels"])
+        accelerator.backward(micro * accelerator.num_processes / n_global)
+        loss_sum += micro.detach()
+    return loss_sum, n_global
 
 
 def _progress(console: Console, enabled: bool):
