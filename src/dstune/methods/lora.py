@@ -56,13 +56,36 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
 
 
 def prepare_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """Wraps the target modules with LoRA adapters (peft); the base weights are frozen."""
+    """Wraps the target modules with LoRA adapters (peft); the base weights are frozen.
+
+    Raises:
+        ValueError: when peft adapted other modules than the ones asked for (see ``_check_targets``).
+    """
     lc = cfg.lora
-    config = peft.LoraConfig(
-        r=lc.r,
-        lora_alpha=lc.alpha,
-        lora_dropout=lc.dropout,
-        target_modules=resolve_targets(model, lc.targets),
-        task_type="CAUSAL_LM",
-    )
-    return peft.get_peft_model(model, config)
+    targets = resolve_targets(model, lc.targets)
+    config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
+                             task_type="CAUSAL_LM")
+    wrapped = peft.get_peft_model(model, config)
+    _check_targets(wrapped, targets)
+    return wrapped
+
+
+def _check_targets(wrapped: peft.PeftModel, requested: list[str]) -> None:
+    """Refuses a silent change of targets.
+
+    peft 0.21 on transformers 5 rewrites any target ending in ``gate_proj``/``up_proj``/``down_proj`` of a
+    DeepSeek-V2/V3 model into LoRA on the fused routed experts (its v4-to-v5 checkpoint conversion,
+    peft/utils/transformers_weight_conversion.py), so the dense MLP and shared experts would be skipped
+    and the experts trained instead. The same rewrite runs again in ``PeftModel.from_pretrained``, so no
+    workaround here would keep the adapter loadable by plain peft: we stop and say so.
+    """
+    tuner = wrapped.base_model
+    got = set(getattr(tuner, "targeted_module_names", []))
+    skipped = [t for t in requested if t not in got]
+    extra = sorted(set(getattr(tuner, "targeted_parameter_names", [])))
+    if skipped or extra:
+        raise ValueError(
+            f"lora.targets: peft {peft.__version__} did not adapt {skipped[:4]}{'...' if len(skipped) > 4 else ''}"
+            + (f" and adapted the fused expert parameters {extra[:2]} instead" if extra else "")
+            + ". On DeepSeek-V2/V3 with transformers 5, peft rewrites MLP targets (gate_proj/up_proj/down_proj) "
+              "to the routed experts; use lora.targets=attention, or name attention modules explicitly.")
