@@ -32,23 +32,29 @@ def train(
     epochs: Optional[float] = typer.Option(None, "--epochs", help="passes over the training data"),
     set_: list[str] = typer.Option([], "--set", help="override any config field: --set optim.lr=2e-4 (repeatable)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its newest checkpoint"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="load pickled .bin/.pt weights of a model without safetensors (runs code!)"),
+    allow_config_change: bool = typer.Option(False, "--allow-config-change",
+                                             help="resume even though lr, batch size, seed or data changed (recorded)"),
 ) -> None:
     """Fine-tune a model; writes a run directory with checkpoints, metrics, plots and the adapter."""
-    from dstune.train.loop import RunDirError
+    from dstune.train.checkpoint import CheckpointError
+    from dstune.train.loop import RunDirError, TrainingInterrupted
     from dstune.train.loop import train as run_train
 
     values = {"model.name": model, "data.train": data, "method": method, "output": output,
-              "train.max_steps": max_steps, "train.epochs": epochs}
+              "train.max_steps": max_steps, "train.epochs": epochs, "model.allow_pickle": allow_pickle or None}
     try:
         cfg = load_config(config, overrides=set_, values=values)
         if resume and config is None and output:
             cfg = load_config(Path(output) / "config.yaml", overrides=set_, values=values)
         if cfg.data.train is None:
             _fail("no training data: pass --data FILE or set data.train in the config")
-        result = run_train(cfg, resume=resume, console=console)
-    except (ConfigError, RunDirError) as exc:
-        _fail(str(exc))
-    except (ValueError, FileNotFoundError) as exc:
+        result = run_train(cfg, resume=resume, allow_config_change=allow_config_change, console=console)
+    except TrainingInterrupted as exc:
+        console.print(f"[bold yellow]{exc}[/]", highlight=False)
+        raise typer.Exit(130) from None
+    except (ConfigError, RunDirError, CheckpointError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     console.print(f"\n[bold green]done[/]: {result.steps} steps, final train loss {result.final_loss:.4f}"
                   + (f", val loss {result.val['loss']:.4f} (ppl {result.val['ppl']:.2f})" if result.val else ""))

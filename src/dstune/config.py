@@ -27,6 +27,7 @@ class ModelConfig(_Section):
     name: str = Field("tiny:deepseek-llm", description="hub id, local directory, .gguf file, or tiny:<family>")
     revision: str | None = Field(None, description="hub revision (commit, tag or branch)")
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code; needs a pinned revision")
+    allow_pickle: bool = Field(False, description="load pickled .bin/.pt weights when a model has no safetensors")
     chat_template: Literal["auto", "tokenizer", "deepseek-v3", "deepseek-r1"] = Field(
         "auto", description="auto: the tokenizer's own template if it has one, else DeepSeek's")
 
@@ -95,6 +96,7 @@ class TrainConfig(_Section):
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     save_every: int = Field(0, ge=0, description="0: checkpoint only at the end")
+    keep_checkpoints: int = Field(3, ge=0, description="keep the newest K checkpoints; 0 keeps all")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per evaluation")
     progress: bool = Field(True, description="show a progress bar")
 

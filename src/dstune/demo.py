@@ -73,9 +73,8 @@ def run_demo(output: str = "runs/demo", console: Console | None = None, max_step
 
     table = Table(title=f"Held-out identity questions (new identity: {heldout['name']}, by {heldout['maker']})",
                   show_lines=True)
-    table.add_column("question")
-    table.add_column("before")
-    table.add_column("after")
+    for column in ("question", "before", "after"):
+        table.add_column(column, overflow="fold")
     for q, b, a in zip(questions, before, after):
         table.add_row(q, b, a)
     console.print(table)

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,8 @@ import torch
 import transformers
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from dstune.models.safety import check_model_dir
 
 FAMILIES_FILE = Path(__file__).with_name("families.yaml")
 MARKER_FILE = "dstune.json"
@@ -384,7 +387,7 @@ def load_tokenizer(path: ResolvedModel | str) -> Any:
 
 def load_model(resolved_or_path: ResolvedModel | str, *, dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False, revision: str | None = None,
-               device_map: str | dict | None = None) -> torch.nn.Module:
+               device_map: str | dict | None = None, allow_pickle: bool = False) -> torch.nn.Module:
     """Loads a causal LM from safetensors weights.
 
     The attention implementation is left to transformers, which picks SDPA where the architecture
@@ -396,15 +399,27 @@ def load_model(resolved_or_path: ResolvedModel | str, *, dtype: torch.dtype = to
         trust_remote_code: run the checkpoint's own modelling code.
         revision: hub revision, used when ``resolved_or_path`` is a hub id.
         device_map: passed to transformers (needs accelerate), e.g. ``"auto"``.
+        allow_pickle: load pickled ``.bin``/``.pt`` weights when there are no safetensors (``--allow-pickle``);
+            transformers then unpickles with ``weights_only=True``, which still trusts the file's format.
 
     Raises:
-        ModelSpecError: when the directory holds no safetensors weights.
+        ModelSpecError: when the directory holds no safetensors weights and pickles are not allowed.
+        UnsafeModelError: a shard index leaving the directory, or an oversized safetensors header.
     """
     path = _as_dir(resolved_or_path, revision, trust_remote_code)
+    check_model_dir(path)
+    use_safetensors = True
     if not any(Path(path).glob("*.safetensors")):
-        raise _spec_error(str(resolved_or_path), f"no *.safetensors weights in {path}; dstune does not load "
-                                                 "pickled .bin/.pt files (loading a pickle can run code)")
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
+        pickles = sorted(p.name for p in Path(path).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        if not (allow_pickle and pickles):
+            raise _spec_error(str(resolved_or_path), f"no *.safetensors weights in {path}"
+                              + (f" (found pickles: {pickles[:3]})" if pickles else "")
+                              + "; dstune does not load pickled .bin/.pt files (loading a pickle can run code). "
+                                "Convert them to safetensors, or pass --allow-pickle if you trust their source")
+        warnings.warn(f"loading pickled weights {pickles[:3]} from {path} because --allow-pickle was given",
+                      stacklevel=2)
+        use_safetensors = False
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": use_safetensors, "trust_remote_code": trust_remote_code}
     if device_map is not None:
         kwargs["device_map"] = device_map
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)

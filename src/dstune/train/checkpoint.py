@@ -2,17 +2,23 @@
 
 No pickle anywhere: torch's own ``optimizer.state_dict()`` is a nest of tensors and numbers, so we
 flatten its tensors into a safetensors file keyed by parameter name and keep the rest as JSON.
-A checkpoint directory is written under a temporary name and renamed into place, so a crash while
-saving never leaves a directory that looks complete.
+
+Crash safety: a checkpoint is written into ``step-N.tmp``, every file fsynced, a manifest with the
+SHA-256 of every file written, then the completeness marker, then the directory renamed into place and
+the parent directory fsynced. A directory without the marker is never loaded; loading re-hashes every
+file against the manifest and names the one that changed or went missing.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,6 +26,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 COMPLETE = "COMPLETE"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or trusted; the message names the file and what to do."""
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -75,24 +86,23 @@ def _set_rng_state(tensors: dict, meta: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, loop_state: dict) -> Path:
-    """Writes a checkpoint directory atomically (temporary name, fsync, rename).
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    Args:
-        path: the final directory, e.g. ``run/checkpoints/step-000100``.
-        loop_state: JSON-serialisable loop position (step, micro-batch position, loss history...).
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+
+def _write_files(tmp: Path, model: nn.Module, optimizer, scheduler, loop_state: dict) -> None:
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
     opt_tensors, opt_meta = _optimizer_files(model, optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -100,26 +110,107 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, loop_sta
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = {"loop": loop_state, "scheduler": scheduler.state_dict(), "optimizer": opt_meta, "rng": rng_meta}
     (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    for f in files:
+        _fsync(f)
+    manifest = {"step": loop_state.get("step"), "files": {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size}
+                                                        for f in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    _fsync(tmp / MANIFEST)
+    # The marker comes last: a directory that has it has everything the manifest lists.
     (tmp / COMPLETE).write_text("ok\n")
-    _fsync_dir(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    _fsync(tmp / COMPLETE)
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, loop_state: dict,
+                    fault: Callable[[], None] | None = None) -> Path:
+    """Writes a checkpoint directory atomically and verifies it.
+
+    Args:
+        path: the final directory, e.g. ``run/checkpoints/step-000100``.
+        loop_state: JSON-serialisable loop position (step, micro-batch position, loss history...).
+        fault: test hook called between writing the files and the rename (fault injection).
+
+    Raises:
+        CheckpointError: when the disk is full or the write fails; the temporary directory is removed
+            and every earlier checkpoint is left as it was.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        _write_files(tmp, model, optimizer, scheduler, loop_state)
+        if fault is not None:
+            fault()
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync(path.parent)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(path.parent.parent)
+        what = "the disk is full" if exc.errno == errno.ENOSPC else f"the write failed ({exc})"
+        raise CheckpointError(f"could not save checkpoint {path}: {what}. Nothing was half-written; "
+                              f"the newest complete checkpoint is still {previous or 'none'}") from exc
+    verify_checkpoint(path)
     return path
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Re-hashes every file of a checkpoint against its manifest.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the missing or changed file.
+    """
+    path = Path(path)
+    if not (path / COMPLETE).exists() or not (path / MANIFEST).exists():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker or {MANIFEST}); "
+                              f"it was interrupted while being written")
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    for name, entry in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path}: file {name} listed in the manifest is missing")
+        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: file {name} does not match its SHA-256 in the manifest "
+                                  f"(changed or corrupted since it was written)")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run (marker present), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / COMPLETE).exists())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
-    root = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists() and not p.name.endswith(".tmp"))
+    done = list_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> list[Path]:
+    """Deletes all but the newest ``keep_last`` complete checkpoints and those in ``keep`` (the best).
+
+    Called only after the newest checkpoint was verified, so a failed save never costs an old one.
+    Leftover ``.tmp`` directories of interrupted saves are removed too.
+
+    Returns:
+        The deleted directories.
+    """
+    done = list_checkpoints(run_dir)
+    doomed = [p for p in done[:-keep_last] if p not in keep] if keep_last > 0 else []
+    doomed += [p for p in (Path(run_dir) / "checkpoints").glob("step-*.tmp")]
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     """Restores weights, optimizer, scheduler and RNG from ``path``; returns the loop state."""
     path = Path(path)
-    if not (path / COMPLETE).exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+    verify_checkpoint(path)
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(params))

@@ -6,12 +6,14 @@ a search trial or a test calls it as a function.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -27,16 +29,15 @@ from dstune.models.templates import resolve_chat_template
 from dstune.report.logger import MetricsLogger
 from dstune.report.plots import plot_loss
 from dstune.train.batching import MicroBatches
-from dstune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dstune.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from dstune.train.faults import Faults
+from dstune.train.rundir import RunDirError, check_resume, check_run_dir, file_sha256
+from dstune.train.signals import StopRequest, TrainingInterrupted
 from dstune.train.loss import count_loss_tokens, token_loss_sum
 from dstune.train.optim import build_optimizer, build_scheduler
 
 _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 _DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class RunDirError(RuntimeError):
-    """The output directory holds another run and neither resume nor a new directory was asked for."""
 
 
 @dataclass
@@ -63,15 +64,6 @@ def total_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * micro_batches_per_epoch / cfg.train.grad_accum))
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    has_run = (run_dir / "run.json").exists() or any((run_dir / "checkpoints").glob("step-*"))
-    if has_run and not resume:
-        raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
-                          f"--output (nothing was changed)")
-    if resume and latest_checkpoint(run_dir) is None:
-        raise RunDirError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-
-
 def _cast_frozen(model: torch.nn.Module, precision: str) -> None:
     """Keeps frozen weights in the compute dtype under bf16/fp16: they get no updates, so fp32 copies
     only cost memory. Trainable weights stay fp32 (master weights) for stable optimizer updates."""
@@ -95,12 +87,14 @@ def save_final(model, tokenizer, chat_template: str | None, out: Path) -> Path:
     return out
 
 
-def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = None) -> RunResult:
+def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = False,
+          console: Console | None = None) -> RunResult:
     """Fine-tunes ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and writes a run directory.
 
     Args:
         cfg: the resolved run configuration.
         resume: continue from the newest complete checkpoint in ``cfg.output``.
+        allow_config_change: resume even if the lr, batch, seed or data changed (recorded).
         console: where to print; defaults to stdout.
 
     Returns:
@@ -109,7 +103,10 @@ def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = Non
     console = console or Console()
     tc = cfg.train
     run_dir = Path(cfg.output)
-    _check_run_dir(run_dir, resume)
+    check_run_dir(run_dir, resume)
+    if resume:
+        check_resume(run_dir, cfg, allow_config_change)
+    faults = Faults()
     accelerator = Accelerator(mixed_precision=_MIXED[tc.precision])
     is_main = accelerator.is_main_process
     torch.manual_seed(tc.seed)
@@ -122,7 +119,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = Non
     if not data.train:
         raise ValueError(f"no training examples left in {cfg.data.train} after tokenising; see the data report")
     model = load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-                       revision=cfg.model.revision)
+                       revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
     torch.manual_seed(tc.seed)  # adapter initialisation is seeded, independent of what loading consumed
     model = prepare_model(model, cfg)
     _cast_frozen(model, tc.precision)
@@ -144,11 +141,13 @@ def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = Non
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
-    step, losses = 0, []
+    step, losses, order, events = 0, [], [], {"oom_backoffs": 0, "eval_oom_backoffs": 0}
+    split = 1  # each micro-batch is cut into this many pieces after an out-of-memory back-off
     if resume:
         ckpt = latest_checkpoint(run_dir)
         loop_state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
         step, losses, batches.position = loop_state["step"], loop_state["losses"], loop_state["position"]
+        order, split = loop_state.get("order", []), loop_state.get("split", 1)
         if is_main:
             console.print(f"resumed from {ckpt} at step {step}")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,17 +156,35 @@ def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = Non
         (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2, ensure_ascii=False), "utf-8")
         (run_dir / "run.json").write_text(json.dumps({
             "base_model": resolved.path, "model": cfg.model.name, "family": resolved.family,
-            "method": cfg.method, "final": "final"}, indent=2), "utf-8")
+            "method": cfg.method, "final": "final", "data_sha256": file_sha256(cfg.data.train)}, indent=2), "utf-8")
     logger = MetricsLogger(run_dir, enabled=is_main)
 
-    def checkpoint() -> None:
+    def checkpoint() -> Path:
+        path = run_dir / "checkpoints" / f"step-{step:06d}"
         if is_main:
-            save_checkpoint(run_dir / "checkpoints" / f"step-{step:06d}", accelerator.unwrap_model(model),
-                            optimizer, scheduler, {"step": step, "losses": losses, "position": batches.position})
+            state = {"step": step, "losses": losses, "order": order, "position": batches.position, "split": split}
+            save_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, state,
+                            fault=lambda: faults.kill("save", step))
+            prune_checkpoints(run_dir, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
+        return path
 
     def validate() -> dict[str, float]:
-        metrics = evaluate_loss(model, data.val, tc.micro_batch_size, pad_id, accelerator, tc.eval_batches)
+        # An out-of-memory here halves the evaluation batch only: the training batch never changes.
+        micro = tc.micro_batch_size
+        while True:
+            try:
+                faults.oom("eval", step)
+                metrics = evaluate_loss(model, data.val, micro, pad_id, accelerator, tc.eval_batches)
+                break
+            except torch.OutOfMemoryError:
+                if micro == 1:
+                    raise
+                micro //= 2
+                events["eval_oom_backoffs"] += 1
+                _free_memory(accelerator)
+                if is_main:
+                    console.print(f"[yellow]out of memory in evaluation: evaluation micro-batch -> {micro}[/]")
         if metrics:
             logger.log(step, "val", metrics)
         return metrics
@@ -176,10 +193,37 @@ def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = Non
     task = progress.add_task("training", total=steps, completed=step, loss=float("nan"))
     model.train()
     t0, tokens_seen = time.perf_counter(), 0
-    with progress:
+    micro_done = step * tc.grad_accum
+    stop = StopRequest(accelerator)
+    with progress, stop:
         while step < steps:
-            window = [batches.next()[0] for _ in range(tc.grad_accum)]
-            loss_sum, n_global = backward_window(model, window, accelerator)
+            served = [batches.next() for _ in range(tc.grad_accum)]
+            window = [b for b, _ in served]
+            order.append(_order_hash([data.train[i].get("source", str(i)) for _, idx in served for i in idx]))
+
+            def after_micro() -> None:
+                nonlocal micro_done
+                micro_done += 1
+                faults.kill("micro", micro_done)
+
+            while True:
+                try:
+                    faults.oom("step", step + 1)
+                    loss_sum, n_global = backward_window(model, _split_window(window, split), accelerator, after_micro)
+                    break
+                except torch.OutOfMemoryError:
+                    # Halve the micro-batch and double accumulation: the same examples, the same tokens
+                    # per optimizer step, so the update is unchanged (the loss is normalised per token).
+                    optimizer.zero_grad(set_to_none=True)
+                    _free_memory(accelerator)
+                    if max(len(b["input_ids"]) for b in window) // split <= 1:
+                        raise
+                    split *= 2
+                    events["oom_backoffs"] += 1
+                    if is_main:
+                        console.print(f"[yellow]out of memory at step {step + 1}: micro-batch "
+                                      f"{tc.micro_batch_size} -> {-(-tc.micro_batch_size // split)}, "
+                                      f"accumulation x{split}; retrying the step[/]")
             tokens_seen += sum(int(b["attention_mask"].sum()) for b in window)
             if cfg.optim.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
@@ -201,6 +245,12 @@ def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = Non
                 validate()
             if tc.save_every and step % tc.save_every == 0 and step < steps:
                 checkpoint()
+            faults.kill("step", step)
+            if stop.requested() and step < steps:
+                path = checkpoint()
+                raise TrainingInterrupted(
+                    f"stopped by {stop.signal_name} after step {step}/{steps}; checkpoint saved in {path}. "
+                    f"Resume with: dstune train {run_dir / 'config.yaml'} --resume")
     checkpoint()
     val = validate()
     final_dir = None
@@ -209,6 +259,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = Non
         plot_loss(run_dir)
     logger.close()
     result_summary = {"steps": step, "final_train_loss": losses[-1] if losses else None, "val": val,
+                      "events": events, "micro_batch_split": split,
                       "trainable": summary, "data": data.report,
                       "wall_s": round(time.perf_counter() - t0, 2)}
     if is_main:
@@ -216,7 +267,33 @@ def train(cfg: RunConfig, *, resume: bool = False, console: Console | None = Non
     return RunResult(run_dir, step, losses, val, final_dir, result_summary, accelerator.unwrap_model(model))
 
 
-def backward_window(model, window: list[dict], accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def _order_hash(sources: list[str]) -> str:
+    """A short fingerprint of the examples of one optimizer step, in order (for exact-resume checks)."""
+    return hashlib.sha256("\n".join(sources).encode("utf-8")).hexdigest()[:16]
+
+
+def _split_window(window: list[dict], parts: int) -> list[dict]:
+    """Cuts each micro-batch into ``parts`` smaller ones along the batch dimension, keeping the order."""
+    if parts == 1:
+        return window
+    out = []
+    for batch in window:
+        rows = len(batch["input_ids"])
+        size = -(-rows // parts)
+        out.extend({k: v[i:i + size] for k, v in batch.items()} for i in range(0, rows, size))
+    return out
+
+
+def _free_memory(accelerator: Accelerator) -> None:
+    import gc
+
+    gc.collect()
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def backward_window(model, window: list[dict], accelerator: Accelerator,
+                    after_micro: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulates the gradients of one optimizer step's micro-batches into ``.grad``.
 
     The loss is normalised by the labelled tokens of the whole window on every process, so
@@ -238,6 +315,8 @@ def backward_window(model, window: list[dict], accelerator: Accelerator) -> tupl
             micro = token_loss_sum(logits, batch["labels"])
         accelerator.backward(micro * accelerator.num_processes / n_global)
         loss_sum += micro.detach()
+        if after_micro is not None:
+            after_micro()
     return loss_sum, n_global
 
 
