@@ -53,13 +53,18 @@ def test_alpaca_input_is_appended_after_a_blank_line():
     assert reply["content"] == raw[i]["output"]
 
 
-def test_csv_without_known_columns_says_what_it_found_and_what_is_needed():
+def test_csv_without_known_columns_says_what_it_found_and_what_is_needed(tmp_path):
+    # chnsenticorp's label,review is detected as classification (tests/test_prepare.py); with the
+    # label column renamed, no format fits and the error says what each one needs.
     csv_path = SHARED_DATA / "chnsenticorp_htl.csv"
+    renamed = tmp_path / "stars.csv"
+    renamed.write_text(csv_path.read_text(encoding="utf-8").replace("label,review", "stars,review", 1), "utf-8")
     with pytest.raises(DataError) as err:
-        load_examples(csv_path)
+        load_examples(renamed)
     msg = str(err.value)
-    assert "chnsenticorp_htl.csv" in msg and "['label', 'review']" in msg
+    assert "stars.csv" in msg and "['review', 'stars']" in msg
     assert "text: 'text'" in msg and "'instruction' and 'output'" in msg and "'messages'" in msg
+    assert "classification: 'label' and a text column" in msg
     rows = list(READERS[".csv"](csv_path))  # the reader itself copes with the file: 6,000 rows, 2 columns
     assert len(rows) == 6000 and rows[0][0] == "line 2" and set(rows[0][1]) == {"label", "review"}
 
@@ -68,8 +73,10 @@ def test_csv_formats_and_row_lines(tmp_path):
     path = _write(tmp_path, "a.csv", 'instruction,input,output\n"multi\nline",,ok\nq,,\n')
     with pytest.raises(DataError, match=r"a\.csv, line 4: the assistant turn \(turn 1 of the conversation\) is empty"):
         load_examples(path)  # the quoted field spans lines 2-3, so the bad row starts on line 4
-    loaded = load_examples(_write(tmp_path, "t.csv", "text,label\nhello,1\nworld,0\n"))
+    loaded = load_examples(_write(tmp_path, "t.csv", "text,id\nhello,1\nworld,0\n"))
     assert loaded.format == "text" and [e["text"] for e in loaded.examples] == ["hello", "world"]
+    loaded = load_examples(_write(tmp_path, "l.csv", "text,label\nhello,1\nworld,0\n"))  # a label column: classification
+    assert loaded.format == "classification" and [e["label"] for e in loaded.examples] == ["1", "0"]
     with pytest.raises(DataError, match=r"c\.csv, line 3: has 4 fields, the header has 2"):
         load_examples(_write(tmp_path, "c.csv", "text,label\nfine,1\nbad,1,2,3\n"))
 

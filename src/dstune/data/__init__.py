@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dstune.data.formats import DataError
+from dstune.data.formats import DataError, has_reasoning, strip_reasoning
 from dstune.data.read import Loaded, load_examples
 from dstune.data.split import split_examples
 from dstune.data.tokenize import IGNORE, Tokenized, tokenize_examples
@@ -37,9 +37,22 @@ class PreparedData:
 
 
 def _read_report(loaded: Loaded) -> dict:
-    return {"path": loaded.path, "format": loaded.format, "rows_read": loaded.rows_read,
-            "examples": len(loaded.examples), "dropped": dict(loaded.dropped),
-            "first_dropped": dict(loaded.first_dropped)}
+    report = {"path": loaded.path, "format": loaded.format, "rows_read": loaded.rows_read,
+              "examples": len(loaded.examples), "dropped": dict(loaded.dropped),
+              "first_dropped": dict(loaded.first_dropped),
+              "with_reasoning": sum(map(has_reasoning, loaded.examples))}
+    if loaded.format == "classification":  # the label names a classification run was trained with
+        report["labels"] = sorted({ex["label"] for ex in loaded.examples})
+    return report
+
+
+def _load(cfg: Any, path: str, max_samples: int | None) -> Loaded:
+    """Reads one file with the options of ``cfg`` and applies its reasoning policy."""
+    loaded = load_examples(path, cfg.format, cfg.lenient, max_samples, cfg.system,
+                           text_column=getattr(cfg, "text_column", None), label_column=getattr(cfg, "label_column", None))
+    if getattr(cfg, "reasoning", "keep") == "strip":
+        loaded.examples = [strip_reasoning(ex) for ex in loaded.examples]
+    return loaded
 
 
 def _token_report(tok: Tokenized) -> dict:
@@ -69,11 +82,11 @@ def prepare_data(cfg: Any, tokenizer: Any, chat_template: str | None, seed: int)
     """
     if not cfg.train:
         raise DataError("no training data: set data.train to a .json, .jsonl, .csv, .parquet or .txt file")
-    loaded = load_examples(cfg.train, cfg.format, cfg.lenient, cfg.max_samples, cfg.system)
+    loaded = _load(cfg, cfg.train, cfg.max_samples)
     report: dict = {"format": loaded.format, "files": {"train": loaded.path, "validation": cfg.validation},
                     "read": {"train": _read_report(loaded)}}
     if cfg.validation:
-        held = load_examples(cfg.validation, cfg.format, cfg.lenient, None, cfg.system)
+        held = _load(cfg, cfg.validation, None)
         report["read"]["validation"] = _read_report(held)
         splits = {"train": loaded.examples, "val": held.examples, "test": []}
     else:

@@ -1,9 +1,15 @@
 """The three data formats, how to tell them apart, and how each row becomes one example.
 
-Every example leaves this module in one of two shapes::
+Every example leaves this module in one of three shapes::
 
     {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...], "source": "f.json:row 3"}
     {"text": str, "source": "f.txt:line 7"}
+    {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": label}],
+     "label": label, "source": "f.csv:line 2"}                                   # classification
+
+A classification example is a conversation whose reply is the label name, so the one training loop
+fine-tunes it as generative classification unchanged, and ``label`` keeps the class for splitting,
+label balance and metrics.
 
 Rows are untrusted: every field is type-checked, and each problem is a ``RowError`` with a short,
 stable ``reason`` (the key lenient mode counts under) and a ``detail`` for the person reading it.
@@ -13,14 +19,18 @@ from __future__ import annotations
 
 from typing import Any
 
-FORMATS = ("text", "alpaca", "messages")
+FORMATS = ("text", "alpaca", "messages", "classification")
 
 # What each format needs, quoted in the error when the format cannot be detected.
 FORMAT_KEYS = {
     "text": "'text'",
     "alpaca": "'instruction' and 'output' (optional 'input', 'system', 'history')",
     "messages": "'messages' or 'conversations': a list of {'role', 'content'} or ShareGPT {'from', 'value'} turns",
+    "classification": "'label' and a text column (text, review, sentence, content, comment, document)",
 }
+
+# Column names taken as the text of a classification row when no text column is given, in this order.
+TEXT_COLUMNS = ("text", "review", "sentence", "content", "comment", "document")
 
 # ShareGPT names ("human", "gpt") map to the roles chat templates know.
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
@@ -43,16 +53,20 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def detect_format(rows: list[Any], path: str, kind: str = "keys") -> str | None:
+def detect_format(rows: list[Any], path: str, kind: str = "keys", label_column: str = "label",
+                  text_column: str | None = None) -> str | None:
     """Names the format of a file from the keys of its first rows.
 
     Args:
         rows: the first parsed rows of the file (anything that is not a dict is skipped).
         path: the file, for the error message.
         kind: what the keys are called in this file type ("keys", or "columns" for csv/parquet).
+        label_column: the key that marks a classification row (beside a text column).
+        text_column: the text key of a classification row; None accepts any of ``TEXT_COLUMNS``.
 
     Returns:
-        "messages", "alpaca" or "text"; None when no row is a dict (the caller reports the rows).
+        "messages", "alpaca", "classification" or "text"; None when no row is a dict (the caller
+        reports the rows).
 
     Raises:
         DataError: when dict rows exist but none has the keys of any format.
@@ -69,6 +83,8 @@ def detect_format(rows: list[Any], path: str, kind: str = "keys") -> str | None:
             return "messages"
         if "instruction" in keys and "output" in keys:
             return "alpaca"
+        if label_column in keys and (text_column in keys if text_column else any(c in keys for c in TEXT_COLUMNS)):
+            return "classification"
         if "text" in keys:
             return "text"
         seen |= {str(k) for k in keys}
@@ -125,7 +141,12 @@ def _alpaca(row: dict) -> list[dict]:
                 raise RowError("bad history", f"history item {j} is {pair!r:.60}; expected a [user, assistant] "
                                "pair of strings")
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    reply = {"role": "assistant", "content": output}
+    # R1-distilled sets in alpaca layout carry the reasoning trace beside the answer.
+    reasoning = _string(row, "reasoning_content", required=False)
+    if reasoning:
+        reply["reasoning_content"] = reasoning
+    messages += [{"role": "user", "content": user}, reply]
     return messages
 
 
@@ -159,17 +180,68 @@ def _conversation(row: dict) -> list[dict]:
     return messages
 
 
-def to_example(row: Any, fmt: str, source: str, system: str | None = None) -> dict:
+def _classification(row: dict, text_column: str | None, label_column: str) -> tuple[str, str]:
+    """The (text, label name) of a classification row; integer labels become their decimal string."""
+    column = text_column or next((c for c in TEXT_COLUMNS if c in row), None)
+    if column is None or column not in row:
+        want = f"text column '{text_column}'" if text_column else f"a text column ({', '.join(TEXT_COLUMNS)})"
+        raise RowError("missing text column", f"has no {want}; found {sorted(map(str, row))}; "
+                       "name it with --text-column (data.text_column)")
+    text = _string(row, column, required=True)
+    if label_column not in row:
+        raise RowError("missing label column", f"has no label column '{label_column}'; found "
+                       f"{sorted(map(str, row))}; name it with --label-column (data.label_column)")
+    label = row[label_column]
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise RowError("bad label", f"label '{label_column}' is {_type_name(label)} {label!r:.60}; expected a "
+                       "string or an integer class")
+    label = str(label).strip()
+    if not text.strip():
+        raise RowError("empty text", f"column '{column}' is empty")
+    if not label:
+        raise RowError("empty label", f"label column '{label_column}' is empty")
+    return text, label
+
+
+def strip_reasoning(example: dict) -> dict:
+    """The example without reasoning: no ``reasoning_content``, no ``...</think>`` prefix in replies.
+
+    Text before ``</think>`` is dropped whether or not ``<think>`` opens it, because R1's generation
+    prompt already writes ``<think>`` and many traces start right after it (the official R1 template
+    cuts replies the same way).
+    """
+    if "messages" not in example:
+        return example
+    messages = []
+    for m in example["messages"]:
+        m = {k: v for k, v in m.items() if k != "reasoning_content"}
+        if m["role"] == "assistant" and "</think>" in m["content"]:
+            m["content"] = m["content"].split("</think>")[-1].lstrip()
+        messages.append(m)
+    return {**example, "messages": messages}
+
+
+def has_reasoning(example: dict) -> bool:
+    """Whether an example carries a reasoning trace (``reasoning_content`` or a ``</think>`` block)."""
+    return any(m.get("reasoning_content") or (m["role"] == "assistant" and "</think>" in m["content"])
+               for m in example.get("messages", ()))
+
+
+def to_example(row: Any, fmt: str, source: str, system: str | None = None, *, text_column: str | None = None,
+               label_column: str = "label") -> dict:
     """Turns one parsed row into an example of the given format.
 
     Args:
         row: the parsed row (should be a dict).
-        fmt: "text", "alpaca" or "messages".
+        fmt: "text", "alpaca", "messages" or "classification".
         source: where the row came from, e.g. ``"data.jsonl:line 3"``; kept in the example.
         system: a system prompt to add to conversations that have none.
+        text_column: the text of a classification row; None takes the first of ``TEXT_COLUMNS`` present.
+        label_column: the label of a classification row.
 
     Returns:
-        ``{"text": ..., "source": ...}`` or ``{"messages": [...], "source": ...}``.
+        ``{"text": ..., "source": ...}``, ``{"messages": [...], "source": ...}``, or for classification
+        ``{"messages": [user text, assistant label], "label": ..., "source": ...}``.
 
     Raises:
         RowError: naming what is wrong with the row.
@@ -181,8 +253,15 @@ def to_example(row: Any, fmt: str, source: str, system: str | None = None) -> di
         if not text.strip():
             raise RowError("empty text", "field 'text' is empty")
         return {"text": text, "source": source}
-    messages = _alpaca(row) if fmt == "alpaca" else _conversation(row)
+    label = None
+    if fmt == "classification":
+        text, label = _classification(row, text_column, label_column)
+        messages = [{"role": "user", "content": text}, {"role": "assistant", "content": label}]
+    else:
+        messages = _alpaca(row) if fmt == "alpaca" else _conversation(row)
     if system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     _check_turns(messages)
+    if label is not None:
+        return {"messages": messages, "label": label, "source": source}
     return {"messages": messages, "source": source}

@@ -168,16 +168,22 @@ READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parq
 
 
 def load_examples(path: str | Path, fmt: str = "auto", lenient: bool = False, max_samples: int | None = None,
-                  system: str | None = None) -> Loaded:
+                  system: str | None = None, *, text_column: str | None = None,
+                  label_column: str | None = None) -> Loaded:
     """Reads a data file into normalised examples.
 
     Args:
         path: a .json (list of objects, or one object per line), .jsonl, .csv (with a header row),
             .parquet or .txt (one text example per non-empty line) file.
-        fmt: "auto" (detect from the keys of the first rows), "text", "alpaca" or "messages".
+        fmt: "auto" (detect from the keys of the first rows), "text", "alpaca", "messages" or
+            "classification".
         lenient: drop malformed rows and count them by reason instead of raising at the first one.
         max_samples: stop after this many usable examples (the first ones in the file).
         system: system prompt added to conversations that have none.
+        text_column: the text column of classification rows (default: the first of text, review,
+            sentence, content, comment, document that a row has).
+        label_column: the label column of classification rows (default ``label``). Naming either
+            column makes ``fmt="auto"`` detect classification from it.
 
     Returns:
         The examples with the format used and the counts of dropped rows.
@@ -207,7 +213,8 @@ def load_examples(path: str | Path, fmt: str = "auto", lenient: bool = False, ma
         raise DataError(f"{path}: the file is empty (no rows)")
     if fmt == "auto":
         kind = "columns" if suffix in (".csv", ".parquet") else "keys"
-        fmt = detect_format([value for _, value, problem in head if problem is None], str(path), kind)
+        fmt = detect_format([value for _, value, problem in head if problem is None], str(path), kind,
+                            label_column or "label", text_column)
     if fmt is None:
         if lenient and len(head) == _DETECT_ROWS:
             raise DataError(f"{path}: none of the first {len(head)} rows could be parsed; cannot tell the data format")
@@ -223,7 +230,8 @@ def load_examples(path: str | Path, fmt: str = "auto", lenient: bool = False, ma
         try:
             if problem is not None:
                 raise problem
-            loaded.examples.append(to_example(value, fmt, source, system))
+            loaded.examples.append(to_example(value, fmt, source, system, text_column=text_column,
+                                              label_column=label_column or "label"))
         except RowError as err:
             if not lenient:
                 raise DataError(f"{path}, {where}: {err.detail} (data.format={fmt}; set data.lenient=true "

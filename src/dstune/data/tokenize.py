@@ -214,7 +214,7 @@ def tokenize_examples(examples: list[dict], tokenizer: Any, chat_template: str |
         if not kept:
             continue
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for ex, found, ids, offsets in zip(kept, spans, enc["input_ids"], enc["offset_mapping"]):
+        for ex, text, found, ids, offsets in zip(kept, texts, spans, enc["input_ids"], enc["offset_mapping"]):
             if found is None:  # plain text: everything is learned
                 ids = bos + list(ids) + eos
                 labels = list(ids)
@@ -226,7 +226,10 @@ def tokenize_examples(examples: list[dict], tokenizer: Any, chat_template: str |
                 if overflow == "drop":
                     drop("too long")
                     continue
-                ids, labels = ids[:max_length], labels[:max_length]
+                if "label" in ex:  # classification: cut the text, keep the reply that is the label
+                    ids, labels = _cut_text(ex, text, offsets, list(ids), labels, max_length)
+                else:
+                    ids, labels = ids[:max_length], labels[:max_length]
                 truncated = True
             else:
                 truncated = False
@@ -237,3 +240,22 @@ def tokenize_examples(examples: list[dict], tokenizer: Any, chat_template: str |
             out.truncated += truncated
             out.rows.append({"input_ids": list(ids), "labels": labels, "source": ex["source"]})
     return out
+
+
+def _cut_text(example: dict, text: str, offsets: list, ids: list[int], labels: list[int],
+              max_length: int) -> tuple[list[int], list[int]]:
+    """Shortens a classification row by dropping the end of its text, keeping what follows the text
+    (the assistant header, the label and the end of turn).
+
+    Cutting the row's end instead would cut the label, the only token it trains on, and the row
+    would be dropped: with max_length 128, 4 of 30 ChnSentiCorp reviews. When the tail alone does
+    not fit, the row is cut at ``max_length`` like any other.
+    """
+    body = example["messages"][-2]["content"]
+    end = text.rfind(body) + len(body) if body in text else -1
+    keep_from = next((i for i, (a, _) in enumerate(offsets) if a >= end), len(ids)) if end >= 0 else len(ids)
+    tail = len(ids) - keep_from
+    if end < 0 or tail >= max_length:
+        return ids[:max_length], labels[:max_length]
+    head = max_length - tail
+    return ids[:head] + ids[keep_from:], labels[:head] + labels[keep_from:]

@@ -1,0 +1,226 @@
+"""``dstune eval RUN --data FILE``: score a trained run on a data file and write ``eval.json`` and a report.
+
+What is measured follows the data:
+
+- every file: loss and perplexity over the tokens that carry loss, tokenized exactly as in training
+  (the run's chat template, ``max_length`` and ``train_on``);
+- conversations (alpaca, messages): the model answers each prompt greedily and the answers are scored
+  against the reference replies with BLEU, ROUGE-1/2/L and exact match (reasoning before ``</think>``
+  is left out of both, so R1-style models are scored on their answers);
+- classification rows: each label name is scored as the reply (the summed log-probability of its
+  tokens and the end of turn, as trained), the softmax over the labels gives class probabilities,
+  and the top one is the prediction: accuracy, precision/recall/F1 (macro and per class), confusion
+  matrix; for two labels also the thresholds on p(positive) that maximise F1 and that reach a
+  target recall. Tune thresholds on a validation file, not on the test file you report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dstune.config import load_config
+from dstune.data import DataError, load_examples
+from dstune.data.formats import strip_reasoning
+from dstune.data.tokenize import IGNORE, tokenize_examples
+from dstune.evaluate import metrics as M
+from dstune.evaluate.loss import evaluate_loss
+from dstune.train.batching import collate
+
+_SAMPLES = 20  # examples kept in eval.json for a person to read
+
+
+def _answer(text: str) -> str:
+    """A reply without its reasoning: the text after the last ``</think>``."""
+    return text.split("</think>")[-1].strip()
+
+
+@torch.no_grad()
+def score_labels(model, tokenizer, template: str, example: dict, labels: list[str]) -> list[float]:
+    """Log-probability of each label as the reply to a classification example's prompt.
+
+    The example is rendered once per label with the training path (``tokenize_examples``), so the
+    tokens scored are exactly the tokens that carried loss in training: the label and the end of turn.
+    Nothing is truncated: cutting a long text would cut the label it is scored on.
+    """
+    candidates = [{**example, "messages": example["messages"][:-1] + [{"role": "assistant", "content": label}]}
+                  for label in labels]
+    tok = tokenize_examples(candidates, tokenizer, template, max_length=10**9)
+    if len(tok.rows) != len(labels):
+        raise DataError(f"{example['source']}: cannot score every label ({tok.dropped})")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate(tok.rows, pad)
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    target = batch["labels"][:, 1:].to(device)
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+    return (-nll.sum(dim=1)).tolist()
+
+
+def _classification(loaded, examples: list[dict], labels: list[str], positive: str | None,
+                    target_recall: float) -> dict:
+    y_true, y_pred, probs, samples = [], [], [], []
+    for ex in examples:
+        scores = torch.tensor(score_labels(loaded.model, loaded.tokenizer, loaded.chat_template, ex, labels))
+        p = torch.softmax(scores, dim=0).tolist()
+        y_true.append(ex["label"])
+        y_pred.append(labels[max(range(len(labels)), key=p.__getitem__)])
+        probs.append(p)
+        if len(samples) < _SAMPLES:
+            samples.append({"source": ex["source"], "text": ex["messages"][-2]["content"][:300], "label": ex["label"],
+                            "predicted": y_pred[-1], "probabilities": dict(zip(labels, (round(x, 6) for x in p)))})
+    out: dict[str, Any] = {"classification": M.classification_metrics(y_true, y_pred, labels), "samples": samples}
+    if len(labels) == 2:
+        positive = positive or labels[-1]
+        if positive not in labels:
+            raise DataError(f"--positive-label {positive!r} is not one of the labels {labels}")
+        k = labels.index(positive)
+        y = [int(t == positive) for t in y_true]
+        pos_scores = [p[k] for p in probs]
+        if 0 < sum(y) < len(y):
+            out["thresholds"] = {"positive_label": positive, "score": f"p({positive})", "tuned_on": "this data",
+                                 "best_f1": M.best_f1_threshold(y, pos_scores),
+                                 "target_recall": {"target": target_recall,
+                                                   **M.threshold_for_recall(y, pos_scores, target_recall)}}
+    return out
+
+
+def _generation(loaded, examples: list[dict], max_new_tokens: int) -> dict:
+    from dstune.generate import generate_reply
+
+    hyps, refs, samples = [], [], []
+    for ex in examples:
+        last = max(i for i, m in enumerate(ex["messages"]) if m["role"] == "assistant")
+        prompt = [{"role": m["role"], "content": m["content"]} for m in ex["messages"][:last]]
+        reply = generate_reply(loaded, prompt, max_new_tokens=max_new_tokens)
+        hyps.append(_answer(reply))
+        refs.append(_answer(ex["messages"][last]["content"]))
+        if len(samples) < _SAMPLES:
+            samples.append({"source": ex["source"], "prompt": prompt[-1]["content"][:300], "reference": refs[-1][:300],
+                            "prediction": reply[:300]})
+    return {"generation": {"bleu": M.bleu(hyps, refs), "rouge": M.rouge(hyps, refs),
+                           "exact_match": M.exact_match(hyps, refs), "examples": len(refs)}, "samples": samples}
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | None = None, max_new_tokens: int = 128,
+                 batch_size: int = 4, positive_label: str | None = None, target_recall: float = 0.9,
+                 text_column: str | None = None, label_column: str | None = None, write: bool = True) -> dict:
+    """Evaluates a run directory on a data file and writes ``eval.json``, ``eval.md`` and charts into it.
+
+    Args:
+        run_dir: a directory written by ``dstune train``.
+        data: a data file in any format dstune reads; the run's ``data.*`` options (format, columns,
+            system prompt, reasoning policy) apply.
+        max_samples: generate answers for (or classify) at most this many examples, the first ones;
+            loss and perplexity always use every row.
+        max_new_tokens: tokens generated per answer.
+        batch_size: rows per forward pass for the loss.
+        positive_label: the positive class of a binary task (default: the last label in sorted order,
+            "1" of 0/1).
+        target_recall: the recall the second tuned threshold must reach.
+        text_column, label_column: classification columns of ``data`` when they differ from the run's
+            (a file written by ``dstune data prepare`` always has ``text`` and ``label``).
+        write: write the files; False only returns the results.
+
+    Returns:
+        The content of ``eval.json``.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a finished run.
+        DataError: a bad data file or row.
+    """
+    from dstune.generate import load_for_inference
+    from dstune.report.charts import plot_confusion, plot_run_curves
+
+    run = Path(run_dir)
+    if not (run / "run.json").is_file() or not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no run.json and config.yaml); give the --output "
+                                "directory of a dstune train run")
+    cfg = load_config(run / "config.yaml")
+    dc = cfg.data
+    loaded_data = load_examples(data, dc.format, dc.lenient, None, dc.system, text_column=text_column or dc.text_column,
+                                label_column=label_column or dc.label_column)
+    examples = loaded_data.examples
+    if dc.reasoning == "strip":
+        examples = [strip_reasoning(ex) for ex in examples]
+    loaded = load_for_inference(str(run))
+    tok = loaded.tokenizer
+    rows = tokenize_examples(examples, tok, loaded.chat_template, dc.max_length, dc.overflow, dc.train_on)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    loss = evaluate_loss(loaded.model, rows.rows, batch_size, pad)
+    task = ("classification" if loaded_data.format == "classification"
+            else "text" if loaded_data.format == "text" else "generation")
+    result: dict[str, Any] = {"run": str(run), "data": str(data), "format": loaded_data.format, "task": task,
+                              "rows": len(examples), "scored_rows": len(rows.rows), "dropped": rows.dropped,
+                              "loss": loss.get("loss"), "ppl": M.perplexity(loss["loss"]) if loss else None,
+                              "tokens": loss.get("tokens", 0)}
+    picked = examples[:max_samples] if max_samples else examples
+    if task == "classification":
+        report_file = run / "data_report.json"
+        info = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
+        trained = info.get("read", {}).get("train", {}).get("labels")
+        labels = sorted(set(trained or []) | {ex["label"] for ex in examples})
+        result["labels"] = labels
+        result.update(_classification(loaded, picked, labels, positive_label, target_recall))
+    elif task == "generation":
+        result.update(_generation(loaded, picked, max_new_tokens))
+    if write:
+        (run / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False, default=_json_number), "utf-8")
+        charts = plot_run_curves(run, run / "plots")
+        if "classification" in result:
+            c = result["classification"]
+            charts["confusion"] = plot_confusion(c["confusion_matrix"], c["labels"], run / "plots" / "confusion.png")
+        (run / "eval.md").write_text(render_eval_md(result, {k: p.relative_to(run) for k, p in charts.items()}), "utf-8")
+    return result
+
+
+def _json_number(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+
+
+def _f(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def render_eval_md(result: dict, charts: dict[str, Path]) -> str:
+    """The evaluation as a Markdown report linking the charts (paths relative to the run directory)."""
+    lines = [f"# Evaluation of {Path(result['run']).name}", "", f"Data: `{result['data']}` ({result['format']}, "
+             f"{result['rows']} rows, {result['scored_rows']} scored for loss)", "",
+             "| metric | value |", "|---|---|", f"| loss | {_f(result['loss'])} |",
+             f"| perplexity | {_f(result['ppl'], 2)} |"]
+    if "generation" in result:
+        g = result["generation"]
+        lines += [f"| BLEU ({g['bleu']['tokenize']}) | {g['bleu']['bleu']:.2f} |",
+                  *(f"| {name} ({g['rouge']['segmentation']}) | {g['rouge'][k]:.4f} |"
+                    for k, name in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))),
+                  f"| exact match | {g['exact_match']:.4f} |", f"| answers generated | {g['examples']} |"]
+    if "classification" in result:
+        c = result["classification"]
+        lines += [f"| accuracy | {c['accuracy']:.4f} |", f"| precision (macro) | {c['precision_macro']:.4f} |",
+                  f"| recall (macro) | {c['recall_macro']:.4f} |", f"| F1 (macro) | {c['f1_macro']:.4f} |",
+                  "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
+                  for k, v in c["per_class"].items()]
+        lines += ["", "Confusion matrix (rows true, columns predicted; index: label): "
+                  + ", ".join(f"{i}: {lab}" for i, lab in enumerate(c["labels"])), ""]
+        lines += ["| | " + " | ".join(c["labels"]) + " |", "|---" * (len(c["labels"]) + 1) + "|"]
+        lines += [f"| {lab} | " + " | ".join(map(str, row)) + " |" for lab, row in zip(c["labels"], c["confusion_matrix"])]
+        if "thresholds" in result:
+            t = result["thresholds"]
+            lines += ["", f"Thresholds on {t['score']} (tuned on this data):", ""]
+            points = (("best F1", t["best_f1"]), (f"recall >= {t['target_recall']['target']}", t["target_recall"]))
+            for name, point in points:
+                lines.append(f"- {name}: threshold {point['threshold']:.4f} (precision {point['precision']:.4f}, "
+                             f"recall {point['recall']:.4f}, F1 {point['f1']:.4f})")
+    if charts:
+        lines += ["", "## Charts", ""] + [f"![{name}]({path.as_posix()})" for name, path in charts.items()]
+    if result.get("samples"):
+        lines += ["", "## Samples", ""]
+        for s in result["samples"][:5]:
+            lines.append("- " + "; ".join(f"**{k}**: {str(v)[:160]!s}".replace("\n", " ") for k, v in s.items()))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,117 @@
+"""PNG charts for evaluation reports: a run's curves (loss, learning rate, gradient norm, validation
+metrics), a confusion matrix, and several runs' loss curves in one figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from dstune.report.logger import read_metrics
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(rows: list[dict], split: str, key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))]
+
+
+def plot_run_curves(run_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Writes ``loss.png`` (train and validation), ``lr.png``, ``grad_norm.png`` and, when the run
+    logged validation metrics other than loss, ``val_metrics.png`` from the run's ``metrics.jsonl``.
+
+    Returns:
+        name -> path of each chart written (a chart with no data is skipped).
+    """
+    plt = _pyplot()
+    rows = read_metrics(Path(run_dir))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    val_keys = sorted({k for r in rows if r.get("split") == "val" for k, v in r.items()
+                       if k not in ("step", "split", "loss", "ppl", "tokens") and isinstance(v, (int, float))})
+    charts = {
+        "loss": ("loss (nats/token)", [("train", "loss", "train"), ("val", "loss", "validation")]),
+        "lr": ("learning rate", [("train", "lr", "lr")]),
+        "grad_norm": ("gradient norm (before clipping)", [("train", "grad_norm", "grad norm")]),
+        "val_metrics": ("validation metrics", [("val", k, k) for k in val_keys]),
+    }
+    for name, (ylabel, lines) in charts.items():
+        data = [(label, _series(rows, split, key)) for split, key, label in lines]
+        data = [(label, points) for label, points in data if points]
+        if not data:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+        for label, points in data:
+            ax.plot(*zip(*points), "o-" if len(points) < 20 else "-", label=label, lw=1.3, ms=3)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{Path(run_dir).name}: {ylabel}")
+        ax.grid(alpha=0.3)
+        if len(data) > 1:
+            ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written[name] = path
+    return written
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path) -> Path:
+    """A confusion matrix (rows true, columns predicted) with counts in the cells.
+
+    Labels that are not ASCII are shown by their index (the report lists the names): the default
+    matplotlib fonts have no CJK glyphs and would draw empty boxes.
+    """
+    plt = _pyplot()
+    names = [lab if lab.isascii() else str(i) for i, lab in enumerate(labels)]
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.2 * n + 2), dpi=110)
+    ax.imshow(matrix, cmap="Blues")
+    top = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
+    ax.set_xticks(range(n), names)
+    ax.set_yticks(range(n), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_compare(run_dirs: Sequence[str | Path], path: str | Path) -> Path | None:
+    """Training loss of several runs in one figure (solid), with validation loss (dots) where logged."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    drawn = False
+    for run in run_dirs:
+        rows = read_metrics(Path(run))
+        train, val = _series(rows, "train", "loss"), _series(rows, "val", "loss")
+        if train:
+            line, = ax.plot(*zip(*train), lw=1.2, label=f"{Path(run).name} train")
+            drawn = True
+            if val:
+                ax.plot(*zip(*val), "o--", color=line.get_color(), ms=4, label=f"{Path(run).name} val")
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("runs compared")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
