@@ -54,9 +54,13 @@ def test_lora_mlp_and_all_linear_on_dense_families(family):
 
 
 @pytest.mark.parametrize("family", ["deepseek-v2", "deepseek-v3"])
-def test_lora_mlp_on_moe_families_refuses_peft_rewrite(family):
-    with pytest.raises(ValueError, match="routed experts"):
-        prepare_model(_model(family), cfg(method="lora", lora={"targets": "mlp"}))
+def test_lora_mlp_on_moe_families_escapes_peft_rewrite(family):
+    # peft 0.21 would rewrite gate/up/down_proj module targets to the fused routed experts; dstune targets
+    # those Linear layers by weight parameter instead, so the dense MLP is adapted and the experts are not.
+    model = prepare_model(_model(family), cfg(method="lora", lora={"targets": "mlp"}))
+    assert set(model.base_model.targeted_parameter_names) == {
+        f"model.layers.0.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert set(trainable_summary(model)["adapter"]["on"]) == {"dense_mlp"}
 
 
 def test_unknown_lora_target_lists_module_names():

@@ -37,13 +37,13 @@ def load_for_inference(target: str, *, trust_remote_code: bool = False, revision
             raise FileNotFoundError(f"{run} has no finished model at {final}; did the run end? "
                                     f"Resume it with: dstune train {run / 'config.yaml'} --resume")
         tokenizer = load_tokenizer(str(final))
-        if (final / "adapter_config.json").is_file():
-            from peft import PeftModel
+        # Every method's saved form (peft adapter, bottleneck adapters, QLoRA, full model) loads the way
+        # it was trained; the run's config says how a QLoRA base was quantised.
+        from dstune.config import load_config
+        from dstune.methods import load_trained
 
-            base = load_model(info["base_model"], dtype=torch.float32)
-            model = PeftModel.from_pretrained(base, str(final))
-        else:
-            model = load_model(str(final), dtype=torch.float32)
+        cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+        model = load_trained(final, info["base_model"], cfg)
         family = info.get("family", "")
     else:
         resolved = resolve_model_dir(target, revision=revision, trust_remote_code=trust_remote_code)

@@ -7,13 +7,18 @@ module and one line in ``METHODS``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from dstune.config import RunConfig
+from dstune.methods.adapter import is_adapter_dir, load_adapter, prepare_adapter
 from dstune.methods.freeze import prepare_freeze, prepare_full
 from dstune.methods.lora import prepare_lora
+from dstune.methods.prompt import prepare_ia3, prepare_prefix, prepare_prompt, prepare_ptuning
+from dstune.methods.qlora import prepare_qlora
 from dstune.methods.summary import trainable_summary
 
 PrepareFn = Callable[[nn.Module, RunConfig], nn.Module]
@@ -22,7 +27,18 @@ METHODS: dict[str, PrepareFn] = {
     "full": prepare_full,
     "freeze": prepare_freeze,
     "lora": prepare_lora,
+    "qlora": prepare_qlora,
+    "adapter": prepare_adapter,
+    "prefix": prepare_prefix,
+    "ptuning": prepare_ptuning,
+    "prompt": prepare_prompt,
+    "ia3": prepare_ia3,
 }
+
+# Methods whose result folds into the base weights (a linear change of Linear layers). The others add
+# computation that no weight matrix can express: prompts/prefixes (extra positions) and bottleneck
+# adapters (a non-linearity).
+MERGEABLE = {"full", "freeze", "lora", "qlora", "ia3"}
 
 
 def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
@@ -38,4 +54,39 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
     return prepared
 
 
-__all__ = ["METHODS", "prepare_model", "trainable_summary"]
+def load_trained(final_dir: str | Path, base_path: str, cfg: RunConfig | None = None) -> nn.Module:
+    """Loads what ``train`` saved in ``final_dir`` for inference: adapter on its base, or a full model.
+
+    Args:
+        final_dir: a run's ``final/`` directory.
+        base_path: the base model directory the run started from (``run.json``'s ``base_model``).
+        cfg: the run's config; needed for QLoRA, whose base is quantised again the same way.
+    """
+    from dstune.models.load import load_model
+
+    final = Path(final_dir)
+    if is_adapter_dir(final):
+        return load_adapter(load_model(base_path, dtype=torch.float32), final)
+    if (final / "adapter_config.json").is_file():
+        from dstune.methods import peft_model
+
+        base = load_model(base_path, dtype=torch.float32)
+        if cfg is not None and cfg.method == "qlora":
+            quantize_like_training(base, final, cfg)
+        return peft_model.load(base, final)
+    return load_model(str(final), dtype=torch.float32).eval()
+
+
+def quantize_like_training(base: nn.Module, adapter_dir: Path, cfg: RunConfig) -> None:
+    """Quantises a freshly loaded base exactly as ``prepare_qlora`` did (same layers kept)."""
+    import json
+
+    from dstune.methods.qlora import quantize_
+
+    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    keep = {p[: -len(".weight")]: "LoRA through target_parameters" for p in adapter_cfg.get("target_parameters") or []
+            if p.endswith(".weight")}
+    quantize_(base, cfg.qlora, keep)
+
+
+__all__ = ["MERGEABLE", "METHODS", "load_trained", "prepare_model", "trainable_summary"]

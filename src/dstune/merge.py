@@ -1,0 +1,119 @@
+"""``dstune merge``: fold a run's adapter into its base model and write one standalone checkpoint.
+
+Merging happens in fp32 whatever the training precision: adding a low-rank update to bf16 weights
+rounds every weight to 8 significant bits again, so a bf16 merge drifts from the model that was
+trained (peft docs, "merge_and_unload": merge on a full-precision base). A QLoRA run is merged into
+the de-quantised base (the weights its adapter was trained against), never re-quantised.
+
+Methods that change the computation in a way no weight matrix can hold (prefix, P-tuning and prompt
+tuning add positions; bottleneck adapters add a non-linearity) cannot merge: the adapter is exported
+instead, with the tokenizer, and the result says why.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dstune.config import load_config
+from dstune.methods import MERGEABLE, load_trained
+from dstune.models.load import load_model, load_tokenizer
+from dstune.models.templates import resolve_chat_template
+
+_WHY_NOT = {
+    "prefix": "prefix tuning adds learned key/value positions to every layer; no weight matrix can hold them",
+    "ptuning": "P-tuning adds virtual-token positions to the input; no weight matrix can hold them",
+    "prompt": "prompt tuning adds virtual-token positions to the input; no weight matrix can hold them",
+    "adapter": "bottleneck adapters apply a non-linearity (down, activation, up), which a linear weight cannot express",
+}
+
+
+@dataclass
+class MergeResult:
+    """What ``merge_run`` wrote."""
+
+    out_dir: Path
+    merged: bool
+    method: str
+    reason: str = ""
+
+
+def merge_model(model: nn.Module) -> nn.Module:
+    """Folds a peft adapter into the base weights in fp32 and returns the plain transformers model.
+
+    A model without an adapter (full or freeze fine-tuning) is returned as it is.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    model = model.to(torch.float32)
+    return model.merge_and_unload(safe_merge=True)  # safe_merge: checks for NaNs before writing weights
+
+
+def load_run_for_merge(run_dir: Path) -> tuple[nn.Module, dict, object]:
+    """Loads a run's trained model in fp32, with a QLoRA base de-quantised first.
+
+    Returns:
+        ``(model, run_info, cfg)``; the model still carries its adapter (unmerged).
+    """
+    from dstune.methods import peft_model, quantize_like_training
+    from dstune.methods.qlora import dequantize_
+
+    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+    final = run_dir / info.get("final", "final")
+    if not final.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no finished model at {final}; did the run end? "
+                                f"Resume it with: dstune train {run_dir / 'config.yaml'} --resume")
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.method == "qlora":
+        base = load_model(info["base_model"], dtype=torch.float32)
+        quantize_like_training(base, final, cfg)
+        dequantize_(base)  # the adapter was trained against these de-quantised weights
+        return peft_model.load(base, final), info, cfg
+    return load_trained(final, info["base_model"], cfg), info, cfg
+
+
+def merge_run(run_dir: str | Path, out_dir: str | Path, *, max_shard_size: str = "2GB",
+              dtype: str = "fp32") -> MergeResult:
+    """Merges a run's adapter into its base and writes a standalone checkpoint, or exports the adapter.
+
+    Args:
+        run_dir: a run directory written by ``dstune train``.
+        out_dir: where to write; must not exist or be empty.
+        max_shard_size: safetensors shard size (transformers' ``max_shard_size``).
+        dtype: ``fp32`` or ``bf16`` for the written weights (the merge itself is always fp32).
+
+    Returns:
+        A MergeResult; ``merged`` is False for methods that cannot merge, with the reason.
+
+    Raises:
+        FileExistsError: when ``out_dir`` holds files.
+        FileNotFoundError: when ``run_dir`` is not a finished run.
+    """
+    run, out = Path(run_dir), Path(out_dir)
+    if not (run / "run.json").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no run.json); pass the --output of a dstune train run")
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose another --out (nothing was written)")
+    method = json.loads((run / "run.json").read_text(encoding="utf-8"))["method"]
+    final = run / "final"
+    if method not in MERGEABLE:
+        shutil.copytree(final, out, dirs_exist_ok=True)
+        return MergeResult(out, False, method, _WHY_NOT.get(method, f"method {method} cannot be merged")
+                           + f"; the adapter and tokenizer were exported to {out} instead")
+    model, info, _ = load_run_for_merge(run)
+    merged = merge_model(model)
+    if dtype == "bf16":
+        merged = merged.to(torch.bfloat16)
+    tokenizer = load_tokenizer(str(final))
+    tokenizer.chat_template = resolve_chat_template(tokenizer, "auto", info.get("family", ""))
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return MergeResult(out, True, method)
