@@ -111,6 +111,254 @@ def demo(
         _fail(str(exc))
 
 
+# --------------------------------------------------------------------------- data (issue 5)
+
+data_app = typer.Typer(no_args_is_help=True, help="Prepare (clean, split, check) and inspect data files.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: list[Path] = typer.Argument(..., help="data files (json, jsonl, csv, parquet, txt), cleaned and split together"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory for train/val/test.jsonl and report.json/.md"),
+    format_: str = typer.Option("auto", "--format", help="auto | text | alpaca | messages | classification"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="classification text column (default: text, review, ...)"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="classification label column (default: label)"),
+    lenient: bool = typer.Option(False, "--lenient", help="drop and count bad rows instead of stopping at the first"),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt for conversations without one"),
+    reasoning: str = typer.Option("keep", "--reasoning", help="keep | strip reasoning traces (reasoning_content, <think>)"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="read at most N examples per file"),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="unicode normalisation, zero-width characters removed"),
+    unicode_form: str = typer.Option("NFKC", "--unicode-form", help="NFKC (full-width to ASCII) | NFC (keeps Chinese punctuation)"),
+    scrub_pii: bool = typer.Option(True, "--scrub-pii/--no-scrub-pii", help="replace e-mails, phones, ID and bank cards by placeholders"),
+    min_chars: int = typer.Option(2, "--min-chars", help="drop rows with fewer characters"),
+    max_chars: Optional[int] = typer.Option(20000, "--max-chars", help="drop rows with more characters"),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="drop exact duplicates (normalised text)"),
+    near_dedup: bool = typer.Option(True, "--near-dedup/--no-near-dedup", help="drop near duplicates (MinHash LSH)"),
+    near_threshold: float = typer.Option(0.8, "--near-threshold", help="Jaccard similarity of character 5-grams"),
+    split: tuple[float, float, float] = typer.Option((0.8, 0.1, 0.1), "--split", help="train val test ratios"),
+    seed: int = typer.Option(42, "--seed", help="split seed"),
+    stratify: bool = typer.Option(True, "--stratify/--no-stratify", help="split classification rows per label"),
+    eval_file: list[Path] = typer.Option([], "--eval-file", help="further held-out file to check train against (repeatable)"),
+    ngram: int = typer.Option(13, "--ngram", help="n-gram length of the contamination check (words; CJK characters)"),
+    decontaminate: bool = typer.Option(False, "--decontaminate", help="remove train rows that overlap held-out rows"),
+    model: Optional[str] = typer.Option(None, "--model", help="model whose tokenizer measures token lengths"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="drop rows longer than N tokens (needs --model)"),
+) -> None:
+    """Clean, deduplicate, scrub, split 8:1:1 and check for contamination; write the splits and a report."""
+    from dstune.data import DataError
+    from dstune.data.clean import CleanOptions
+    from dstune.data.prepare import PrepareOptions, prepare_files, render_report_md
+
+    clean = CleanOptions(normalize=normalize, unicode_form=unicode_form, scrub_pii=scrub_pii, min_chars=min_chars,
+                         max_chars=max_chars, dedup=dedup, near_dedup=near_dedup, near_threshold=near_threshold)
+    options = PrepareOptions(fmt=format_, text_column=text_column, label_column=label_column, lenient=lenient,
+                             system=system, reasoning=reasoning, max_samples=max_samples, clean=clean, split=split,
+                             seed=seed, stratify=stratify, eval_files=[str(f) for f in eval_file], ngram=ngram,
+                             decontaminate=decontaminate, model=model, max_tokens=max_tokens)
+    try:
+        report = prepare_files(inputs, out, options)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(render_report_md(report), markup=False, highlight=False)
+    console.print(f"wrote {out}/train.jsonl, val.jsonl, test.jsonl, report.json, report.md", highlight=False)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: Path = typer.Argument(..., help="data file"),
+    model: str = typer.Option("tiny:deepseek-llm", "--model",
+                              help="tokenizer and chat template to render with (default: DeepSeek's); 'none' skips tokens"),
+    format_: str = typer.Option("auto", "--format", help="auto | text | alpaca | messages | classification"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="classification text column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="classification label column"),
+    examples: int = typer.Option(3, "--examples", "-n", help="examples to render"),
+    max_length: int = typer.Option(512, "--max-length", help="tokens per example, as data.max_length"),
+) -> None:
+    """Show a data file's format, counts, token lengths and examples with the trained tokens in [[ ]]."""
+    from dstune.data import DataError
+    from dstune.data.inspect import inspect_file, render_inspection
+
+    try:
+        report = inspect_file(file, model=None if model.lower() == "none" else model, fmt=format_,
+                              text_column=text_column, label_column=label_column, examples=examples,
+                              max_length=max_length)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(render_inspection(report), markup=False, highlight=False)
+
+
+@app.command("lr-find")
+def lr_find(
+    config: Path = typer.Argument(..., help="YAML run config (the model, data, method and optim settings to sweep)"),
+    set_: list[str] = typer.Option([], "--set", help="override any config field: --set lora.r=16 (repeatable)"),
+    steps: int = typer.Option(100, "--steps", help="sweep steps K"),
+    start_lr: float = typer.Option(1e-7, "--start-lr", help="first learning rate of the sweep"),
+    end_lr: float = typer.Option(1.0, "--end-lr", help="last learning rate of the sweep"),
+    plot: Path = typer.Option(Path("lr_find.png"), "--plot", help="PNG of loss against learning rate"),
+) -> None:
+    """Learning-rate range test: an exponential lr sweep over K steps; prints a suggested optim.lr.
+    Writes only the PNG: the run directory in the config is not touched."""
+    from dstune.train.lr_find import lr_find as run_lr_find
+
+    try:
+        result = run_lr_find(load_config(config, overrides=set_), steps=steps, start_lr=start_lr,
+                             end_lr=end_lr, plot=plot)
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as exc:
+        _fail(str(exc))
+    console.print(f"swept {len(result.lrs)} steps, lr {result.lrs[0]:.2e} .. {result.lrs[-1]:.2e}"
+                  + (" (stopped: loss diverged)" if result.stopped_early else ""))
+    console.print(f"suggested lr: [bold]{result.suggestion:.2e}[/] ({result.rule}); "
+                  f"steepest descent at {result.steepest:.2e}\nplot: {result.plot}\n"
+                  f"use it: dstune train {config} --set optim.lr={result.suggestion:.2e}", highlight=False)
+
+
+@app.command()
+def tune(
+    config: Path = typer.Argument(..., help="base run config (YAML); its tune: section holds the search settings"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="trials in the study, all workers together [tune.trials: 20]"),
+    space: Optional[str] = typer.Option(None, "--space", help="built-in space (lora-default, full-default, method) or a YAML file of dotted key -> domain"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="tpe | random | grid | gp | cmaes [tpe]"),
+    pruner: Optional[str] = typer.Option(None, "--pruner", help="none | median | asha | hyperband [asha]"),
+    objective: Optional[str] = typer.Option(None, "--objective", help="validation metric to optimise [loss]"),
+    direction: Optional[str] = typer.Option(None, "--direction", help="minimize | maximize [by objective]"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="optuna storage URL, e.g. postgresql://u:p@host/db [SQLite in the study dir]"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="study directory [studies/study]"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="seconds after which no new trial starts"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps per trial"),
+    retrain: bool = typer.Option(False, "--retrain", help="retrain the best configuration on train+val at the end"),
+    set_: list[str] = typer.Option([], "--set", help="override any config field (repeatable)"),
+    dashboard: bool = typer.Option(False, "--dashboard", help="open optuna-dashboard on the study (extra: dashboard)"),
+) -> None:
+    """Search hyperparameters: every trial is a normal run; workers sharing --storage share one study."""
+    from dstune.tune.study import run_tune
+
+    values = {"tune.trials": trials, "tune.sampler": sampler, "tune.pruner": pruner, "tune.objective": objective,
+              "tune.direction": direction, "tune.storage": storage, "tune.output": output, "tune.timeout": timeout,
+              "tune.max_steps": max_steps, "tune.retrain": retrain or None}
+    try:
+        if space and Path(space).is_file():
+            import yaml
+
+            values["tune.space"] = yaml.safe_load(Path(space).read_text(encoding="utf-8"))
+        elif space:
+            values["tune.preset"] = space
+        cfg = load_config(config, overrides=set_, values=values)
+        if dashboard:
+            _dashboard(cfg)
+            return
+        run_tune(cfg, console=console)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+def _dashboard(cfg) -> None:
+    import shutil
+    import subprocess
+
+    from dstune.tune.study import _storage_url
+
+    exe = shutil.which("optuna-dashboard")
+    if exe is None:
+        _fail("optuna-dashboard is not installed: pip install 'dstune[dashboard]'")
+    url = _storage_url(cfg.tune, Path(cfg.tune.output))
+    console.print(f"optuna-dashboard on {url} (Ctrl-C to stop)")
+    subprocess.run([exe, url], check=False)
+
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Argument(..., help="run directory written by dstune train"),
+    data: Path = typer.Option(..., "--data", help="data file to evaluate on (any format dstune reads)"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="answer/classify at most N examples (loss uses all)"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="tokens generated per answer (greedy)"),
+    batch_size: int = typer.Option(4, "--batch-size", help="rows per forward pass for the loss"),
+    positive_label: Optional[str] = typer.Option(None, "--positive-label", help="binary tasks: the positive class (default: last label sorted)"),
+    target_recall: float = typer.Option(0.9, "--target-recall", help="binary tasks: recall the second tuned threshold must reach"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="classification text column (default: the run's)"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="classification label column (default: the run's)"),
+) -> None:
+    """Perplexity, BLEU/ROUGE/exact match or accuracy/F1 of a run; writes eval.json, eval.md and plots into it."""
+    from dstune.data import DataError
+    from dstune.evaluate.run import evaluate_run
+
+    try:
+        result = evaluate_run(run, data, max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              positive_label=positive_label, target_recall=target_recall, text_column=text_column,
+                              label_column=label_column)
+    except (DataError, ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print((run / "eval.md").read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(f"wrote {run / 'eval.json'}, {run / 'eval.md'} and {run / 'plots'}/ ({result['task']})", highlight=False)
+
+
+@app.command("report")
+def report(
+    runs: list[Path] = typer.Argument(..., help="run directories to compare"),
+    out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="directory for report.md and compare.png"),
+) -> None:
+    """Compare runs side by side: one table (losses, eval metrics) and one plot of their loss curves."""
+    from rich.table import Table
+
+    from dstune.report.compare import compare_runs
+
+    try:
+        result = compare_runs(runs, out)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    table = Table(*result["columns"])
+    for row in result["rows"]:
+        table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+    console.print(f"wrote {result['markdown']}" + (f" and {result['plot']}" if result["plot"] else ""), highlight=False)
+
+
+@app.command("merge")
+def merge(
+    run: Path = typer.Argument(..., help="run directory written by dstune train"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the merged checkpoint (must be empty)"),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="safetensors shard size"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16: dtype of the written weights (the merge is fp32)"),
+) -> None:
+    """Fold a run's adapter into its base model (fp32) and write one checkpoint plain transformers loads."""
+    from dstune.merge import merge_run
+
+    if dtype not in ("fp32", "bf16"):
+        _fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    try:
+        result = merge_run(run, out, max_shard_size=max_shard_size, dtype=dtype)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
+        _fail(str(exc))
+    if result.merged:
+        console.print(f"merged {result.method} run into {result.out_dir} (safetensors, tokenizer, chat template); "
+                      f"load it with AutoModelForCausalLM.from_pretrained('{result.out_dir}')", highlight=False)
+    else:
+        console.print(f"[yellow]{result.method} cannot be merged:[/] {result.reason}", highlight=False)
+
+
+@app.command("chat")
+def chat(
+    target: str = typer.Argument(..., help="run directory, or a model spec (hub id, local dir, .gguf, tiny:<family>)"),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
+    temperature: float = typer.Option(0.7, "--temperature", help="0 decodes greedily"),
+    top_p: float = typer.Option(0.95, "--top-p", help="nucleus sampling mass"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="longest reply in tokens"),
+    show_thinking: bool = typer.Option(False, "--show-thinking/--hide-thinking",
+                                       help="show R1-style <think> reasoning before the answer"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed, for reproducible replies"),
+) -> None:
+    """Talk to a model or a trained run: multi-turn, streamed; /reset forgets, /exit ends."""
+    from dstune.chat import chat as run_chat
+    from dstune.generate import load_for_inference
+
+    try:
+        loaded = load_for_inference(target)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        _fail(str(exc))
+    run_chat(loaded, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+             show_thinking=show_thinking, seed=seed, console=console)
+
+
 def main() -> None:
     """Entry point of the ``dstune`` script."""
     try:

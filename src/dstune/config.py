@@ -42,7 +42,7 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train: str | None = Field(None, description="training file (json, jsonl, csv, parquet, txt)")
     validation: str | None = Field(None, description="validation file; without it the train file is split")
-    format: Literal["auto", "text", "alpaca", "messages"] = "auto"
+    format: Literal["auto", "text", "alpaca", "messages", "classification"] = "auto"
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/val/test ratios when no validation file")
     max_length: int = Field(512, ge=8, description="tokens per example")
     overflow: Literal["truncate", "drop"] = Field("truncate", description="what to do with over-long examples")
@@ -50,6 +50,10 @@ class DataConfig(_Section):
     lenient: bool = Field(False, description="drop malformed rows and count them instead of stopping")
     max_samples: int | None = Field(None, ge=1, description="use only the first N rows of the train file")
     system: str | None = Field(None, description="system prompt added to examples that have none")
+    text_column: str | None = Field(None, description="classification: the text column (default: text, review, ...)")
+    label_column: str | None = Field(None, description="classification: the label column (default: label)")
+    reasoning: Literal["keep", "strip"] = Field(
+        "keep", description="reasoning traces (reasoning_content, <think> blocks): keep, or strip to train on answers")
 
     @field_validator("split")
     @classmethod
@@ -65,6 +69,45 @@ class LoraConfig(_Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: str | list[str] = Field(
         "attention", description="attention | mlp | all-linear | a list of module names")
+    experts: Literal["none", "shared", "routed", "all"] = Field(
+        "none", description="MoE experts to adapt too: shared experts, the fused routed experts, or both")
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude per output and a LoRA direction")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
+    init: Literal["default", "gaussian", "pissa", "pissa_fast", "olora"] = Field(
+        "default", description="default (B=0), gaussian, pissa (SVD of W), pissa_fast (16 power iterations), olora")
+    rank_pattern: dict[str, int] = Field(
+        default_factory=dict, description="per-module rank: {regex or module name: r}")
+    alpha_pattern: dict[str, float] = Field(
+        default_factory=dict, description="per-module alpha: {regex or module name: alpha}")
+
+
+class QloraConfig(_Section):
+    bits: Literal[4, 8] = Field(4, description="4: NF4/FP4 weights (QLoRA); 8: LLM.int8 weights")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is QLoRA's")
+    double_quant: bool = Field(True, description="quantise the 4-bit block scales too (QLoRA sec. 3)")
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="dtype of the de-quantised matmul; auto: bf16 on CUDA, fp32 on CPU")
+    keep: list[str] = Field(default_factory=list, description="further module names to keep unquantised")
+
+
+class AdapterConfig(_Section):
+    reduction: int = Field(16, ge=1, description="bottleneck size = hidden_size / reduction")
+    where: Literal["both", "attention", "mlp"] = Field(
+        "both", description="after attention and MLP (Houlsby), or one of them (mlp: Pfeiffer)")
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+
+
+class PromptConfig(_Section):
+    virtual_tokens: int = Field(20, ge=1, description="prefix / prompt length in virtual tokens")
+    init_text: str | None = Field(None, description="prompt: initialise the virtual tokens from this text")
+    encoder: Literal["mlp", "lstm"] = Field("mlp", description="ptuning: the prompt encoder")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="ptuning: encoder width (null: hidden_size)")
+    prefix_projection: bool = Field(False, description="prefix: reparameterise through an MLP (Li & Liang sec. 4.3)")
+
+
+class Ia3Config(_Section):
+    targets: str | list[str] = Field(
+        "default", description="default: key/value projections (MLA: kv_b_proj) and MLP down projections; or module names")
 
 
 class FreezeConfig(_Section):
@@ -74,15 +117,73 @@ class FreezeConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = Field(
+        "adamw", description="adamw (fused on CUDA), adamw8bit (bitsandbytes), adafactor (transformers)")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay; never on norms, biases, embeddings")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
-    schedule: Literal["linear", "cosine", "constant"] = "cosine"
+    fused: bool | None = Field(None, description="fused AdamW kernel; null: on when the device is CUDA")
+    schedule: Literal["constant", "linear", "cosine", "cosine_restarts", "polynomial", "wsd"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="used when warmup_steps is 0")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr")
-    max_grad_norm: float | None = Field(1.0, description="clip the global gradient norm; null turns it off")
+    restart_steps: int | None = Field(None, ge=1, description="cosine_restarts: steps of the first cycle (T_0)")
+    restart_mult: float = Field(1.0, ge=1, description="cosine_restarts: each cycle is this much longer (T_mult)")
+    power: float = Field(1.0, gt=0, description="polynomial: exponent of the decay")
+    decay_ratio: float = Field(0.1, gt=0, le=1, description="wsd: fraction of the post-warmup steps spent decaying")
+    layer_decay: float = Field(1.0, gt=0, le=1, description="layer-wise lr decay: lr x decay^(depth from top)")
+    lora_plus_ratio: float = Field(1.0, ge=1, description="LoRA+: lr of the B matrices = ratio x lr (1: off)")
+    embedding_lr: float | None = Field(None, gt=0, description="lr of the input embeddings (null: layer-wise rule)")
+    head_lr: float | None = Field(None, gt=0, description="lr of the output head (null: lr)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm; null turns it off")
+    agc_clip: float | None = Field(None, gt=0, description="adaptive clipping: max unit-wise |grad|/|param| (lambda)")
+    clip_value: float | None = Field(None, gt=0, description="clip every gradient element to [-v, v]")
+
+    @model_validator(mode="after")
+    def _restarts_need_period(self) -> "OptimConfig":
+        if self.schedule == "cosine_restarts" and self.restart_steps is None:
+            raise ValueError("optim.schedule=cosine_restarts needs optim.restart_steps (steps of the first "
+                             "cycle, T_0), e.g. --set optim.restart_steps=100")
+        return self
+
+
+class RegularizeConfig(_Section):
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="training loss only; validation loss is plain")
+    neftune_alpha: float = Field(0.0, ge=0, description="NEFTune embedding noise alpha (0: off; paper uses 5)")
+    layerdrop: float | list[float] = Field(
+        0.0, description="probability of skipping each decoder layer in training: one number, or one per layer")
+    attention_dropout: float | None = Field(None, ge=0, lt=1, description="override the attention-probability dropout")
+    hidden_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on each attention/MLP output before the residual add")
+    early_stop_patience: int = Field(0, ge=0, description="stop after N evaluations without improvement (0: off)")
+    early_stop_min_delta: float = Field(0.0, ge=0, description="smallest val-loss decrease that counts as improvement")
+    keep_best: bool = Field(False, description="save the weights of the best validation loss as final/")
+
+    @field_validator("layerdrop")
+    @classmethod
+    def _probabilities(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if any(not 0.0 <= p <= 1.0 for p in values):
+            raise ValueError(f"regularize.layerdrop must be probabilities in [0, 1], got {v!r}")
+        return v
+
+
+class StabilityConfig(_Section):
+    policy: Literal["off", "skip", "rollback", "halt"] = Field(
+        "skip", description="what a detected fault does: skip the update, roll back, or halt")
+    spike_window: int = Field(50, ge=4, description="steps of history for spike detection")
+    spike_k: float = Field(10.0, gt=0, description="spike: value > median + k * 1.4826 * MAD of the window")
+    spike_ratio: float = Field(3.0, ge=1, description="... and value > ratio x median (guards a tiny MAD)")
+    detect_loss_spikes: bool = Field(True, description="treat loss spikes as faults")
+    detect_grad_spikes: bool = Field(True, description="treat gradient-norm spikes as faults")
+    rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="rollback: multiply the lr by this")
+    snapshot_every: int = Field(1, ge=1, description="rollback: steps between in-memory snapshots")
+    max_rollbacks: int = Field(5, ge=1, description="halt after this many rollbacks")
+    inject: list[str] = Field(default_factory=list,
+                              description="fault injection for tests: nan_loss@K, grad_scale@K:FACTOR")
+    diag_every: int = Field(0, ge=0, description="steps between per-layer gradient diagnostics (0: off)")
+    vanish_ratio: float = Field(1e-3, gt=0, description="warn when a layer's grad norm < ratio x median layer")
+    explode_ratio: float = Field(1e3, gt=1, description="warn when a layer's grad norm > ratio x median layer")
 
 
 class TrainConfig(_Section):
@@ -97,18 +198,49 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     save_every: int = Field(0, ge=0, description="0: checkpoint only at the end")
     keep_checkpoints: int = Field(3, ge=0, description="keep the newest K checkpoints; 0 keeps all")
+    packing: bool = Field(False, description="pack several examples per row (no padding; attention stays per example)")
+    chunk_tokens: int = Field(0, ge=0, description="compute the output layer this many tokens at a time (0: all at once)")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per evaluation")
     progress: bool = Field(True, description="show a progress bar")
+
+
+class TuneConfig(_Section):
+    """Hyperparameter search (``dstune tune``); ignored by ``dstune train``."""
+
+    trials: int = Field(20, ge=1, description="trials in the study (all workers together)")
+    sampler: Literal["tpe", "random", "grid", "gp", "cmaes"] = Field("tpe", description="optuna sampler")
+    pruner: Literal["none", "median", "asha", "hyperband"] = Field(
+        "asha", description="stops weak trials at evaluations (needs train.eval_every > 0)")
+    objective: str = Field("loss", description="validation metric to optimise (loss, ppl, ...)")
+    direction: Literal["minimize", "maximize"] | None = Field(None, description="null: minimize loss/ppl, else maximize")
+    preset: str | None = Field(None, description="built-in space: lora-default, full-default, method")
+    space: dict[str, dict] = Field(default_factory=dict,
+                                   description="dotted key -> {type: float|int|categorical, low, high, log, choices}")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps per trial (overrides train.max_steps)")
+    timeout: float | None = Field(None, gt=0, description="stop starting new trials after this many seconds")
+    storage: str | None = Field(None, description="optuna storage URL; null: SQLite file in the study directory")
+    study_name: str | None = Field(None, description="null: the study directory's name")
+    output: str = Field("studies/study", description="study directory (trial run directories, tables, plots)")
+    retrain: bool = Field(False, description="retrain the best configuration on train+val at the end")
+    startup_trials: int = Field(3, ge=0, description="trials before the pruner and model-based samplers act")
+    seed: int = Field(0, description="sampler seed")
 
 
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    method: Literal["full", "freeze", "lora"] = "lora"
+    method: Literal["full", "freeze", "lora", "qlora", "adapter", "prefix", "ptuning", "prompt", "ia3"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    qlora: QloraConfig = Field(default_factory=QloraConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    ia3: Ia3Config = Field(default_factory=Ia3Config)
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
+    stability: StabilityConfig = Field(default_factory=StabilityConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     output: str = Field("runs/run", description="run directory")
 
 

@@ -7,16 +7,18 @@ import math
 import torch
 
 from dstune.train.batching import eval_batches
-from dstune.train.loss import count_loss_tokens, token_loss_sum
+from dstune.train.forward import loss_sum
+from dstune.train.loss import count_loss_tokens
 
 
 @torch.no_grad()
 def evaluate_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None,
-                  limit: int | None = None) -> dict[str, float]:
+                  limit: int | None = None, chunk_tokens: int = 0) -> dict[str, float]:
     """Mean next-token loss over the labelled tokens of ``rows`` and its perplexity.
 
     Args:
         limit: evaluate at most this many micro-batches (in file order).
+        chunk_tokens: compute the output layer this many tokens at a time (0: all at once).
     """
     if not rows:
         return {}
@@ -29,8 +31,7 @@ def evaluate_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, a
         batch = {k: v.to(device) for k, v in batch.items()}
         ctx = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
         with ctx:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += token_loss_sum(logits, batch["labels"]).double()
+            total += loss_sum(model, batch, chunk_tokens=chunk_tokens).double()
         tokens += count_loss_tokens(batch["labels"])
     if was_training:
         model.train()

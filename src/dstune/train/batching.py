@@ -14,17 +14,29 @@ from dstune.train.loss import IGNORE
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pads rows on the right to the longest row of the micro-batch."""
+    """Pads rows on the right to the longest row of the micro-batch.
+
+    Packed rows (with ``position_ids``, see ``dstune.data.pack``) also get position ids; the padding
+    of a packed row counts up from 0 as a segment of its own, so it attends to no real example.
+    """
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
+    packed = "position_ids" in rows[0]
+    pos = torch.arange(width).repeat(len(rows), 1) if packed else None
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         ids[i, :n] = torch.tensor(r["input_ids"])
         labels[i, :n] = torch.tensor(r["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if packed:
+            pos[i, :n] = torch.tensor(r["position_ids"])
+            pos[i, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if packed:
+        batch["position_ids"] = pos
+    return batch
 
 
 @dataclass

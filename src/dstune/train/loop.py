@@ -21,6 +21,7 @@ from rich.console import Console
 
 from dstune.config import RunConfig, save_config
 from dstune.data import prepare_data
+from dstune.data.pack import pack_rows, padding_share
 from dstune.evaluate.loss import evaluate_loss
 from dstune.methods import prepare_model, trainable_summary
 from dstune.methods.summary import render_summary
@@ -33,8 +34,13 @@ from dstune.train.checkpoint import latest_checkpoint, load_checkpoint, prune_ch
 from dstune.train.faults import Faults
 from dstune.train.rundir import RunDirError, check_resume, check_run_dir, file_sha256
 from dstune.train.signals import StopRequest, TrainingInterrupted
-from dstune.train.loss import count_loss_tokens, token_loss_sum
-from dstune.train.optim import build_optimizer, build_scheduler
+from dstune.train.forward import loss_sum as forward_loss
+from dstune.train.loss import count_loss_tokens
+from dstune.train.diagnostics import LayerDiagnostics
+from dstune.train.guard import StabilityGuard
+from dstune.train.optim import build_optimizer, build_scheduler, clip_gradients, render_groups
+from dstune.train.regularize import EarlyStopping, apply_regularization
+from dstune.train.schedules import current_lr
 
 _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 _DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,13 +94,16 @@ def save_final(model, tokenizer, chat_template: str | None, out: Path) -> Path:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = False,
-          console: Console | None = None) -> RunResult:
+          console: Console | None = None,
+          on_eval: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
     """Fine-tunes ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and writes a run directory.
 
     Args:
         cfg: the resolved run configuration.
         resume: continue from the newest complete checkpoint in ``cfg.output``.
         allow_config_change: resume even if the lr, batch, seed or data changed (recorded).
+        on_eval: called with (step, validation metrics) after every evaluation; a hyperparameter search
+            reports to its pruner here and may raise to stop the run (e.g. ``optuna.TrialPruned``).
         console: where to print; defaults to stdout.
 
     Returns:
@@ -116,12 +125,18 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     tokenizer = load_tokenizer(resolved.path)
     template = resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family)
     data = prepare_data(cfg.data, tokenizer, template, tc.seed)
+    data.report["padding_share"] = round(padding_share(data.train, tc.micro_batch_size), 4) if data.train else 0.0
+    if tc.packing:  # validation stays unpacked: its loss is comparable across runs with and without packing
+        data.train = pack_rows(data.train, cfg.data.max_length, tc.seed)
+        data.report["packed"] = {"rows": len(data.train),
+                                 "padding_share": round(padding_share(data.train, tc.micro_batch_size), 4)}
     if not data.train:
         raise ValueError(f"no training examples left in {cfg.data.train} after tokenising; see the data report")
     model = load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
                        revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
     torch.manual_seed(tc.seed)  # adapter initialisation is seeded, independent of what loading consumed
     model = prepare_model(model, cfg)
+    regularization = apply_regularization(model, cfg.regularize)
     _cast_frozen(model, tc.precision)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -136,8 +151,11 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     batches = MicroBatches(data.train, tc.micro_batch_size, tc.seed, pad_id,
                            num_shards=accelerator.num_processes, shard=accelerator.process_index)
     steps = total_steps(cfg, batches.per_epoch)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, steps, cfg.optim)
+    if is_main:
+        console.print(render_groups(optimizer) + (f"\n{regularization}" if regularization else ""),
+                      markup=False, highlight=False)
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -175,7 +193,8 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
         while True:
             try:
                 faults.oom("eval", step)
-                metrics = evaluate_loss(model, data.val, micro, pad_id, accelerator, tc.eval_batches)
+                metrics = evaluate_loss(model, data.val, micro, pad_id, accelerator, tc.eval_batches,
+                                        tc.chunk_tokens)
                 break
             except torch.OutOfMemoryError:
                 if micro == 1:
@@ -187,8 +206,16 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                     console.print(f"[yellow]out of memory in evaluation: evaluation micro-batch -> {micro}[/]")
         if metrics:
             logger.log(step, "val", metrics)
+            if on_eval is not None:
+                on_eval(step, metrics)
         return metrics
 
+    say = console.print if is_main else None
+    unwrapped = accelerator.unwrap_model(model)
+    guard = StabilityGuard(cfg.stability, unwrapped, optimizer, scheduler, tc.precision, data.train,
+                           log=lambda s, v: logger.log(s, "stability", v), say=say)
+    diagnostics = LayerDiagnostics(cfg.stability, unwrapped, log=lambda s, v: logger.log(s, "diag", v), say=say)
+    early = EarlyStopping(cfg.regularize, tc.eval_every)
     progress = _progress(console, enabled=is_main and tc.progress)
     task = progress.add_task("training", total=steps, completed=step, loss=float("nan"))
     model.train()
@@ -209,7 +236,8 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
             while True:
                 try:
                     faults.oom("step", step + 1)
-                    loss_sum, n_global = backward_window(model, _split_window(window, split), accelerator, after_micro)
+                    loss_sum, n_global = backward_window(model, _split_window(window, split), accelerator, after_micro,
+                                                         cfg.regularize.label_smoothing, tc.chunk_tokens)
                     break
                 except torch.OutOfMemoryError:
                     # Halve the micro-batch and double accumulation: the same examples, the same tokens
@@ -225,24 +253,31 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                                       f"{tc.micro_batch_size} -> {-(-tc.micro_batch_size // split)}, "
                                       f"accumulation x{split}; retrying the step[/]")
             tokens_seen += sum(int(b["attention_mask"].sum()) for b in window)
-            if cfg.optim.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainable if p.grad is not None]))
-            optimizer.step()
+            loss_sum = guard.inject(step + 1, loss_sum, trainable)
+            diagnostics.before_step(step + 1)
+            grad_norm = clip_gradients(trainable, cfg.optim, accelerator)
+            loss = (accelerator.reduce(loss_sum, "sum") / n_global).item()
+            action = guard.check(step + 1, loss, grad_norm, [i for _, idx in served for i in idx])
+            if action == "halt":  # the weights stay those of the previous step; the end of run saves them
+                order.pop()
+                break
+            if action == "step":
+                optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss = (accelerator.reduce(loss_sum, "sum") / n_global).item()
+            diagnostics.after_step(step)
+            guard.after_step(step)
             losses.append(loss)
             progress.update(task, advance=1, loss=loss)
             if step % tc.log_every == 0 or step == steps:
                 elapsed = time.perf_counter() - t0
-                logger.log(step, "train", {"loss": loss, "lr": scheduler.get_last_lr()[0],
+                logger.log(step, "train", {"loss": loss, "lr": current_lr(scheduler, cfg.optim),
                                            "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / elapsed,
                                            "epoch": batches.epoch()})
             if tc.eval_every and step % tc.eval_every == 0 and step < steps:
-                validate()
+                if early.update(step, validate(), accelerator.unwrap_model(model)):
+                    break  # early stopping: patience ran out
             if tc.save_every and step % tc.save_every == 0 and step < steps:
                 checkpoint()
             faults.kill("step", step)
@@ -252,14 +287,15 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                     f"stopped by {stop.signal_name} after step {step}/{steps}; checkpoint saved in {path}. "
                     f"Resume with: dstune train {run_dir / 'config.yaml'} --resume")
     checkpoint()
-    val = validate()
+    val = early.finish(step, validate(), accelerator.unwrap_model(model), validate)  # keep_best restores the best
     final_dir = None
     if is_main:
         final_dir = save_final(accelerator.unwrap_model(model), tokenizer, template, run_dir / "final")
         plot_loss(run_dir)
     logger.close()
     result_summary = {"steps": step, "final_train_loss": losses[-1] if losses else None, "val": val,
-                      "events": events, "micro_batch_split": split,
+                      "events": events, "micro_batch_split": split, "stability": guard.summary(),
+                      "early_stopping": early.summary(), "diagnostics_warnings": diagnostics.warnings,
                       "trainable": summary, "data": data.report,
                       "wall_s": round(time.perf_counter() - t0, 2)}
     if is_main:
@@ -293,7 +329,8 @@ def _free_memory(accelerator: Accelerator) -> None:
 
 
 def backward_window(model, window: list[dict], accelerator: Accelerator,
-                    after_micro: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    after_micro: Callable[[], None] | None = None,
+                    label_smoothing: float = 0.0, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulates the gradients of one optimizer step's micro-batches into ``.grad``.
 
     The loss is normalised by the labelled tokens of the whole window on every process, so
@@ -311,8 +348,7 @@ def backward_window(model, window: list[dict], accelerator: Accelerator,
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         sync = nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            micro = token_loss_sum(logits, batch["labels"])
+            micro = forward_loss(model, batch, label_smoothing, chunk_tokens)
         accelerator.backward(micro * accelerator.num_processes / n_global)
         loss_sum += micro.detach()
         if after_micro is not None:

@@ -1,0 +1,275 @@
+"""``dstune tune``: an optuna study whose trials are ordinary runs of the one ``train()``.
+
+Trials are created with ask/tell under a study-wide lock, so several workers (processes, machines)
+sharing one storage run exactly ``tune.trials`` trials between them: the lock is an advisory lock in
+PostgreSQL and a file lock for SQLite. A trial whose worker died (its process is gone) is marked
+failed and does not count, so running the command again finishes the study with no finished trial
+lost and none run twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import socket
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+from optuna.trial import TrialState
+from rich.console import Console
+
+from dstune.config import ConfigError, RunConfig, save_config
+from dstune.tune.space import Domain, parse_space, suggest, to_overrides
+
+# WAITING trials (enqueued, e.g. by hand) are not counted: the next ask() runs them.
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+@dataclass
+class TuneResult:
+    """The outcome of a search: the study, where it lives, and the best trial."""
+
+    study: optuna.Study
+    study_dir: Path
+    best: optuna.trial.FrozenTrial | None
+    best_config: Path | None
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """optuna's grid sampler, minus its ``study.stop()`` when the grid is exhausted: that call only works
+    inside ``study.optimize``, and we drive trials with ask/tell (the trial count is capped at the grid
+    size instead, in ``run_tune``)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
+def grid_size(space: dict[str, Domain]) -> int:
+    """Number of points of the grid over ``space``."""
+    return math.prod(len(d.grid()) for d in space.values())
+
+
+def _sampler(tc, space: dict[str, Domain]) -> optuna.samplers.BaseSampler:
+    if tc.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=tc.seed)
+    if tc.sampler == "grid":
+        grid = {k: [",".join(v) if isinstance(v, list) else v for v in d.grid()] for k, d in space.items()}
+        return _GridSampler(grid, seed=tc.seed)
+    if tc.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=tc.seed, n_startup_trials=tc.startup_trials)
+    if tc.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=tc.seed, n_startup_trials=tc.startup_trials)
+    # multivariate TPE models interactions (lr with r, say), which independent TPE cannot.
+    return optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=tc.startup_trials, multivariate=True)
+
+
+def _pruner(tc, max_steps: int) -> optuna.pruners.BasePruner:
+    if tc.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=tc.startup_trials, n_warmup_steps=0)
+    if tc.pruner == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource="auto", reduction_factor=3)
+    if tc.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_steps, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def _storage_url(tc, study_dir: Path) -> str:
+    return tc.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
+
+
+@contextmanager
+def study_lock(url: str, name: str) -> Iterator[None]:
+    """Serialises trial creation across workers: PostgreSQL advisory lock, or a file lock for SQLite."""
+    if url.startswith("sqlite:///"):
+        lock_path = Path(url[len("sqlite:///"):] + ".lock")
+        with open(lock_path, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    if url.startswith("postgresql"):
+        import sqlalchemy
+
+        key = zlib.crc32(f"dstune:{name}".encode())
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        engine.dispose()
+        return
+    raise ConfigError(f"tune.storage: '{url.split(':', 1)[0]}' is not supported; use a SQLite file "
+                      "(sqlite:///path.db) or PostgreSQL (postgresql://user:pass@host/db)")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fail_dead_workers(study: optuna.Study) -> None:
+    """Marks RUNNING trials of dead processes on this host as failed and not counted (``stale``)."""
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        w_host, _, w_pid = worker.rpartition(":")
+        if w_host == host and w_pid.isdigit() and not _pid_alive(int(w_pid)):
+            study._storage.set_trial_user_attr(t._trial_id, "stale", True)
+            study._storage.set_trial_user_attr(t._trial_id, "error", "its worker process died; not counted")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def _claim(study: optuna.Study, url: str, name: str, total: int) -> optuna.Trial | None:
+    with study_lock(url, name):
+        _fail_dead_workers(study)
+        trials = study.get_trials(deepcopy=False)
+        counted = [t for t in trials if t.state in COUNTED or (t.state == TrialState.FAIL and not t.user_attrs.get("stale"))]
+        if len(counted) >= total:
+            return None
+        trial = study.ask()
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        return trial
+
+
+def _steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return max(steps, default=0)
+
+
+def trial_config(base: RunConfig, values: dict[str, Any], run_dir: Path) -> RunConfig:
+    """The run config of one trial: the base config with the sampled values and its own directory."""
+    data = base.model_dump(mode="json")
+    from dstune.config import apply_override
+
+    for key, value in to_overrides(values, base).items():
+        apply_override(data, key, value)
+    data["output"] = str(run_dir)
+    if base.tune.max_steps:
+        data["train"]["max_steps"] = base.tune.max_steps
+    return RunConfig.model_validate(data)
+
+
+def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], study_dir: Path,
+              objective: str, console: Console) -> None:
+    """Runs one trial to the end, reporting validation metrics so the pruner can stop it early."""
+    from dstune.train.loop import train
+
+    run_dir = study_dir / f"trial-{trial.number:04d}"
+    trial.set_user_attr("run_dir", str(run_dir))
+    values = suggest(trial, space)
+    final_step = base.tune.max_steps or base.train.max_steps or float("inf")
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        if objective not in metrics:
+            raise ConfigError(f"tune.objective: '{objective}' is not a validation metric; "
+                              f"available: {sorted(metrics)}")
+        trial.report(metrics[objective], step)
+        # The last evaluation ends the trial anyway: pruning there would discard a finished result.
+        if step < final_step and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} ({objective}={metrics[objective]:.4g})")
+
+    started = time.perf_counter()
+    state, value = TrialState.FAIL, None
+    try:
+        cfg = trial_config(base, values, run_dir)
+        result = train(cfg, console=Console(quiet=True), on_eval=report)
+        value = result.val.get(objective)
+        if value is None or not math.isfinite(value):
+            raise ValueError(f"the run ended without a finite '{objective}' (got {value}); diverged?")
+        state = TrialState.COMPLETE
+    except optuna.TrialPruned as exc:
+        state = TrialState.PRUNED
+        trial.set_user_attr("pruned", str(exc))
+    except Exception as exc:  # any failure is recorded with its reason and the search goes on
+        trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    trial.set_user_attr("steps", _steps_done(run_dir))
+    trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+    trial.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+    shown = f"{value:.4f}" if value is not None else trial.user_attrs.get("error", trial.user_attrs.get("pruned", ""))
+    console.print(f"trial {trial.number}: {state.name.lower()} {shown}  {values}", highlight=False)
+
+
+def run_tune(cfg: RunConfig, *, console: Console | None = None, trials: int | None = None) -> TuneResult:
+    """Runs (or resumes, or joins) the study described by ``cfg.tune``.
+
+    Args:
+        cfg: base run config; ``cfg.tune`` holds the search settings.
+        trials: overrides ``cfg.tune.trials``.
+
+    Returns:
+        TuneResult; the study directory holds best.yaml, trials.csv/.md, importances and plots.
+    """
+    console = console or Console()
+    tc = cfg.tune
+    total = trials or tc.trials
+    space = parse_space(tc.space, tc.preset)
+    if tc.sampler == "grid" and total > grid_size(space):
+        console.print(f"the grid has {grid_size(space)} points: running {grid_size(space)} trials, not {total}")
+        total = grid_size(space)
+    if tc.pruner != "none" and not cfg.train.eval_every:
+        raise ConfigError("tune.pruner needs intermediate results: set train.eval_every > 0, or tune.pruner=none")
+    study_dir = Path(tc.output)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    name = tc.study_name or study_dir.resolve().name
+    direction = tc.direction or ("minimize" if tc.objective in ("loss", "ppl") else "maximize")
+    url = _storage_url(tc, study_dir)
+    save_config(cfg, study_dir / "base.yaml")
+    max_steps = tc.max_steps or cfg.train.max_steps or 1000
+    # Under the lock: two workers starting at once would both create optuna's tables (a known race:
+    # "duplicate key value violates unique constraint" on CREATE TYPE studydirection).
+    with study_lock(url, name):
+        study = optuna.create_study(study_name=name, storage=url, direction=direction, load_if_exists=True,
+                                    sampler=_sampler(tc, space), pruner=_pruner(tc, max_steps))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    console.print(f"study '{name}' in {url.split('@')[-1]}: {total} trials, {tc.sampler} sampler, "
+                  f"{tc.pruner} pruner, {direction} {tc.objective}")
+    started = time.perf_counter()
+    while tc.timeout is None or time.perf_counter() - started < tc.timeout:
+        trial = _claim(study, url, name, total)
+        if trial is None:
+            break
+        run_trial(trial, cfg, space, study_dir, tc.objective, console)
+
+    from dstune.tune.report import write_outputs
+
+    best_cfg = write_outputs(study, cfg, study_dir, console)
+    best = study.best_trial if best_cfg else None
+    if best_cfg and tc.retrain:
+        _retrain(best_cfg, study_dir, console)
+    return TuneResult(study, study_dir, best, best_cfg)
+
+
+def _retrain(best_config: Path, study_dir: Path, console: Console) -> None:
+    """Retrains the best configuration on train+val (the test split stays held out)."""
+    from dstune.config import load_config
+    from dstune.train.loop import train
+
+    cfg = load_config(best_config)
+    if cfg.data.validation:
+        raise ConfigError("tune.retrain merges the train and validation splits of data.train; with a separate "
+                          "data.validation file, retrain by hand: dstune train best.yaml")
+    train_r, val_r, test_r = cfg.data.split
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"split": (train_r + val_r, 0.0, test_r)}),
+                                 "output": str(study_dir / "best-retrained"),
+                                 "train": cfg.train.model_copy(update={"eval_every": 0})})
+    console.print(f"retraining the best configuration on train+val into {cfg.output}")
+    train(cfg, console=console)
