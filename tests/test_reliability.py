@@ -179,3 +179,16 @@ def test_resume_with_changed_data_contents_is_refused(small_file, tmp_path):
     data.write_text("\n".join(small_file.read_text(encoding="utf-8").splitlines()[:-1]), encoding="utf-8")
     with pytest.raises(RunDirError, match="data.train \\(contents\\)"):
         train(make_cfg(data, run, train__max_steps=3), resume=True)
+
+
+def test_retention_keeps_the_best_checkpoint_too(small_file, tmp_path):
+    # lr 3e-2 then a long run: validation at every save; the best step must survive retention of 1.
+    result = train(make_cfg(small_file, tmp_path / "run", train__max_steps=6, train__save_every=2,
+                            train__eval_every=2, train__keep_checkpoints=1, data__split=[0.5, 0.5, 0.0]))
+    best = json.loads((result.run_dir / "best_checkpoint.json").read_text())
+    kept = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert Path(best["path"]).name in kept and "step-000006" in kept
+    assert len(kept) <= 2
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["loss"] for r in rows if r["split"] == "val" and r["step"] in (2, 4)}
+    assert best["loss"] == min(val.values())

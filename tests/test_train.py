@@ -182,3 +182,20 @@ def test_summary_says_whether_moe_experts_train(small_file, tmp_path, capsys):
           console=Console(force_terminal=False, width=120))
     out = capsys.readouterr().out
     assert "routed experts: FROZEN" in out and "attention" in out and "adapter" in out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_mixed_precision_and_gradient_checkpointing_train(small_file, tmp_path, precision):
+    """bf16 autocast (frozen weights stored in bf16, trainable fp32) and activation checkpointing run
+    and learn; with checkpointing the fp32 losses equal those without it (recomputation is exact)."""
+    over = dict(train__max_steps=6, train__precision=precision, optim__lr=2e-2)
+    ckpt = train(make_cfg(small_file, tmp_path / "ckpt", train__gradient_checkpointing=True, **over))
+    assert ckpt.train_losses[-1] < ckpt.train_losses[0]
+    if precision == "bf16":
+        frozen = [p for p in ckpt.model.parameters() if not p.requires_grad]
+        assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+        assert all(p.dtype == torch.float32 for p in ckpt.model.parameters() if p.requires_grad)
+    else:
+        plain = train(make_cfg(small_file, tmp_path / "plain", **over))
+        torch.testing.assert_close(torch.tensor(ckpt.train_losses), torch.tensor(plain.train_losses),
+                                   rtol=1e-5, atol=1e-5)

@@ -70,6 +70,21 @@ def total_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * micro_batches_per_epoch / cfg.train.grad_accum))
 
 
+def _accelerator(precision: str) -> Accelerator:
+    """An Accelerator for this run's precision.
+
+    accelerate keeps one process-wide state and refuses a second Accelerator with another mixed
+    precision ("AcceleratorState has already been initialized"), which would stop a search whose trials
+    differ in precision, or any program that calls ``train`` twice. Only the precision part of that
+    state is reset; the process group (``PartialState``) stays, so this is safe under DDP.
+    """
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != _MIXED[precision]:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=_MIXED[precision])
+
+
 def _cast_frozen(model: torch.nn.Module, precision: str) -> None:
     """Keeps frozen weights in the compute dtype under bf16/fp16: they get no updates, so fp32 copies
     only cost memory. Trainable weights stay fp32 (master weights) for stable optimizer updates."""
@@ -116,7 +131,7 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     if resume:
         check_resume(run_dir, cfg, allow_config_change)
     faults = Faults()
-    accelerator = Accelerator(mixed_precision=_MIXED[tc.precision])
+    accelerator = _accelerator(tc.precision)
     is_main = accelerator.is_main_process
     torch.manual_seed(tc.seed)
 
@@ -177,13 +192,21 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
             "method": cfg.method, "final": "final", "data_sha256": file_sha256(cfg.data.train)}, indent=2), "utf-8")
     logger = MetricsLogger(run_dir, enabled=is_main)
 
+    val_seen: dict = {}  # the last validation (step, loss), for keeping the best checkpoint
+    best: dict = json.loads((run_dir / "best_checkpoint.json").read_text("utf-8")) \
+        if resume and (run_dir / "best_checkpoint.json").exists() else {}
+
     def checkpoint() -> Path:
         path = run_dir / "checkpoints" / f"step-{step:06d}"
         if is_main:
             state = {"step": step, "losses": losses, "order": order, "position": batches.position, "split": split}
             save_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, state,
                             fault=lambda: faults.kill("save", step))
-            prune_checkpoints(run_dir, tc.keep_checkpoints)
+            # Retention keeps the newest K and the checkpoint with the best validation loss so far.
+            if val_seen.get("step") == step and val_seen["loss"] < best.get("loss", math.inf):
+                best.update(loss=val_seen["loss"], path=str(path), step=step)
+                (run_dir / "best_checkpoint.json").write_text(json.dumps(best, indent=1), "utf-8")
+            prune_checkpoints(run_dir, tc.keep_checkpoints, keep={Path(best["path"])} if "path" in best else set())
         accelerator.wait_for_everyone()
         return path
 
@@ -206,6 +229,7 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                     console.print(f"[yellow]out of memory in evaluation: evaluation micro-batch -> {micro}[/]")
         if metrics:
             logger.log(step, "val", metrics)
+            val_seen.update(step=step, loss=metrics["loss"])
             if on_eval is not None:
                 on_eval(step, metrics)
         return metrics
