@@ -13,17 +13,9 @@ from dstune.train.diagnostics import LayerDiagnostics
 from dstune.train.guard import is_spike, parse_injections
 from dstune.train.loop import train
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-@pytest.fixture(scope="module")
-def small_file(tmp_path_factory) -> Path:
-    """Eight real instruction pairs (English and Chinese), as JSON lines."""
-    rows = json.loads((SHARED / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:4]
-    rows += json.loads((SHARED / "alpaca_zh_demo.json").read_text(encoding="utf-8"))[:4]
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    return path
+from test_train import small_file  # noqa: E402,F401  (the shared fixture of real rows)
 
 
 def make_cfg(data: Path, out: Path, optim=None, train=None, stability=None, **top) -> RunConfig:
