@@ -92,6 +92,33 @@ def test_halt_names_the_fault_and_saves_the_previous_step(small_file, tmp_path, 
     assert len(final) == len(reference) and all(torch.isfinite(v).all() for v in final.values())
 
 
+def test_skip_halts_after_too_many_skips_in_a_row_and_the_cli_fails(small_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from dstune.cli import app
+
+    faults = ["nan_loss@3", "nan_loss@4", "nan_loss@5", "nan_loss@6"]
+    skipping = train(make_cfg(small_file, tmp_path / "skip", train={"max_steps": 8},
+                              stability={"policy": "skip", "max_consecutive_skips": 2, "inject": faults}))
+    s = skipping.summary["stability"]
+    # Steps 3 and 4 are skipped; step 5 would be the third skip in a row, so the run stops there.
+    assert s["skipped"] == 2 and s["halt"]["step"] == 5 and skipping.steps == 4
+    assert "max_consecutive_skips" in s["halt"]["message"]
+    # A single fault between good steps never trips it: skips in a row restart at every good step.
+    apart = train(make_cfg(small_file, tmp_path / "apart", train={"max_steps": 8}, stability={
+        "policy": "skip", "max_consecutive_skips": 1, "inject": ["nan_loss@3", "nan_loss@5", "nan_loss@7"]}))
+    assert apart.summary["stability"]["skipped"] == 3 and apart.summary["stability"]["halt"] is None
+    assert apart.steps == 8
+    # The command line exits non-zero after a halt (the last good weights are saved all the same).
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, [
+        "train", "--model", "tiny:deepseek-llm", "--data", str(small_file), "--method", "lora", "--output", str(out),
+        "--max-steps", "4", "--set", "stability.policy=halt", "--set", "stability.inject=[nan_loss@3]",
+        "--set", "data.max_length=64", "--set", "train.progress=false"])
+    assert res.exit_code == 3, res.output
+    assert "halted by the stability guard" in res.output and (out / "final" / "adapter_model.safetensors").exists()
+
+
 def test_diagnostics_log_per_layer_norms_and_update_ratios(clean_run):
     diag = _rows(clean_run.run_dir, "diag")
     assert [r["step"] for r in diag] == [4, 8, 12]

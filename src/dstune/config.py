@@ -179,6 +179,8 @@ class StabilityConfig(_Section):
     rollback_lr_factor: float = Field(0.5, gt=0, le=1, description="rollback: multiply the lr by this")
     snapshot_every: int = Field(1, ge=1, description="rollback: steps between in-memory snapshots")
     max_rollbacks: int = Field(5, ge=1, description="halt after this many rollbacks")
+    max_consecutive_skips: int = Field(
+        20, ge=1, description="skip: halt after this many faulty steps in a row (the run is not training)")
     inject: list[str] = Field(default_factory=list,
                               description="fault injection for tests: nan_loss@K, grad_scale@K:FACTOR")
     diag_every: int = Field(0, ge=0, description="steps between per-layer gradient diagnostics (0: off)")

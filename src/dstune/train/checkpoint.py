@@ -38,17 +38,25 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _flatten(prefix: str, state: dict, tensors: dict, scalars: dict) -> None:
+    """Splits one parameter's optimizer state into tensors and JSON scalars under ``prefix::field``.
+    Nested dicts (bitsandbytes keeps its 8-bit quantisation state in one) get ``field/sub`` keys."""
+    for key, value in state.items():
+        if isinstance(value, dict):
+            _flatten(f"{prefix}{key}/", value, tensors, scalars)
+        elif torch.is_tensor(value):
+            tensors[f"{prefix}{key}"] = value.detach().cpu().contiguous()
+        else:
+            scalars[f"{prefix}{key}"] = value
+
+
 def _optimizer_files(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     names = {id(p): n for n, p in model.named_parameters()}
     sd = optimizer.state_dict()
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{order[idx]}::{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{order[idx]}::{key}"] = value
+        _flatten(f"{order[idx]}::", state, tensors, scalars)
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
     return tensors, {"param_names": order, "param_groups": groups, "scalars": scalars}
 
@@ -58,7 +66,11 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict)
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         name, field = key.rsplit("::", 1)
-        state.setdefault(order.index(name), {})[field] = value
+        *outer, leaf = field.split("/")
+        node = state.setdefault(order.index(name), {})
+        for part in outer:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 

@@ -103,6 +103,7 @@ class StabilityGuard:
         self.losses: deque[float] = deque(maxlen=cfg.spike_window)
         self.grad_norms: deque[float] = deque(maxlen=cfg.spike_window)
         self.halt: dict | None = None
+        self._skips_in_a_row = 0
         self._snapshot = None
         if cfg.policy == "rollback":
             self.take_snapshot(0)
@@ -150,11 +151,16 @@ class StabilityGuard:
         if fault is None:
             self.losses.append(loss)
             self.grad_norms.append(grad_norm)
+            self._skips_in_a_row = 0
             return "step"
         self.counts[fault] += 1
         detail = f"loss {loss:.4g}, grad norm {grad_norm:.4g}"
-        if self.cfg.policy == "halt" or (self.cfg.policy == "rollback"
-                                         and self.counts["rollbacks"] >= self.cfg.max_rollbacks):
+        too_many_skips = self.cfg.policy == "skip" and self._skips_in_a_row >= self.cfg.max_consecutive_skips
+        if too_many_skips:  # every step skipped: the run only burns compute, so stop and say so
+            detail += (f"; the {self._skips_in_a_row} updates before it were skipped too "
+                       "(stability.max_consecutive_skips): lower optim.lr or use stability.policy=rollback")
+        if too_many_skips or self.cfg.policy == "halt" or (
+                self.cfg.policy == "rollback" and self.counts["rollbacks"] >= self.cfg.max_rollbacks):
             self.halt = self._diagnose(step, fault, detail, indices)
             self.say(f"[bold red]stability guard: halted at step {step}[/]: {self.halt['message']}")
             self.log(step, {**self.counts, "halted": 1})
@@ -165,6 +171,7 @@ class StabilityGuard:
                      f"{self._snapshot['step']}, lr x {self.cfg.rollback_lr_factor:g}[/]")
         else:
             self.counts["skipped"] += 1
+            self._skips_in_a_row += 1
             self.say(f"[yellow]stability guard: {fault} at step {step} ({detail}); update skipped[/]")
         self.log(step, dict(self.counts))
         return "skip"
