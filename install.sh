@@ -11,6 +11,11 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 VENV=${DSTUNE_VENV:-.venv}
 
+# A venv whose creation was interrupted has a python but no pip: make it again.
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  echo "install.sh: $VENV is incomplete (no pip); making it again"
+  rm -rf "$VENV"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c "import torch" >/dev/null 2>&1; then
     echo "install.sh: keeping the torch $("$PY" -c 'import torch; print(torch.__version__)') that $PY already has"
