@@ -54,6 +54,7 @@ class DataConfig(_Section):
     label_column: str | None = Field(None, description="classification: the label column (default: label)")
     reasoning: Literal["keep", "strip"] = Field(
         "keep", description="reasoning traces (reasoning_content, <think> blocks): keep, or strip to train on answers")
+    cache: bool = Field(True, description="keep tokenised data in the dstune cache dir; a second run loads it")
 
     @field_validator("split")
     @classmethod
@@ -202,6 +203,15 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=0, description="keep the newest K checkpoints; 0 keeps all")
     packing: bool = Field(False, description="pack several examples per row (no padding; attention stays per example)")
     chunk_tokens: int = Field(0, ge=0, description="compute the output layer this many tokens at a time (0: all at once)")
+    group_by_length: bool = Field(False, description="without packing: batch rows of similar length (less padding)")
+    prefetch: int = Field(2, ge=0, description="micro-batches collated ahead on a thread (0: none)")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="attention kernel; auto: flash_attention_2 on CUDA when installed, else sdpa")
+    liger: Literal["auto", "on", "off"] = Field(
+        "auto", description="liger-kernel fused RMSNorm/RoPE/SwiGLU/linear-CE (Llama, Qwen2; CUDA only)")
+    compile: bool = Field(False, description="torch.compile each decoder layer")
+    experts_implementation: Literal["auto", "eager", "batched_mm", "grouped_mm"] = Field(
+        "auto", description="MoE experts: transformers' per-expert loop (eager) or batched/grouped matmuls")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per evaluation")
     progress: bool = Field(True, description="show a progress bar")
 

@@ -2,10 +2,14 @@
 
 We do not use a torch DataLoader sampler here: exact resume needs the order to be a pure function of
 (seed, epoch, position), which a seeded permutation per epoch gives with no hidden iterator state.
+Nor DataLoader workers: they hand batches between processes by pickling them. ``Prefetcher`` overlaps
+collation (and the copy into pinned memory on CUDA) with compute on a thread instead.
 """
 
 from __future__ import annotations
 
+import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +49,8 @@ class MicroBatches:
 
     ``position`` counts micro-batches served since the start of training; it is all the state there is.
     ``num_shards``/``shard`` split every epoch's order across data-parallel processes.
+    ``group_by_length`` orders each epoch so that a micro-batch holds rows of similar length (less padding),
+    still from ``seed + epoch`` and still every row once per epoch (see ``length_grouped_order``).
     """
 
     rows: list[dict]
@@ -54,6 +60,7 @@ class MicroBatches:
     position: int = 0
     num_shards: int = 1
     shard: int = 0
+    group_by_length: bool = False
 
     @property
     def per_epoch(self) -> int:
@@ -63,18 +70,96 @@ class MicroBatches:
     def _order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.rows), generator=g).tolist()
+        if self.group_by_length:  # whole global batches of similar length, then each shard takes its share
+            order = length_grouped_order(order, [len(r["input_ids"]) for r in self.rows],
+                                         self.micro_batch_size * self.num_shards, self.seed + epoch)
         return order[self.shard::self.num_shards]
 
     def epoch(self) -> float:
         return self.position / self.per_epoch
 
+    def indices_at(self, position: int) -> list[int]:
+        """The row indices of micro-batch number ``position`` (a pure function of seed and position)."""
+        epoch, k = divmod(position, self.per_epoch)
+        if getattr(self, "_cached_epoch", None) != epoch:  # one permutation per epoch, not per batch
+            self._cached_epoch, self._cached_order = epoch, self._order(epoch)
+        return self._cached_order[k * self.micro_batch_size:(k + 1) * self.micro_batch_size]
+
+    def at(self, position: int, pin_memory: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Micro-batch number ``position`` and the indices of its rows, without moving ``position``."""
+        idx = self.indices_at(position)
+        batch = collate([self.rows[i] for i in idx], self.pad_id)
+        if pin_memory:  # page-locked host memory: the copy to the GPU can then run asynchronously
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch, idx
+
     def next(self) -> tuple[dict[str, torch.Tensor], list[int]]:
         """The next micro-batch and the indices of its rows in ``rows``."""
-        epoch, k = divmod(self.position, self.per_epoch)
-        order = self._order(epoch)
-        idx = order[k * self.micro_batch_size:(k + 1) * self.micro_batch_size]
+        out = self.at(self.position)
         self.position += 1
-        return collate([self.rows[i] for i in idx], self.pad_id), idx
+        return out
+
+
+def length_grouped_order(order: list[int], lengths: list[int], batch: int, seed: int,
+                         mega: int = 50) -> list[int]:
+    """Reorders a shuffled epoch so each run of ``batch`` indices has rows of similar length.
+
+    The megabatch scheme of transformers' ``LengthGroupedSampler``: cut the shuffled order into
+    megabatches of ``mega * batch`` rows, sort each by length (longest first), cut it into batches, then
+    shuffle the batches from ``seed``. Randomness stays (megabatches are random subsets and the batch order
+    is shuffled) while a batch's rows come from a narrow length band. A permutation of ``order``: every row
+    is still seen exactly once per epoch.
+
+    Args:
+        order: a permutation of row indices (the epoch's shuffled order).
+        lengths: token count of each row.
+        batch: rows per batch (micro-batch x data-parallel processes).
+        seed: seeds the shuffle of the batches.
+        mega: batches per megabatch.
+    """
+    size = batch * mega
+    groups = [sorted(order[i:i + size], key=lambda j: -lengths[j]) for i in range(0, len(order), size)]
+    batches = [g[i:i + batch] for g in groups for i in range(0, len(g), batch)]
+    # The last, possibly short, batch stays last, so every other batch is full.
+    head, tail = (batches[:-1], batches[-1:]) if batches and len(batches[-1]) < batch else (batches, [])
+    random.Random(seed).shuffle(head)
+    return [i for b in head + tail for i in b]
+
+
+class Prefetcher:
+    """Serves ``MicroBatches`` in order while the next ``depth`` micro-batches are collated on a thread.
+
+    Collation (and pinning on CUDA) then overlaps the forward and backward pass. The position of the
+    underlying ``MicroBatches`` advances only as batches are served, so a checkpoint still records exactly
+    where the data stands; batches prepared ahead are recomputed after a resume, never lost.
+    """
+
+    def __init__(self, batches: MicroBatches, depth: int = 2, pin_memory: bool = False):
+        self.batches, self.depth, self.pin_memory = batches, depth, pin_memory
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dstune-data")
+        self._ahead: dict[int, object] = {}
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def next(self) -> tuple[dict[str, torch.Tensor], list[int]]:
+        if self.depth == 0:
+            return self.batches.next()
+        pos = self.batches.position
+        for stale in [p for p in self._ahead if p < pos]:  # the position was moved back (not in the loop)
+            self._ahead.pop(stale).cancel()
+        for p in range(pos, pos + self.depth + 1):
+            if p not in self._ahead:
+                self._ahead[p] = self._pool.submit(self.batches.at, p, self.pin_memory)
+        out = self._ahead.pop(pos).result()
+        self.batches.position = pos + 1
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def eval_batches(rows: list[dict], micro_batch_size: int, pad_id: int, limit: int | None = None):

@@ -42,7 +42,7 @@ def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def loss_sum(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-             chunk_tokens: int = 0) -> torch.Tensor:
+             chunk_tokens: int = 0, fused_ce=None) -> torch.Tensor:
     """Summed next-token cross-entropy of ``batch`` (labels shifted inside).
 
     Args:
@@ -50,9 +50,11 @@ def loss_sum(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
         batch: collated tensors with ``labels``.
         label_smoothing: as in ``token_loss_sum``.
         chunk_tokens: 0 computes full logits; N > 0 computes them N labelled tokens at a time.
+        fused_ce: a fused linear cross-entropy ``f(weight, hidden, target, bias) -> summed loss`` (liger's,
+            see ``train.accel.fused_ce_loss``) used instead of the chunks; it carries its label smoothing.
     """
     labels = batch["labels"]
-    if not chunk_tokens:
+    if not chunk_tokens and fused_ce is None:
         return token_loss_sum(model(**model_inputs(batch)).logits, labels, label_smoothing)
     out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
     # Prompt-learning methods prepend virtual tokens: the last T positions are the real ones.
@@ -61,6 +63,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
     h = hidden[:, :-1][keep]
     y = labels[:, 1:][keep]
     head = getattr(model, "module", model).get_output_embeddings()  # unwrap DDP
+    if fused_ce is not None:
+        return fused_ce(head.weight, h, y, head.bias).float()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, y.numel(), chunk_tokens):
         sl = slice(start, start + chunk_tokens)

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from dstune.config import RunConfig, save_config
-from dstune.data import prepare_data
+from dstune.data.cache import cached_prepare
 from dstune.data.pack import pack_rows, padding_share
 from dstune.evaluate.loss import evaluate_loss
 from dstune.methods import prepare_model, trainable_summary
@@ -29,7 +29,9 @@ from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
 from dstune.report.logger import MetricsLogger
 from dstune.report.plots import plot_loss
-from dstune.train.batching import MicroBatches
+from dstune.train.accel import (apply_attention, apply_experts, apply_liger, compile_layers, describe,
+                                fused_ce_loss, plan_liger)
+from dstune.train.batching import MicroBatches, Prefetcher
 from dstune.train.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from dstune.train.faults import Faults
 from dstune.train.rundir import RunDirError, check_resume, check_run_dir, file_sha256
@@ -139,7 +141,7 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                                  trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(resolved.path)
     template = resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family)
-    data = prepare_data(cfg.data, tokenizer, template, tc.seed)
+    data = cached_prepare(cfg.data, tokenizer, template, tc.seed)  # tokenised once, then loaded from the cache
     data.report["padding_share"] = round(padding_share(data.train, tc.micro_batch_size), 4) if data.train else 0.0
     if tc.packing:  # validation stays unpacked: its loss is comparable across runs with and without packing
         data.train = pack_rows(data.train, cfg.data.max_length, tc.seed)
@@ -149,12 +151,19 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
         raise ValueError(f"no training examples left in {cfg.data.train} after tokenising; see the data report")
     model = load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
                        revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
+    # Kernels are chosen on the plain model, before adapters wrap its modules (see train/accel.py).
+    attention = apply_attention(model, tc.attention, accelerator.device.type, tc.precision)
+    experts = apply_experts(model, tc.experts_implementation)
+    liger = apply_liger(model, plan_liger(tc.liger, model.config.model_type, accelerator.device.type == "cuda"),
+                        strict=tc.liger == "on")
+    fused_ce = fused_ce_loss(cfg.regularize.label_smoothing) if liger.fused_ce else None
     torch.manual_seed(tc.seed)  # adapter initialisation is seeded, independent of what loading consumed
     model = prepare_model(model, cfg)
     regularization = apply_regularization(model, cfg.regularize)
     _cast_frozen(model, tc.precision)
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    speed = describe(accelerator.device, attention, liger, compile_layers(model, tc.compile), experts)
     summary = trainable_summary(model)
     is_moe = bool(getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None))
     if is_main:
@@ -164,7 +173,8 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = MicroBatches(data.train, tc.micro_batch_size, tc.seed, pad_id,
-                           num_shards=accelerator.num_processes, shard=accelerator.process_index)
+                           num_shards=accelerator.num_processes, shard=accelerator.process_index,
+                           group_by_length=tc.group_by_length)
     steps = total_steps(cfg, batches.per_epoch)
     optimizer = build_optimizer(model, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, steps, cfg.optim)
@@ -196,7 +206,15 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     best: dict = json.loads((run_dir / "best_checkpoint.json").read_text("utf-8")) \
         if resume and (run_dir / "best_checkpoint.json").exists() else {}
 
+    pending: list[torch.Tensor] = []  # per-step losses still on the device, read at logging steps
+
+    def flush_losses() -> None:
+        if pending:
+            losses.extend(torch.stack(pending).float().tolist())  # one host-device sync for all of them
+            pending.clear()
+
     def checkpoint() -> Path:
+        flush_losses()
         path = run_dir / "checkpoints" / f"step-{step:06d}"
         if is_main:
             state = {"step": step, "losses": losses, "order": order, "position": batches.position, "split": split}
@@ -243,12 +261,16 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     progress = _progress(console, enabled=is_main and tc.progress)
     task = progress.add_task("training", total=steps, completed=step, loss=float("nan"))
     model.train()
-    t0, tokens_seen = time.perf_counter(), 0
+    t0, tokens_seen, padded_seen = time.perf_counter(), 0, 0
     micro_done = step * tc.grad_accum
     stop = StopRequest(accelerator)
-    with progress, stop:
+    # The next micro-batches are collated (and pinned, on CUDA) on a thread while this step computes.
+    feed = Prefetcher(batches, tc.prefetch, pin_memory=accelerator.device.type == "cuda")
+    if is_main:
+        console.print(f"speed: {speed}", markup=False, highlight=False)
+    with progress, stop, feed:
         while step < steps:
-            served = [batches.next() for _ in range(tc.grad_accum)]
+            served = [feed.next() for _ in range(tc.grad_accum)]
             window = [b for b, _ in served]
             order.append(_order_hash([data.train[i].get("source", str(i)) for _, idx in served for i in idx]))
 
@@ -261,7 +283,7 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                 try:
                     faults.oom("step", step + 1)
                     loss_sum, n_global = backward_window(model, _split_window(window, split), accelerator, after_micro,
-                                                         cfg.regularize.label_smoothing, tc.chunk_tokens)
+                                                         cfg.regularize.label_smoothing, tc.chunk_tokens, fused_ce)
                     break
                 except torch.OutOfMemoryError:
                     # Halve the micro-batch and double accumulation: the same examples, the same tokens
@@ -276,11 +298,16 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                         console.print(f"[yellow]out of memory at step {step + 1}: micro-batch "
                                       f"{tc.micro_batch_size} -> {-(-tc.micro_batch_size // split)}, "
                                       f"accumulation x{split}; retrying the step[/]")
-            tokens_seen += sum(int(b["attention_mask"].sum()) for b in window)
+            tokens_seen += sum(int(b["attention_mask"].sum()) for b in window)  # host tensors: no device sync
+            padded_seen += sum(b["attention_mask"].numel() for b in window)
             loss_sum = guard.inject(step + 1, loss_sum, trainable)
             diagnostics.before_step(step + 1)
             grad_norm = clip_gradients(trainable, cfg.optim, accelerator)
-            loss = (accelerator.reduce(loss_sum, "sum") / n_global).item()
+            loss_t = (accelerator.reduce(loss_sum, "sum") / n_global).detach()
+            # The stability guard decides this step's update from its loss and gradient norm, so it reads
+            # them now (a host-device sync per step); with stability.policy=off nothing is read from the
+            # device except at logging steps (flush_losses), and the GPU runs ahead of the host.
+            loss = loss_t.item() if cfg.stability.policy != "off" else loss_t
             action = guard.check(step + 1, loss, grad_norm, [i for _, idx in served for i in idx])
             if action == "halt":  # the weights stay those of the previous step; the end of run saves them
                 order.pop()
@@ -292,12 +319,15 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
             step += 1
             diagnostics.after_step(step)
             guard.after_step(step)
-            losses.append(loss)
-            progress.update(task, advance=1, loss=loss)
+            pending.append(loss_t)
+            progress.update(task, advance=1)
             if step % tc.log_every == 0 or step == steps:
+                flush_losses()
+                progress.update(task, loss=losses[-1])
                 elapsed = time.perf_counter() - t0
-                logger.log(step, "train", {"loss": loss, "lr": current_lr(scheduler, cfg.optim),
+                logger.log(step, "train", {"loss": losses[-1], "lr": current_lr(scheduler, cfg.optim),
                                            "grad_norm": float(grad_norm), "tokens_per_s": tokens_seen / elapsed,
+                                           "padding_share": round(1 - tokens_seen / max(padded_seen, 1), 4),
                                            "epoch": batches.epoch()})
             if tc.eval_every and step % tc.eval_every == 0 and step < steps:
                 if early.update(step, validate(), accelerator.unwrap_model(model)):
@@ -310,6 +340,7 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                 raise TrainingInterrupted(
                     f"stopped by {stop.signal_name} after step {step}/{steps}; checkpoint saved in {path}. "
                     f"Resume with: dstune train {run_dir / 'config.yaml'} --resume")
+    flush_losses()
     checkpoint()
     val = early.finish(step, validate(), accelerator.unwrap_model(model), validate)  # keep_best restores the best
     final_dir = None
@@ -320,7 +351,9 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     result_summary = {"steps": step, "final_train_loss": losses[-1] if losses else None, "val": val,
                       "events": events, "micro_batch_split": split, "stability": guard.summary(),
                       "early_stopping": early.summary(), "diagnostics_warnings": diagnostics.warnings,
-                      "trainable": summary, "data": data.report,
+                      "trainable": summary, "data": data.report, "speed": speed,
+                      # padding in the micro-batches this run computed (packing / length grouping lower it)
+                      "padding_share": round(1 - tokens_seen / padded_seen, 4) if padded_seen else None,
                       "wall_s": round(time.perf_counter() - t0, 2)}
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(result_summary, indent=2, ensure_ascii=False), "utf-8")
@@ -354,7 +387,8 @@ def _free_memory(accelerator: Accelerator) -> None:
 
 def backward_window(model, window: list[dict], accelerator: Accelerator,
                     after_micro: Callable[[], None] | None = None,
-                    label_smoothing: float = 0.0, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    label_smoothing: float = 0.0, chunk_tokens: int = 0,
+                    fused_ce=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulates the gradients of one optimizer step's micro-batches into ``.grad``.
 
     The loss is normalised by the labelled tokens of the whole window on every process, so
@@ -369,10 +403,10 @@ def backward_window(model, window: list[dict], accelerator: Accelerator,
     n_global = accelerator.reduce(n_local, "sum").clamp(min=1)
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}  # pinned: async
         sync = nullcontext() if i == len(window) - 1 else accelerator.no_sync(model)
         with sync, accelerator.autocast():
-            micro = forward_loss(model, batch, label_smoothing, chunk_tokens)
+            micro = forward_loss(model, batch, label_smoothing, chunk_tokens, fused_ce)
         accelerator.backward(micro * accelerator.num_processes / n_global)
         loss_sum += micro.detach()
         if after_micro is not None:
