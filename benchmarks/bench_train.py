@@ -6,6 +6,11 @@ subprocess (so peak memory is measured per side), in one invocation:
 
     .venv/bin/python benchmarks/bench_train.py                     # CPU: tiny DeepSeek-V3, alpaca_zh_demo
     .venv/bin/python benchmarks/bench_train.py --model tiny:deepseek-llm --steps 20
+    .venv/bin/python benchmarks/bench_train.py --packing --chunk-tokens 1024   # dstune's fast path
+
+With ``--packing`` (or ``--group-by-length``) dstune's micro-batches hold other examples than a shuffled
+order would; the baseline then replays each dstune micro-batch's examples unpacked, padded to the longest
+as DataCollatorForSeq2Seq does, so both train on the same examples per step with the same per-token loss.
 
 It prints non-padding tokens/s, step time, peak memory (CPU: peak RSS; CUDA: max allocated), padding
 share and the final training loss (mean of the last 5 steps) of both; the losses must agree within 2%
@@ -34,7 +39,8 @@ def _config(args) -> dict:
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "attention"},
         "optim": {"lr": args.lr, "schedule": "linear", "warmup_steps": 0, "max_grad_norm": 1.0},
         "train": {"micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum, "max_steps": args.steps,
-                  "precision": args.precision, "seed": 0, "progress": False, "log_every": 1},
+                  "precision": args.precision, "seed": 0, "progress": False, "log_every": 1,
+                  "packing": args.packing, "chunk_tokens": args.chunk_tokens, "group_by_length": args.group_by_length},
         "output": str(Path(args.out) / "dstune"),
     }
 
@@ -53,23 +59,34 @@ def run_dstune(args) -> dict:
     from dstune.config import RunConfig
     from dstune.train.loop import train
 
+    from dstune.train.batching import Prefetcher
+
     cfg = RunConfig.model_validate(_config(args))
+    stamps, calls, fetch = [], [0], Prefetcher.next
+
+    def stamped(self):  # the loop fetches grad_accum micro-batches at the start of each step
+        if calls[0] % args.grad_accum == 0:
+            stamps.append((time.perf_counter(), time.process_time()))
+        calls[0] += 1
+        return fetch(self)
+
+    Prefetcher.next = stamped
     t0 = time.perf_counter()
     result = train(cfg, console=Console(quiet=True))
     wall = time.perf_counter() - t0
-    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if r["split"] == "train"][-1]
-    # The loop's own clock starts at the first step (loading and tokenising excluded, as for the
-    # baseline's trainer.train()); tokens_per_s counts non-padding tokens.
-    real = _padding(args)["real_tokens"]
-    return {"losses": result.train_losses, "train_s": real / last["tokens_per_s"], "peak_mb": _peak_memory_mb(),
-            "wall_s": wall}
+    return {"losses": result.train_losses, "stamps": stamps, "peak_mb": _peak_memory_mb(),
+            "wall_s": wall, "padding": result.summary["padding_share"]}
 
 
 def _same_rows(args):
-    """The tokenised rows and the exact micro-batch order dstune uses, for the baseline to replay."""
+    """The tokenised rows dstune trains on, micro-batch by micro-batch, for the baseline to replay.
+
+    Returns:
+        cfg, the resolved model, the tokenizer, and one list of (unpacked) example rows per micro-batch.
+    """
     from dstune.config import RunConfig
     from dstune.data import prepare_data
+    from dstune.data.pack import pack_rows
     from dstune.models.load import load_tokenizer, resolve_model_dir
     from dstune.models.templates import resolve_chat_template
     from dstune.train.batching import MicroBatches
@@ -78,21 +95,27 @@ def _same_rows(args):
     resolved = resolve_model_dir(cfg.model.name)
     tok = load_tokenizer(resolved.path)
     data = prepare_data(cfg.data, tok, resolve_chat_template(tok, "auto", resolved.family), cfg.train.seed)
-    batches = MicroBatches(data.train, args.micro_batch, cfg.train.seed, tok.pad_token_id)
-    order = [i for _ in range(args.steps * args.grad_accum) for i in batches.next()[1]]
-    return cfg, resolved, tok, [data.train[i] for i in order]
+    by_source = {r["source"]: r for r in data.train}
+    rows = pack_rows(data.train, args.max_length, cfg.train.seed) if args.packing else data.train
+    batches = MicroBatches(rows, args.micro_batch, cfg.train.seed, tok.pad_token_id,
+                           group_by_length=args.group_by_length)
+    steps = []
+    for _ in range(args.steps * args.grad_accum):
+        members = [rows[i] for i in batches.next()[1]]
+        steps.append([by_source[s] for r in members for s in r["source"].split("+")] if args.packing else members)
+    return cfg, resolved, tok, steps
 
 
 def run_baseline(args) -> dict:
     """Trainer + peft as the peft docs show it: DataCollatorForSeq2Seq pads each batch to its longest row."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from dstune.methods.lora import resolve_targets
 
-    cfg, resolved, tok, rows = _same_rows(args)
+    cfg, resolved, tok, steps = _same_rows(args)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32)
     torch.manual_seed(0)
@@ -100,9 +123,12 @@ def run_baseline(args) -> dict:
                                              target_modules=resolve_targets(model, "attention")))
     losses: list[float] = []
 
-    class Replay(Trainer):  # replay dstune's order instead of shuffling, so the losses are comparable
-        def _get_train_sampler(self, *a, **k):
-            return SequentialSampler(self.train_dataset)
+    starts = [sum(len(b) for b in steps[:k]) for k in range(len(steps))]
+    batches = [list(range(a, a + len(b))) for a, b in zip(starts, steps)]
+
+    class Replay(Trainer):  # replay dstune's micro-batches instead of shuffling, so the losses are comparable
+        def get_train_dataloader(self):
+            return DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator)
 
         def log(self, logs, *a, **k):
             if "loss" in logs:
@@ -115,23 +141,44 @@ def run_baseline(args) -> dict:
         lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
         report_to=[], seed=0, bf16=args.precision == "bf16", use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=True, weight_decay=0.0)
-    dataset = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]
-    trainer = Replay(model=model, args=targs, train_dataset=dataset,
+    dataset = [{"input_ids": r["input_ids"], "labels": r["labels"]} for b in steps for r in b]
+    stamps = []
+
+    class Stamp(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    trainer = Replay(model=model, args=targs, train_dataset=dataset, callbacks=[Stamp()],
                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
-    return {"losses": losses, "train_s": wall, "peak_mb": _peak_memory_mb(), "wall_s": wall}
+    pad = _padding(args)
+    return {"losses": losses, "stamps": stamps, "peak_mb": _peak_memory_mb(), "wall_s": wall,
+            "padding": 1 - pad["real_tokens"] / pad["padded_tokens"]}
 
 
 def _padding(args) -> dict:
-    _, _, _, rows = _same_rows(args)
-    real = sum(len(r["input_ids"]) for r in rows)
-    padded = 0
-    for start in range(0, len(rows), args.micro_batch):
-        chunk = rows[start:start + args.micro_batch]
-        padded += max(len(r["input_ids"]) for r in chunk) * len(chunk)
-    return {"real_tokens": real, "padded_tokens": padded}
+    """Non-padding tokens of the run and the tokens of the baseline's padded micro-batches; ``timed_tokens``
+    are the non-padding tokens of the timed steps (2 to N-1, see ``_rates``)."""
+    _, _, _, steps = _same_rows(args)
+    real = sum(len(r["input_ids"]) for b in steps for r in b)
+    padded = sum(max(len(r["input_ids"]) for r in b) * len(b) for b in steps)
+    timed = steps[args.grad_accum:(args.steps - 1) * args.grad_accum]
+    return {"real_tokens": real, "padded_tokens": padded, "timed_tokens": sum(len(r["input_ids"]) for b in timed for r in b)}
+
+
+def _rates(result: dict, timed_tokens: int) -> dict:
+    """Non-padding tokens/s over steps 2 to N-1, by wall clock and by the process's CPU time.
+
+    The first step (warm-up: allocator, lazy initialisation) and the last (its end is not stamped) are left
+    out. CPU time (user + system of all the process's threads) is less sensitive than the wall clock to other
+    jobs on a shared machine, because the two sides run one after the other, not together.
+    """
+    (w0, c0), (w1, c1) = result["stamps"][1], result["stamps"][-1]
+    steps = len(result["stamps"]) - 2
+    return {"wall": timed_tokens / (w1 - w0), "cpu": timed_tokens / (c1 - c0), "step_s": (w1 - w0) / steps,
+            "step_cpu_s": (c1 - c0) / steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--packing", action="store_true", help="dstune packs examples (train.packing)")
+    ap.add_argument("--chunk-tokens", type=int, default=0, help="dstune's train.chunk_tokens")
+    ap.add_argument("--group-by-length", action="store_true", help="dstune's train.group_by_length")
     ap.add_argument("--out", default="runs/bench-train")
     ap.add_argument("--side", choices=["dstune", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -167,20 +217,24 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         results[side] = json.loads(line[len("RESULT "):])
     pad = _padding(args)
-    share = 1 - pad["real_tokens"] / pad["padded_tokens"]
     print(f"model {args.model}, {args.rows} rows of {Path(args.data).name}, micro-batch {args.micro_batch} x "
-          f"accumulation {args.grad_accum}, {args.steps} steps, max length {args.max_length}, {args.precision}")
-    print(f"{'':<10}{'tokens/s':>12}{'step s':>10}{'peak MB':>10}{'padding':>10}{'final loss':>12}")
-    rate = {}
+          f"accumulation {args.grad_accum}, {args.steps} steps, max length {args.max_length}, {args.precision}, "
+          f"packing {args.packing}, chunk_tokens {args.chunk_tokens}, group_by_length {args.group_by_length}; "
+          f"{pad['real_tokens']} non-padding tokens trained by each side")
+    print(f"{'':<10}{'tokens/s':>10}{'tok/cpu-s':>11}{'step s':>9}{'cpu s':>8}{'peak MB':>9}{'padding':>9}"
+          f"{'final loss':>12}")
+    rate, cpu = {}, {}
     for side, r in results.items():
-        rate[side] = pad["real_tokens"] / r["train_s"]
+        rates = _rates(r, pad["timed_tokens"])
+        rate[side], cpu[side] = rates["wall"], rates["cpu"]
         final = sum(r["losses"][-5:]) / len(r["losses"][-5:])
         r["final"] = final
-        print(f"{side:<10}{rate[side]:>12.1f}{r['train_s'] / args.steps:>10.3f}{r['peak_mb']:>10.0f}"
-              f"{share:>10.1%}{final:>12.4f}")
+        print(f"{side:<10}{rates['wall']:>10.1f}{rates['cpu']:>11.1f}{rates['step_s']:>9.3f}{rates['step_cpu_s']:>8.2f}"
+              f"{r['peak_mb']:>9.0f}{r['padding']:>9.1%}{final:>12.4f}")
     gap = abs(results["dstune"]["final"] - results["baseline"]["final"]) / results["baseline"]["final"]
     print(f"loss gate: final losses differ by {gap:.2%} ({'ok' if gap <= 0.02 else 'FAILED'}, limit 2%)")
-    print(f"dstune/baseline: tokens/s {rate['dstune'] / rate['baseline']:.2f}x, "
+    print(f"dstune/baseline: tokens/s {rate['dstune'] / rate['baseline']:.2f}x (per CPU second "
+          f"{cpu['dstune'] / cpu['baseline']:.2f}x), "
           f"peak memory {results['dstune']['peak_mb'] / results['baseline']['peak_mb']:.2f}x")
     return 0 if gap <= 0.02 else 1
 
