@@ -58,8 +58,9 @@ def train(
         _fail(str(exc))
     console.print(f"\n[bold green]done[/]: {result.steps} steps, final train loss {result.final_loss:.4f}"
                   + (f", val loss {result.val['loss']:.4f} (ppl {result.val['ppl']:.2f})" if result.val else ""))
-    console.print(f"run directory: {result.run_dir}\n  model/adapter: {result.final_dir}\n"
-                  f"  metrics: {result.run_dir / 'metrics.jsonl'}\n  loss curve: {result.run_dir / 'loss.png'}")
+    if result.final_dir is not None:  # None: another process of a distributed run wrote the run directory
+        console.print(f"run directory: {result.run_dir}\n  model/adapter: {result.final_dir}\n"
+                      f"  metrics: {result.run_dir / 'metrics.jsonl'}\n  loss curve: {result.run_dir / 'loss.png'}")
     halt = (result.summary.get("stability") or {}).get("halt")
     if halt:  # the weights of the last good step were saved; a script must still see the run failed
         console.print(f"[bold red]halted by the stability guard[/]: {halt['message']}", highlight=False)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 import transformers
 import yaml
+from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from dstune.models.safety import check_model_dir
@@ -193,29 +194,32 @@ def _family_of_dir(path: str) -> str:
 
 
 def _materialise(target: Path, marker: dict[str, Any], build: Callable[[Path], None]) -> Path:
-    """Builds ``target`` once: ``build`` writes into a temp dir that is then moved into place."""
+    """Builds ``target`` once: ``build`` writes into a temp dir that is then moved into place.
+
+    Several processes may ask at once (the ranks of a distributed run, parallel tuning workers): a file
+    lock (filelock, which huggingface_hub uses for the same job) makes one build while the others wait,
+    so nobody replaces a directory another process is already reading from.
+    """
     if _is_current(target, marker):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # A unique sibling (same filesystem, so os.replace is atomic); mkdir, unlike mkdtemp, keeps the umask.
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    tmp.mkdir()
-    try:
-        build(tmp)
-        # The marker is written last: a directory with a matching marker is complete.
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True), encoding="utf-8")
-        if target.exists():  # stale (preset changed): os.replace cannot overwrite a non-empty directory
-            stale = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.stale")
-            os.replace(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
+    with FileLock(str(target.with_name(f".{target.name}.lock"))):
+        if _is_current(target, marker):  # built by another process while we waited
+            return target
+        # A unique sibling (same filesystem, so os.replace is atomic); mkdir, unlike mkdtemp, keeps the umask.
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+        tmp.mkdir()
         try:
+            build(tmp)
+            # The marker is written last: a directory with a matching marker is complete.
+            (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True), encoding="utf-8")
+            if target.exists():  # stale (preset changed): os.replace cannot overwrite a non-empty directory
+                stale = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.stale")
+                os.replace(target, stale)
+                shutil.rmtree(stale, ignore_errors=True)
             os.replace(tmp, target)
-        except OSError:
-            if _is_current(target, marker):  # another process finished the same work first
-                return target
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after a successful replace
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing left to remove after a successful replace
     return target
 
 

@@ -84,7 +84,10 @@ def _accelerator(precision: str) -> Accelerator:
 
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != _MIXED[precision]:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=_MIXED[precision])
+    # Without a GPU, accelerate only forms a multi-process (gloo) group when told the run is on the CPU;
+    # otherwise every rank of `torchrun --nproc-per-node 2` would train alone and write the same run dir.
+    on_cpu = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(mixed_precision=_MIXED[precision], cpu=on_cpu)
 
 
 def _cast_frozen(model: torch.nn.Module, precision: str) -> None:
@@ -338,7 +341,8 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
             if stop.requested() and step < steps:
                 path = checkpoint()
                 raise TrainingInterrupted(
-                    f"stopped by {stop.signal_name} after step {step}/{steps}; checkpoint saved in {path}. "
+                    f"stopped by {stop.signal_name or 'a signal to another process of this run'} after step "
+                    f"{step}/{steps}; checkpoint saved in {path}. "
                     f"Resume with: dstune train {run_dir / 'config.yaml'} --resume")
     flush_losses()
     checkpoint()
