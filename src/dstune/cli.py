@@ -48,8 +48,8 @@ def train(
         cfg = load_config(config, overrides=set_, values=values)
         if resume and config is None and output:
             cfg = load_config(Path(output) / "config.yaml", overrides=set_, values=values)
-        if cfg.data.train is None:
-            _fail("no training data: pass --data FILE or set data.train in the config")
+        if cfg.data.train is None and not cfg.data.mix:
+            _fail("no training data: pass --data FILE or set data.train (or data.mix) in the config")
         result = run_train(cfg, resume=resume, allow_config_change=allow_config_change, console=console)
     except TrainingInterrupted as exc:
         console.print(f"[bold yellow]{exc}[/]", highlight=False)
@@ -236,6 +236,7 @@ def tune(
     dashboard: bool = typer.Option(False, "--dashboard", help="open optuna-dashboard on the study (extra: dashboard)"),
 ) -> None:
     """Search hyperparameters: every trial is a normal run; workers sharing --storage share one study."""
+    from dstune.train.signals import TrainingInterrupted
     from dstune.tune.study import run_tune
 
     values = {"tune.trials": trials, "tune.sampler": sampler, "tune.pruner": pruner, "tune.objective": objective,
@@ -253,6 +254,10 @@ def tune(
             _dashboard(cfg)
             return
         run_tune(cfg, console=console)
+    except TrainingInterrupted:
+        console.print("[bold yellow]search interrupted[/]: finished trials are kept; run the same command "
+                      "again to continue the study", highlight=False)
+        raise typer.Exit(130) from None
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
 

@@ -39,8 +39,17 @@ class ModelConfig(_Section):
         return self
 
 
+class MixSource(_Section):
+    """One data set of a mixture (``data.mix``)."""
+
+    path: str = Field(description="data file (json, jsonl, csv, parquet, txt)")
+    weight: float = Field(gt=0, description="sampling weight; shares are weight / sum of weights")
+
+
 class DataConfig(_Section):
     train: str | None = Field(None, description="training file (json, jsonl, csv, parquet, txt)")
+    mix: list[MixSource] = Field(default_factory=list,
+                                 description="several data sets with sampling weights, instead of data.train")
     validation: str | None = Field(None, description="validation file; without it the train file is split")
     format: Literal["auto", "text", "alpaca", "messages", "classification"] = "auto"
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/val/test ratios when no validation file")
@@ -55,6 +64,13 @@ class DataConfig(_Section):
     reasoning: Literal["keep", "strip"] = Field(
         "keep", description="reasoning traces (reasoning_content, <think> blocks): keep, or strip to train on answers")
     cache: bool = Field(True, description="keep tokenised data in the dstune cache dir; a second run loads it")
+
+    @model_validator(mode="after")
+    def _train_or_mix(self) -> "DataConfig":
+        if self.mix and self.train:
+            raise ValueError("data.train and data.mix are both set: give one file as data.train, or list every "
+                             "data set (the train file included) under data.mix with a weight each")
+        return self
 
     @field_validator("split")
     @classmethod
@@ -213,7 +229,17 @@ class TrainConfig(_Section):
     experts_implementation: Literal["auto", "eager", "batched_mm", "grouped_mm"] = Field(
         "auto", description="MoE experts: transformers' per-expert loop (eager) or batched/grouped matmuls")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per evaluation")
+    best_metric: str = Field("loss", description="validation metric that picks the best checkpoint: loss, ppl; "
+                             "task=classification also accuracy, f1_macro, precision_macro, recall_macro")
+    best_mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for loss/ppl, else max")
     progress: bool = Field(True, description="show a progress bar")
+
+
+class ClassifyConfig(_Section):
+    """Settings of ``task: classification`` (a sequence-classification head)."""
+
+    class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
+        "none", description="loss weight per class: none, balanced (n / (classes x count)), or {label: weight}")
 
 
 class TuneConfig(_Section):
@@ -240,6 +266,10 @@ class TuneConfig(_Section):
 
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
+    task: Literal["lm", "classification"] = Field(
+        "lm", description="lm: next-token loss (classification data trains generatively, the reply is the label); "
+                          "classification: a [classes, hidden] head on the last token replaces the LM head")
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: Literal["full", "freeze", "lora", "qlora", "adapter", "prefix", "ptuning", "prompt", "ia3"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -254,6 +284,18 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     output: str = Field("runs/run", description="run directory")
+
+    @model_validator(mode="after")
+    def _classification_settings(self) -> "RunConfig":
+        if self.task == "classification":
+            if self.train.packing:
+                raise ValueError("task=classification cannot pack examples (each row is one example with one "
+                                 "label): set train.packing=false")
+            if self.method == "qlora":
+                raise ValueError("task=classification is not supported with method=qlora yet; use method=lora")
+        elif self.classify.class_weights != "none":
+            raise ValueError("classify.class_weights needs task=classification (a classification head)")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

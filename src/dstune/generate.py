@@ -42,8 +42,13 @@ def load_for_inference(target: str, *, trust_remote_code: bool = False, revision
         from dstune.config import load_config
         from dstune.methods import load_trained
 
+        from dstune.models.classify import read_labels
+
         cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
-        model = load_trained(final, info["base_model"], cfg)
+        # A classification run (labels.json) is rebuilt as base + head of its labels + adapter.
+        labels = read_labels(run)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        model = load_trained(final, info["base_model"], cfg, labels=labels, pad_id=pad if labels else None)
         family = info.get("family", "")
     else:
         resolved = resolve_model_dir(target, revision=revision, trust_remote_code=trust_remote_code)

@@ -34,6 +34,7 @@ class PreparedData:
     val: list[dict]
     test: list[dict]
     report: dict = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)  # task=classification: class i is labels[i]
 
 
 def _read_report(loaded: Loaded) -> dict:
@@ -60,12 +61,48 @@ def _token_report(tok: Tokenized) -> dict:
             "tokens": tok.tokens, "trainable_tokens": tok.trainable_tokens}
 
 
-def prepare_data(cfg: Any, tokenizer: Any, chat_template: str | None, seed: int) -> PreparedData:
+def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
+    """Reads ``data.train`` (or every data set of ``data.mix``) and splits it, filling ``report``."""
+    if cfg.mix:
+        from dstune.data.mix import mix_examples
+
+        if cfg.max_samples:
+            raise DataError("data.max_samples applies to data.train; with data.mix, subsample each file instead")
+        reads = [_load(cfg, source.path, None) for source in cfg.mix]
+        held = _load(cfg, cfg.validation, None) if cfg.validation else None
+        parts = [(r.examples, [], []) if held else split_examples(r.examples, tuple(cfg.split), seed) for r in reads]
+        for i, (part, r) in enumerate(zip(parts, reads)):
+            if not part[0]:
+                raise DataError(f"data.mix[{i}] ({r.path}) has no training rows; remove it or fix the file")
+        train, counts = mix_examples([p[0] for p in parts], [s.weight for s in cfg.mix], seed)
+        report.update(format=reads[0].format if len({r.format for r in reads}) == 1 else "mixed",
+                      files={"mix": [s.path for s in cfg.mix], "validation": cfg.validation})
+        report["read"] = {f"mix[{i}]": _read_report(r) for i, r in enumerate(reads)}
+        report["mix"] = [{"path": s.path, "weight": s.weight, "train_rows": len(p[0]), "sampled": n,
+                          "share": round(n / max(len(train), 1), 4)} for s, p, n in zip(cfg.mix, parts, counts)]
+        if held:
+            report["read"]["validation"] = _read_report(held)
+            return {"train": train, "val": held.examples, "test": []}
+        return {"train": train, "val": [e for p in parts for e in p[1]], "test": [e for p in parts for e in p[2]]}
+    loaded = _load(cfg, cfg.train, cfg.max_samples)
+    report.update(format=loaded.format, files={"train": loaded.path, "validation": cfg.validation},
+                  read={"train": _read_report(loaded)})
+    if cfg.validation:
+        held = _load(cfg, cfg.validation, None)
+        report["read"]["validation"] = _read_report(held)
+        return {"train": loaded.examples, "val": held.examples, "test": []}
+    train, val, test = split_examples(loaded.examples, tuple(cfg.split), seed)
+    return {"train": train, "val": val, "test": test}
+
+
+def prepare_data(cfg: Any, tokenizer: Any, chat_template: str | None, seed: int, *, task: str = "lm",
+                 class_weights: str | dict = "none") -> PreparedData:
     """Reads, splits and tokenizes the data a run trains on.
 
     With ``cfg.validation`` set, validation comes from that file and test is empty; otherwise the
     train file is split by ``cfg.split``. The split happens before tokenizing, so it depends only on
-    the data and the seed, not on the tokenizer or ``max_length``.
+    the data and the seed, not on the tokenizer or ``max_length``. With ``cfg.mix`` each data set is
+    split on its own and the training parts are mixed by weight (``dstune.data.mix``).
 
     Args:
         cfg: a ``DataConfig``.
@@ -73,6 +110,9 @@ def prepare_data(cfg: Any, tokenizer: Any, chat_template: str | None, seed: int)
         chat_template: the resolved Jinja template (``models.templates.resolve_chat_template``);
             None uses the tokenizer's own.
         seed: the split seed (the run's seed).
+        task: "lm" (token rows with a loss mask) or "classification" (text rows with a class index for a
+            classification head, ``dstune.data.classify``).
+        class_weights: ``classify.class_weights``, for task "classification".
 
     Returns:
         The token rows of each split and the report.
@@ -80,26 +120,32 @@ def prepare_data(cfg: Any, tokenizer: Any, chat_template: str | None, seed: int)
     Raises:
         DataError: no train file set, a bad file or row, or no trainable rows left in train.
     """
-    if not cfg.train:
-        raise DataError("no training data: set data.train to a .json, .jsonl, .csv, .parquet or .txt file")
-    loaded = _load(cfg, cfg.train, cfg.max_samples)
-    report: dict = {"format": loaded.format, "files": {"train": loaded.path, "validation": cfg.validation},
-                    "read": {"train": _read_report(loaded)}}
-    if cfg.validation:
-        held = _load(cfg, cfg.validation, None)
-        report["read"]["validation"] = _read_report(held)
-        splits = {"train": loaded.examples, "val": held.examples, "test": []}
-    else:
-        train, val, test = split_examples(loaded.examples, tuple(cfg.split), seed)
-        splits = {"train": train, "val": val, "test": test}
+    if not cfg.train and not cfg.mix:
+        raise DataError("no training data: set data.train to a .json, .jsonl, .csv, .parquet or .txt file "
+                        "(or data.mix to several, with weights)")
+    report: dict = {}
+    splits = _read_splits(cfg, seed, report)
     report["split"] = {name: len(rows) for name, rows in splits.items()}
-    tokenized = {name: tokenize_examples(rows, tokenizer, chat_template, cfg.max_length, cfg.overflow, cfg.train_on)
-                 for name, rows in splits.items()}
+    labels: list[str] = []
+    if task == "classification":
+        from dstune.data.classify import class_weights as weights_of
+        from dstune.data.classify import label_list, tokenize_classification
+
+        labels = label_list(splits["train"] + splits["val"] + splits["test"])
+        weights = weights_of(class_weights, labels, splits["train"]) if labels else None
+        tokenized = {name: tokenize_classification(rows, tokenizer, labels, cfg.max_length,
+                                                   weights if name == "train" else None)
+                     for name, rows in splits.items()}
+        report["labels"] = labels
+        report["class_weights"] = weights
+    else:
+        tokenized = {name: tokenize_examples(rows, tokenizer, chat_template, cfg.max_length, cfg.overflow,
+                                             cfg.train_on) for name, rows in splits.items()}
     report["tokenized"] = {name: _token_report(tok) for name, tok in tokenized.items()}
     report["trainable_tokens"] = tokenized["train"].trainable_tokens
     if not tokenized["train"].rows:
         why = ", ".join(f"{r}: {n}" for r, n in tokenized["train"].dropped.items())
-        raise DataError(f"{cfg.train}: no training rows left after tokenizing ({why}); raise data.max_length "
-                        f"(now {cfg.max_length}), or set data.overflow=truncate if it is drop")
+        raise DataError(f"{cfg.train or 'data.mix'}: no training rows left after tokenizing ({why}); raise "
+                        f"data.max_length (now {cfg.max_length}), or set data.overflow=truncate if it is drop")
     return PreparedData(train=tokenized["train"].rows, val=tokenized["val"].rows, test=tokenized["test"].rows,
-                        report=report)
+                        report=report, labels=labels)

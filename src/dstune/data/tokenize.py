@@ -54,7 +54,9 @@ class Tokenized:
     @property
     def trainable_tokens(self) -> int:
         """Tokens that carry loss."""
-        return sum(sum(1 for t in r["labels"] if t != IGNORE) for r in self.rows)
+        # A classification-head row (``data.classify``) has one class index as its label: one target.
+        return sum(1 if isinstance(r["labels"], int) else sum(1 for t in r["labels"] if t != IGNORE)
+                   for r in self.rows)
 
 
 def _common_prefix(a: str, b: str) -> int:

@@ -37,3 +37,52 @@ def evaluate_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, a
         model.train()
     loss = (total / tokens.clamp(min=1)).item()
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens.item())}
+
+
+CLASSIFICATION_METRICS = ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro")
+
+
+@torch.no_grad()
+def classifier_outputs(model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None,
+                       limit: int | None = None) -> tuple[list[int], list[list[float]], float]:
+    """Class probabilities of a classification-head model on ``rows`` (``data.classify`` rows).
+
+    Returns:
+        The true class indices, the softmax probabilities per row (head order), and the summed
+        (unweighted) cross-entropy.
+    """
+    was_training = model.training
+    model.eval()
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    y_true, probs, total = [], [], 0.0
+    for batch in eval_batches(rows, micro_batch_size, pad_id, limit):
+        batch = {k: v.to(device) for k, v in batch.items() if k != "weights"}  # validation is unweighted
+        ctx = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
+        with ctx:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        total += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        y_true += batch["labels"].tolist()
+        probs += torch.softmax(logits, dim=-1).tolist()
+    if was_training:
+        model.train()
+    return y_true, probs, total
+
+
+def evaluate_classifier(model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None,
+                        limit: int | None = None) -> dict[str, float]:
+    """Validation loss, accuracy and macro precision/recall/F1 of a classification-head model.
+
+    The metrics are ``evaluate.metrics.classification_metrics`` (scikit-learn), the ones ``dstune eval``
+    reports, computed on the predicted class (the most probable one).
+    """
+    from dstune.evaluate.metrics import classification_metrics
+
+    if not rows:
+        return {}
+    y_true, probs, total = classifier_outputs(model, rows, micro_batch_size, pad_id, accelerator, limit)
+    y_pred = [max(range(len(p)), key=p.__getitem__) for p in probs]
+    classes = range(len(probs[0]))  # every class of the head, so macro averages do not skip an absent one
+    m = classification_metrics([str(y) for y in y_true], [str(y) for y in y_pred], [str(c) for c in classes])
+    loss = total / max(len(y_true), 1)
+    return {"loss": loss, "accuracy": m["accuracy"], "precision_macro": m["precision_macro"],
+            "recall_macro": m["recall_macro"], "f1_macro": m["f1_macro"], "examples": len(y_true)}

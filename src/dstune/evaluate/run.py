@@ -11,7 +11,10 @@ What is measured follows the data:
   tokens and the end of turn, as trained), the softmax over the labels gives class probabilities,
   and the top one is the prediction: accuracy, precision/recall/F1 (macro and per class), confusion
   matrix; for two labels also the thresholds on p(positive) that maximise F1 and that reach a
-  target recall. Tune thresholds on a validation file, not on the test file you report.
+  target recall. Tune thresholds on a validation file, not on the test file you report;
+- a run trained with a classification head (``task: classification``, ``labels.json`` in the run): the
+  head's softmax gives the class probabilities directly, with the same metrics and thresholds; the loss
+  is the head's cross-entropy (no perplexity).
 """
 
 from __future__ import annotations
@@ -62,12 +65,30 @@ def score_labels(model, tokenizer, template: str, example: dict, labels: list[st
     return (-nll.sum(dim=1)).tolist()
 
 
+def _head_probabilities(loaded, examples: list[dict], labels: list[str], max_length: int,
+                        batch_size: int) -> tuple[list[list[float]], float, int]:
+    """Class probabilities from a classification head, the mean cross-entropy, and the rows scored."""
+    from dstune.data.classify import tokenize_classification
+    from dstune.evaluate.loss import classifier_outputs
+
+    rows = tokenize_classification(examples, loaded.tokenizer, labels, max_length).rows
+    if len(rows) != len(examples):
+        raise DataError(f"{len(examples) - len(rows)} rows contain a control token and cannot be classified")
+    tok = loaded.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    _, probs, total = classifier_outputs(loaded.model, rows, batch_size, pad)
+    return probs, total / max(len(rows), 1), len(rows)
+
+
 def _classification(loaded, examples: list[dict], labels: list[str], positive: str | None,
-                    target_recall: float) -> dict:
+                    target_recall: float, head_probs: list[list[float]] | None = None) -> dict:
     y_true, y_pred, probs, samples = [], [], [], []
-    for ex in examples:
-        scores = torch.tensor(score_labels(loaded.model, loaded.tokenizer, loaded.chat_template, ex, labels))
-        p = torch.softmax(scores, dim=0).tolist()
+    for i, ex in enumerate(examples):
+        if head_probs is not None:
+            p = head_probs[i]
+        else:
+            scores = torch.tensor(score_labels(loaded.model, loaded.tokenizer, loaded.chat_template, ex, labels))
+            p = torch.softmax(scores, dim=0).tolist()
         y_true.append(ex["label"])
         y_pred.append(labels[max(range(len(labels)), key=p.__getitem__)])
         probs.append(p)
@@ -135,7 +156,6 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
         DataError: a bad data file or row.
     """
     from dstune.generate import load_for_inference
-    from dstune.report.charts import plot_confusion, plot_run_curves
 
     run = Path(run_dir)
     if not (run / "run.json").is_file() or not (run / "config.yaml").is_file():
@@ -150,6 +170,23 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
         examples = [strip_reasoning(ex) for ex in examples]
     loaded = load_for_inference(str(run))
     tok = loaded.tokenizer
+    from dstune.models.classify import read_labels
+
+    head_labels = read_labels(run)
+    if head_labels is not None:  # a classification head: no tokens to predict, no perplexity
+        if loaded_data.format != "classification":
+            raise DataError(f"{run} is a classification run (labels {head_labels}) but {data} holds "
+                            f"{loaded_data.format} rows; give a file with a text and a label column")
+        unknown = sorted({ex["label"] for ex in examples} - set(head_labels))
+        if unknown:
+            raise DataError(f"{data}: labels {unknown} are not among the run's labels {head_labels} (labels.json)")
+        picked = examples[:max_samples] if max_samples else examples
+        probs, loss, scored = _head_probabilities(loaded, picked, head_labels, dc.max_length, batch_size)
+        result = {"run": str(run), "data": str(data), "format": "classification", "task": "classification",
+                  "head": "sequence classification", "rows": len(examples), "scored_rows": scored, "dropped": {},
+                  "loss": loss, "ppl": None, "tokens": 0, "labels": head_labels}
+        result.update(_classification(loaded, picked, head_labels, positive_label, target_recall, probs))
+        return _write_eval(run, result) if write else result
     rows = tokenize_examples(examples, tok, loaded.chat_template, dc.max_length, dc.overflow, dc.train_on)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     loss = evaluate_loss(loaded.model, rows.rows, batch_size, pad)
@@ -169,13 +206,19 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
         result.update(_classification(loaded, picked, labels, positive_label, target_recall))
     elif task == "generation":
         result.update(_generation(loaded, picked, max_new_tokens))
-    if write:
-        (run / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False, default=_json_number), "utf-8")
-        charts = plot_run_curves(run, run / "plots")
-        if "classification" in result:
-            c = result["classification"]
-            charts["confusion"] = plot_confusion(c["confusion_matrix"], c["labels"], run / "plots" / "confusion.png")
-        (run / "eval.md").write_text(render_eval_md(result, {k: p.relative_to(run) for k, p in charts.items()}), "utf-8")
+    return _write_eval(run, result) if write else result
+
+
+def _write_eval(run: Path, result: dict) -> dict:
+    """Writes ``eval.json``, the charts and ``eval.md`` into the run directory; returns ``result``."""
+    from dstune.report.charts import plot_confusion, plot_run_curves
+
+    (run / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False, default=_json_number), "utf-8")
+    charts = plot_run_curves(run, run / "plots")
+    if "classification" in result:
+        c = result["classification"]
+        charts["confusion"] = plot_confusion(c["confusion_matrix"], c["labels"], run / "plots" / "confusion.png")
+    (run / "eval.md").write_text(render_eval_md(result, {k: p.relative_to(run) for k, p in charts.items()}), "utf-8")
     return result
 
 

@@ -48,22 +48,43 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
         ValueError: if no trainable parameter remains, naming the method settings to change.
     """
     prepared = METHODS[cfg.method](model, cfg)
+    train_head(prepared)
     if not any(p.requires_grad for p in prepared.parameters()):
         raise ValueError(f"method '{cfg.method}' left no trainable parameter; check the "
                          f"'{cfg.method}' section of the config (e.g. freeze.top_layers, lora.targets)")
     return prepared
 
 
-def load_trained(final_dir: str | Path, base_path: str, cfg: RunConfig | None = None) -> nn.Module:
+def train_head(model: nn.Module) -> None:
+    """Makes a classification head (``score``, ``task: classification``) trainable, whatever the method.
+
+    The head is new, so it must learn. peft methods already train a copy of it (``modules_to_save``;
+    the original, ``original_module``, stays frozen); full, freeze and bottleneck adapters get it here.
+    """
+    for name, p in model.named_parameters():
+        leaf = name.split(".")
+        if "score" in leaf and "original_module" not in leaf:
+            p.requires_grad_(True)
+
+
+def load_trained(final_dir: str | Path, base_path: str, cfg: RunConfig | None = None,
+                 labels: list[str] | None = None, pad_id: int | None = None) -> nn.Module:
     """Loads what ``train`` saved in ``final_dir`` for inference: adapter on its base, or a full model.
 
     Args:
         final_dir: a run's ``final/`` directory.
         base_path: the base model directory the run started from (``run.json``'s ``base_model``).
         cfg: the run's config; needed for QLoRA, whose base is quantised again the same way.
+        labels, pad_id: a classification run's labels (``labels.json``) and padding id: the base is
+            rebuilt with a head of that size, then the adapter (and its trained head) goes on top.
     """
     from dstune.models.load import load_model
 
+    if labels is not None:
+        from dstune.models.classify import load_classifier
+
+        def load_model(path, dtype=torch.float32):  # noqa: F811 - the same call, with the head
+            return load_classifier(str(path), labels, pad_id, dtype=dtype)
     final = Path(final_dir)
     if is_adapter_dir(final):
         return load_adapter(load_model(base_path, dtype=torch.float32), final)
@@ -89,4 +110,4 @@ def quantize_like_training(base: nn.Module, adapter_dir: Path, cfg: RunConfig) -
     quantize_(base, cfg.qlora, keep)
 
 
-__all__ = ["MERGEABLE", "METHODS", "load_trained", "prepare_model", "trainable_summary"]
+__all__ = ["MERGEABLE", "METHODS", "load_trained", "prepare_model", "train_head", "trainable_summary"]

@@ -92,7 +92,9 @@ class AdapterModel(nn.Module):
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter weights by name (relative to the base model)."""
-        return {n: p.detach().cpu().contiguous() for n, p in self.base_model.named_parameters() if ".adapter." in n}
+        # A classification head (task: classification) is new and trained, so it is saved beside the adapters.
+        return {n: p.detach().cpu().contiguous() for n, p in self.base_model.named_parameters()
+                if ".adapter." in n or n.startswith("score.")}
 
     def save_pretrained(self, save_directory: str | Path, **_: object) -> None:
         """Writes ``bottleneck_adapter.safetensors`` and ``bottleneck_adapter.json`` (what to rebuild)."""

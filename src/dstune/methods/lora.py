@@ -50,7 +50,8 @@ def is_plain_linear(module: nn.Module) -> bool:
 
 def _linear_names(model: nn.Module) -> list[str]:
     head = model.get_output_embeddings()
-    return [n for n, m in model.named_modules() if is_plain_linear(m) and m is not head]
+    # A classification head (``score``) is trained whole (peft's modules_to_save), never given a LoRA.
+    return [n for n, m in model.named_modules() if is_plain_linear(m) and m is not head and n.rsplit(".", 1)[-1] != "score"]
 
 
 def _kind(module_name: str) -> str:

@@ -49,23 +49,12 @@ def mla_prefix_width(config) -> int:
     return config.kv_lora_rank + config.qk_rope_head_dim
 
 
-class CausalLM(peft.PeftModelForCausalLM):
-    """``peft.PeftModelForCausalLM`` with aligned logits, MLA prefix tuning and PiSSA export (module doc)."""
+class _DeepSeekFixes:
+    """Fixes 2 and 3 of the module doc, shared by the causal-LM and the sequence-classification wrappers."""
 
     def __init__(self, model, peft_config, adapter_name: str = "default", **kwargs):
         super().__init__(model, peft_config, adapter_name, **kwargs)
         self._initial_adapter_dir: str | None = None
-
-    # ------------------------------------------------------------------ 1. aligned logits
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                              **kwargs)
-        cfg = self.active_peft_config
-        if cfg.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING) and getattr(out, "logits", None) is not None:
-            n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            if out.logits.shape[1] == n + cfg.num_virtual_tokens:
-                out.logits = out.logits[:, -n:]
-        return out
 
     # ------------------------------------------------------------------ 2. MLA prefix
     def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
@@ -127,14 +116,51 @@ class CausalLM(peft.PeftModelForCausalLM):
         return super().save_pretrained(save_directory, **kwargs)
 
 
-def wrap(model: torch.nn.Module, config: peft.PeftConfig) -> CausalLM:
+class CausalLM(_DeepSeekFixes, peft.PeftModelForCausalLM):
+    """``peft.PeftModelForCausalLM`` with aligned logits, MLA prefix tuning and PiSSA export (module doc)."""
+
+    # ------------------------------------------------------------------ 1. aligned logits
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                              **kwargs)
+        cfg = self.active_peft_config
+        if cfg.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING) and getattr(out, "logits", None) is not None:
+            n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            if out.logits.shape[1] == n + cfg.num_virtual_tokens:
+                out.logits = out.logits[:, -n:]
+        return out
+
+
+class SequenceClassifier(_DeepSeekFixes, peft.PeftModelForSequenceClassification):
+    """``peft.PeftModelForSequenceClassification`` (``task: classification``) with MLA prefix and PiSSA export.
+
+    peft adds the head (``score``) to ``modules_to_save``, so it trains beside the adapter and is saved in
+    ``adapter_model.safetensors``. Prefix tuning is re-routed: peft looks for a ``past_key_values``
+    argument in the model's forward signature, which transformers 5 renamed ``cache`` (it still
+    accepts the old name), and would refuse ("Model does not support past key values").
+    """
+
+    def _prefix_tuning_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                               output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+        batch_size = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               labels=labels, past_key_values=self.get_prompt(batch_size), **kwargs)
+
+
+def wrap(model: torch.nn.Module, config: peft.PeftConfig) -> CausalLM | SequenceClassifier:
     """Wraps a transformers model with a peft method, as ``peft.get_peft_model`` does.
 
     Args:
-        model: the base model (modified in place, as peft does).
-        config: any peft config with ``task_type="CAUSAL_LM"``.
+        model: the base model (modified in place, as peft does); a model with a classification head
+            (``models.classify``) gets peft's sequence-classification wrapper, so the head trains too.
+        config: any peft config; its ``task_type`` is set from the model.
     """
+    from dstune.models.classify import is_classifier
+
     config.base_model_name_or_path = model.__dict__.get("name_or_path") or None
+    if is_classifier(model):
+        config.task_type = "SEQ_CLS"
+        return SequenceClassifier(model, config)
     return CausalLM(model, config)
 
 
@@ -150,11 +176,11 @@ def load(base: torch.nn.Module, adapter_dir: str | Path) -> CausalLM:
     """
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     config.inference_mode = True
-    model = CausalLM(base, config)
+    model = SequenceClassifier(base, config) if config.task_type == "SEQ_CLS" else CausalLM(base, config)
     weights = peft.utils.load_peft_weights(str(adapter_dir), device="cpu")
     result = peft.set_peft_model_state_dict(model, weights)
     # peft loads a prompt's embedding itself and lists it among unexpected keys; adapter weights must fit.
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "ia3_" in k]
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "ia3_" in k or "modules_to_save" in k]
     if unexpected:
         raise ValueError(f"{adapter_dir}: adapter weights {unexpected[:4]} do not fit this base model")
     model.eval()

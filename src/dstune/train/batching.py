@@ -23,6 +23,8 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     Packed rows (with ``position_ids``, see ``dstune.data.pack``) also get position ids; the padding
     of a packed row counts up from 0 as a segment of its own, so it attends to no real example.
     """
+    if isinstance(rows[0]["labels"], int):
+        return collate_classes(rows, pad_id)
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -40,6 +42,26 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if packed:
         batch["position_ids"] = pos
+    return batch
+
+
+def collate_classes(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pads classification-head rows on the left; ``labels`` is one class index per row.
+
+    Left, so the last position of every row is its last real token, the one the head reads, even for
+    methods that hand the model embeddings instead of token ids (``models.classify``). Rows with a
+    ``weight`` (class weights, training only) give ``weights``.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, width - n:] = torch.tensor(r["input_ids"])
+        mask[i, width - n:] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["labels"] for r in rows])}
+    if "weight" in rows[0]:
+        batch["weights"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
     return batch
 
 

@@ -54,6 +54,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
             see ``train.accel.fused_ce_loss``) used instead of the chunks; it carries its label smoothing.
     """
     labels = batch["labels"]
+    if labels.dim() == 1:
+        return class_loss_sum(model(**model_inputs(batch)).logits, labels, batch.get("weights"), label_smoothing)
     if not chunk_tokens and fused_ce is None:
         return token_loss_sum(model(**model_inputs(batch)).logits, labels, label_smoothing)
     out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
@@ -74,3 +76,15 @@ def loss_sum(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
         else:
             total = total + _chunk_ce(h[sl], head.weight, head.bias, y[sl], label_smoothing)
     return total
+
+
+def class_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+                   label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy of a classification head's logits ``(batch, classes)``, in fp32.
+
+    With class weights each row's loss is multiplied by its class's weight (``weights``, one per row),
+    and the loop divides by the number of rows, so the loss is the mean of ``w[y] x CE``. torch's
+    ``weight=`` would divide by the sum of the weights instead, which depends on the batch's classes.
+    """
+    per_row = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
+    return (per_row * weights.to(per_row)).sum() if weights is not None else per_row.sum()

@@ -22,7 +22,7 @@ from rich.console import Console
 from dstune.config import RunConfig, save_config
 from dstune.data.cache import cached_prepare
 from dstune.data.pack import pack_rows, padding_share
-from dstune.evaluate.loss import evaluate_loss
+from dstune.evaluate.loss import CLASSIFICATION_METRICS, evaluate_classifier, evaluate_loss
 from dstune.methods import prepare_model, trainable_summary
 from dstune.methods.summary import render_summary
 from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
@@ -144,7 +144,14 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                                  trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(resolved.path)
     template = resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family)
-    data = cached_prepare(cfg.data, tokenizer, template, tc.seed)  # tokenised once, then loaded from the cache
+    best_metric, best_sign = _best_metric(cfg)
+    if cfg.task == "classification":  # head rows (data/classify.py); the token cache does not key on the task
+        from dstune.data import prepare_data
+
+        data = prepare_data(cfg.data, tokenizer, template, tc.seed, task=cfg.task,
+                            class_weights=cfg.classify.class_weights)
+    else:
+        data = cached_prepare(cfg.data, tokenizer, template, tc.seed)  # tokenised once, then loaded from the cache
     data.report["padding_share"] = round(padding_share(data.train, tc.micro_batch_size), 4) if data.train else 0.0
     if tc.packing:  # validation stays unpacked: its loss is comparable across runs with and without packing
         data.train = pack_rows(data.train, cfg.data.max_length, tc.seed)
@@ -152,8 +159,14 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                                  "padding_share": round(padding_share(data.train, tc.micro_batch_size), 4)}
     if not data.train:
         raise ValueError(f"no training examples left in {cfg.data.train} after tokenising; see the data report")
-    model = load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-                       revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cfg.task == "classification":  # the LM head is replaced by a [classes, hidden] head (models/classify.py)
+        from dstune.models.classify import load_classifier
+
+        model = load_classifier(resolved.path, data.labels, pad_id, trust_remote_code=cfg.model.trust_remote_code)
+    else:
+        model = load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+                           revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
     # Kernels are chosen on the plain model, before adapters wrap its modules (see train/accel.py).
     attention = apply_attention(model, tc.attention, accelerator.device.type, tc.precision)
     experts = apply_experts(model, tc.experts_implementation)
@@ -174,7 +187,6 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                       f"{len(data.train)} train / {len(data.val)} val examples")
         console.print(render_summary(summary, is_moe), markup=False, highlight=False)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = MicroBatches(data.train, tc.micro_batch_size, tc.seed, pad_id,
                            num_shards=accelerator.num_processes, shard=accelerator.process_index,
                            group_by_length=tc.group_by_length)
@@ -202,10 +214,15 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
         (run_dir / "data_report.json").write_text(json.dumps(data.report, indent=2, ensure_ascii=False), "utf-8")
         (run_dir / "run.json").write_text(json.dumps({
             "base_model": resolved.path, "model": cfg.model.name, "family": resolved.family,
-            "method": cfg.method, "final": "final", "data_sha256": file_sha256(cfg.data.train)}, indent=2), "utf-8")
+            "method": cfg.method, "final": "final", "data_sha256": file_sha256(cfg.data.train),
+            "task": cfg.task}, indent=2), "utf-8")
+        if cfg.task == "classification":
+            from dstune.models.classify import save_labels
+
+            save_labels(run_dir, data.labels)
     logger = MetricsLogger(run_dir, enabled=is_main)
 
-    val_seen: dict = {}  # the last validation (step, loss), for keeping the best checkpoint
+    val_seen: dict = {}  # the last validation (step, value of train.best_metric), for keeping the best checkpoint
     best: dict = json.loads((run_dir / "best_checkpoint.json").read_text("utf-8")) \
         if resume and (run_dir / "best_checkpoint.json").exists() else {}
 
@@ -223,13 +240,19 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
             state = {"step": step, "losses": losses, "order": order, "position": batches.position, "split": split}
             save_checkpoint(path, accelerator.unwrap_model(model), optimizer, scheduler, state,
                             fault=lambda: faults.kill("save", step))
-            # Retention keeps the newest K and the checkpoint with the best validation loss so far.
-            if val_seen.get("step") == step and val_seen["loss"] < best.get("loss", math.inf):
-                best.update(loss=val_seen["loss"], path=str(path), step=step)
-                (run_dir / "best_checkpoint.json").write_text(json.dumps(best, indent=1), "utf-8")
+            note_best(path)
             prune_checkpoints(run_dir, tc.keep_checkpoints, keep={Path(best["path"])} if "path" in best else set())
         accelerator.wait_for_everyone()
         return path
+
+    def note_best(path: Path) -> None:
+        # Retention keeps the newest K and the checkpoint with the best train.best_metric so far.
+        if val_seen.get("step") != step or not math.isfinite(val_seen["value"]):
+            return
+        if best_sign * val_seen["value"] < best_sign * best.get("value", best_sign * math.inf):
+            best.update(metric=best_metric, mode="min" if best_sign > 0 else "max", value=val_seen["value"],
+                        loss=val_seen["loss"], path=str(path), step=step)
+            (run_dir / "best_checkpoint.json").write_text(json.dumps(best, indent=1), "utf-8")
 
     def validate() -> dict[str, float]:
         # An out-of-memory here halves the evaluation batch only: the training batch never changes.
@@ -237,8 +260,11 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
         while True:
             try:
                 faults.oom("eval", step)
-                metrics = evaluate_loss(model, data.val, micro, pad_id, accelerator, tc.eval_batches,
-                                        tc.chunk_tokens)
+                if cfg.task == "classification":
+                    metrics = evaluate_classifier(model, data.val, micro, pad_id, accelerator, tc.eval_batches)
+                else:
+                    metrics = evaluate_loss(model, data.val, micro, pad_id, accelerator, tc.eval_batches,
+                                            tc.chunk_tokens)
                 break
             except torch.OutOfMemoryError:
                 if micro == 1:
@@ -250,7 +276,7 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                     console.print(f"[yellow]out of memory in evaluation: evaluation micro-batch -> {micro}[/]")
         if metrics:
             logger.log(step, "val", metrics)
-            val_seen.update(step=step, loss=metrics["loss"])
+            val_seen.update(step=step, loss=metrics["loss"], value=metrics[best_metric])
             if on_eval is not None:
                 on_eval(step, metrics)
         return metrics
@@ -260,7 +286,7 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     guard = StabilityGuard(cfg.stability, unwrapped, optimizer, scheduler, tc.precision, data.train,
                            log=lambda s, v: logger.log(s, "stability", v), say=say)
     diagnostics = LayerDiagnostics(cfg.stability, unwrapped, log=lambda s, v: logger.log(s, "diag", v), say=say)
-    early = EarlyStopping(cfg.regularize, tc.eval_every)
+    early = EarlyStopping(cfg.regularize, tc.eval_every, best_metric, best_sign)
     progress = _progress(console, enabled=is_main and tc.progress)
     task = progress.add_task("training", total=steps, completed=step, loss=float("nan"))
     model.train()
@@ -345,8 +371,12 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                     f"{step}/{steps}; checkpoint saved in {path}. "
                     f"Resume with: dstune train {run_dir / 'config.yaml'} --resume")
     flush_losses()
-    checkpoint()
-    val = early.finish(step, validate(), accelerator.unwrap_model(model), validate)  # keep_best restores the best
+    final_ckpt = checkpoint()
+    end_val = validate()
+    if is_main and final_ckpt.exists():  # the last checkpoint can be the best one too
+        note_best(final_ckpt)
+        prune_checkpoints(run_dir, tc.keep_checkpoints, keep={Path(best["path"])} if "path" in best else set())
+    val = early.finish(step, end_val, accelerator.unwrap_model(model), validate)  # keep_best restores the best
     final_dir = None
     if is_main:
         final_dir = save_final(accelerator.unwrap_model(model), tokenizer, template, run_dir / "final")
@@ -362,6 +392,22 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(result_summary, indent=2, ensure_ascii=False), "utf-8")
     return RunResult(run_dir, step, losses, val, final_dir, result_summary, accelerator.unwrap_model(model))
+
+
+def _best_metric(cfg: RunConfig) -> tuple[str, int]:
+    """``train.best_metric`` and its sign: +1 when lower is better, -1 when higher is.
+
+    Raises:
+        ValueError: a metric the validation of this task does not compute, naming the key and the choices.
+    """
+    name, mode = cfg.train.best_metric, cfg.train.best_mode
+    known = CLASSIFICATION_METRICS if cfg.task == "classification" else ("loss", "ppl")
+    if name not in known:
+        raise ValueError(f"train.best_metric={name!r} is not computed by the validation of task={cfg.task}; "
+                         f"choose one of {list(known)}")
+    if mode == "auto":
+        mode = "min" if name in ("loss", "ppl") else "max"
+    return name, 1 if mode == "min" else -1
 
 
 def _order_hash(sources: list[str]) -> str:

@@ -9,7 +9,12 @@ IGNORE = -100
 
 
 def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Tokens that carry loss after the causal shift (the first label of each row predicts nothing)."""
+    """Tokens that carry loss after the causal shift (the first label of each row predicts nothing).
+
+    Classification-head batches have one class index per row (1-D ``labels``): each row is one target.
+    """
+    if labels.dim() == 1:
+        return (labels != IGNORE).sum()
     return (labels[:, 1:] != IGNORE).sum()
 
 

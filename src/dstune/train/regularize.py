@@ -145,26 +145,27 @@ class EarlyStopping:
     """Stops after ``early_stop_patience`` evaluations without a validation-loss improvement, and keeps
     the best weights (in CPU memory) when ``keep_best`` is set.
 
-    Validation loss and perplexity rank runs identically, so the loss is the metric. The count of bad
-    evaluations is not checkpointed: a resumed run starts counting again.
+    The metric is ``train.best_metric`` (validation loss by default; accuracy or F1 for a classifier),
+    with ``sign`` +1 when lower is better and -1 when higher is; ``early_stop_min_delta`` is in the
+    metric's units. The count of bad evaluations is not checkpointed: a resumed run starts counting again.
     """
 
-    def __init__(self, cfg: RegularizeConfig, eval_every: int):
+    def __init__(self, cfg: RegularizeConfig, eval_every: int, metric: str = "loss", sign: int = 1):
         if (cfg.early_stop_patience or cfg.keep_best) and not eval_every:
             raise ValueError("regularize.early_stop_patience / regularize.keep_best need periodic validation: "
                              "set train.eval_every to a number of steps (and give validation data)")
-        self.cfg = cfg
+        self.cfg, self.metric, self.sign = cfg, metric, sign
         self.best, self.best_step, self.bad, self.stopped_at, self.last_step = math.inf, None, 0, None, None
         self._best_state: dict[str, torch.Tensor] | None = None
 
     def update(self, step: int, metrics: dict[str, float], model: nn.Module) -> bool:
         """Records one evaluation; returns True when training should stop."""
-        loss = metrics.get("loss") if metrics else None
-        if loss is None or not math.isfinite(loss):
+        value = metrics.get(self.metric) if metrics else None
+        if value is None or not math.isfinite(value):
             return False
         self.last_step = step
-        if loss < self.best - self.cfg.early_stop_min_delta:
-            self.best, self.best_step, self.bad = loss, step, 0
+        if self.sign * value < self.best - self.cfg.early_stop_min_delta:  # self.best holds sign x value
+            self.best, self.best_step, self.bad = self.sign * value, step, 0
             if self.cfg.keep_best:  # a copy: on the CPU, .cpu() would alias the live weights
                 self._best_state = {n: p.detach().to("cpu", copy=True)
                                     for n, p in model.named_parameters() if p.requires_grad}
@@ -191,5 +192,7 @@ class EarlyStopping:
         return validate()
 
     def summary(self) -> dict:
-        return {"best_val_loss": None if math.isinf(self.best) else self.best, "best_step": self.best_step,
+        best = None if math.isinf(self.best) else self.sign * self.best
+        return {"metric": self.metric, "best": best, "best_val_loss": best if self.metric == "loss" else None,
+                "best_step": self.best_step,
                 "stopped_at": self.stopped_at, "kept_best": bool(self.cfg.keep_best and self._best_state)}
