@@ -3,9 +3,9 @@
 #
 # torch: a torch the calling Python already has (say, a CUDA build on a GPU machine) is kept: the
 # venv is made with --system-site-packages and pip sees the requirement satisfied. Without one,
-# we install torch==2.13.0; on a CPU machine set DSTUNE_TORCH_INDEX to PyTorch's CPU wheel index
-# (see README) so pip does not fetch the multi-GB CUDA build. Machines that carry a local CPU wheel
-# (as our CI machines do) get it without any index.
+# we install torch==2.13.0: from DSTUNE_TORCH_INDEX when set; else from a local wheel in pip's
+# find-links when there is one (our CI machines carry the CPU wheel); else, without nvidia-smi, the CPU
+# build from PyTorch's CPU index (PyPI's default is the multi-GB CUDA build); else PyPI's CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -30,6 +30,13 @@ VPY="$VENV/bin/python"
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   if [ -n "${DSTUNE_TORCH_INDEX:-}" ]; then
     "$VPY" -m pip install -q "torch==2.13.0" --index-url "$DSTUNE_TORCH_INDEX"
+  elif "$VPY" -m pip install -q --no-index --no-deps "torch==2.13.0" >/dev/null 2>&1; then
+    echo "install.sh: torch 2.13.0 from a local wheel (pip's find-links); its dependencies from the index"
+    "$VPY" -m pip install -q "torch==2.13.0"
+  elif ! command -v nvidia-smi >/dev/null 2>&1; then
+    # No GPU: PyPI's default torch is the multi-GB CUDA build; PyTorch's CPU index has the CPU one.
+    echo "install.sh: no GPU found; installing the CPU build of torch from download.pytorch.org/whl/cpu"
+    "$VPY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
   else
     "$VPY" -m pip install -q "torch==2.13.0"
   fi
