@@ -2,6 +2,7 @@
 workers on one PostgreSQL study."""
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -9,12 +10,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 import yaml
+from rich.console import Console
 
-from dstune.config import ConfigError, RunConfig, load_config
+from dstune.config import ConfigError, RunConfig, load_config, save_config
 from dstune.tune.space import PRESETS, parse_space, to_overrides
 from dstune.tune.study import run_tune
 
@@ -106,6 +109,8 @@ def test_crash_loses_no_finished_trial_and_rerun_resumes(tmp_path, data_file):
                                              "space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}})
     first = _tune_cli(config)
     assert first.returncode == 0, first.stderr[-2000:]
+    storage = f"sqlite:///{tmp_path / 'study' / 'study.db'}"
+    before = {t.number: t.value for t in optuna.load_study(study_name="study", storage=storage).trials}
     killed = _tune_cli(config, "--trials", "4", faults="kill@step:2")
     assert killed.returncode != 0
     again = _tune_cli(config, "--trials", "4")
@@ -115,7 +120,8 @@ def test_crash_loses_no_finished_trial_and_rerun_resumes(tmp_path, data_file):
     stale = [t for t in trials if t.user_attrs.get("stale")]
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(stale) == 1 and stale[0].number == 2 and len(done) == 4
-    assert [t.number for t in done[:2]] == [0, 1]  # the first run's trials are kept as they were
+    assert {t.number: t.value for t in done[:2]} == before  # the first run's trials are kept as they were
+    assert len(trials) == 5 and sum(not t.user_attrs.get("stale") for t in trials) == 4  # 4 counted, as asked
     assert len({t.user_attrs["run_dir"] for t in trials}) == len(trials)
 
 
@@ -175,3 +181,230 @@ def test_two_workers_share_one_postgres_study(tmp_path, data_file, postgres_url)
     pids = {w.pid for w in workers}
     seen = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials}
     assert seen == pids, f"both workers should have run trials: {seen} vs {pids}"
+
+
+# --------------------------------------------------------------------------- what each setting does
+# Real tiny runs (tiny:deepseek-llm, real alpaca_zh rows) wherever training is what is tested; the two
+# model-based samplers are checked on a synthetic objective instead, because showing that a sampler
+# homes in takes a dozen or more trials, which real runs would turn from seconds into minutes.
+# Tests that need one learning rate to beat another within a few steps use the English rows
+# (data_file): on the short Chinese rows the tiny model overshoots at lr 3e-2 in 3 steps.
+
+COMPLETE, PRUNED, FAIL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                          optuna.trial.TrialState.FAIL)
+
+
+@pytest.fixture(scope="module")
+def zh_file(tmp_path_factory) -> Path:
+    """Real rows of alpaca_zh_demo.json with short prompts, so max_length 48 keeps answer tokens."""
+    rows = [r for r in json.loads((SHARED / "alpaca_zh_demo.json").read_text(encoding="utf-8"))
+            if len(r["instruction"]) + len(r.get("input", "")) < 40][:30]
+    path = tmp_path_factory.mktemp("tune-zh") / "zh.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    return path
+
+
+def _enqueued(cfg: RunConfig, *params: dict) -> None:
+    """Creates the study of ``cfg`` with trials queued in this order (the next ask() runs them)."""
+    study_dir = Path(cfg.tune.output)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    st = optuna.create_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'study.db'}",
+                             direction=cfg.tune.direction or "minimize", load_if_exists=True)
+    for p in params:
+        st.enqueue_trial(p)
+
+
+BEST_LOG_LR = -2.0  # the synthetic objective's best learning rate is 1e-2, off the centre of the range
+
+
+def _synthetic_train(cfg, *, console=None, on_eval=None, **_):
+    """Stands in for ``train()``: a bowl in log10(lr) and warmup, reported at each evaluation."""
+    run_dir = Path(cfg.output)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    loss = (math.log10(cfg.optim.lr) - BEST_LOG_LR) ** 2 + 4 * (cfg.optim.warmup_ratio - 0.1) ** 2
+    steps, every = cfg.train.max_steps, cfg.train.eval_every
+    with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
+        for step in range(every, steps + 1, every):
+            value = loss + 1.0 / step
+            fh.write(json.dumps({"step": step, "split": "val", "loss": value}) + "\n")
+            on_eval(step, {"loss": value, "ppl": math.exp(value)})
+    return SimpleNamespace(val={"loss": loss + 1.0 / steps})
+
+
+def _synthetic_study(tmp_path, monkeypatch, sampler: str, trials: int) -> optuna.Study:
+    import dstune.train.loop as loop
+
+    monkeypatch.setattr(loop, "train", _synthetic_train)
+    space = {"optim.lr": {"type": "float", "low": 1e-6, "high": 1.0, "log": True},
+             "optim.warmup_ratio": {"type": "float", "low": 0.0, "high": 0.3}}
+    cfg = RunConfig.model_validate({
+        "model": {"name": "tiny:deepseek-llm"}, "train": {"max_steps": 4, "eval_every": 2},
+        "tune": {"trials": trials, "sampler": sampler, "pruner": "none", "startup_trials": 4, "seed": 3,
+                 "space": space, "output": str(tmp_path / sampler)}})
+    return run_tune(cfg, console=Console(quiet=True)).study
+
+
+def _distance(t) -> float:
+    return abs(math.log10(t.params["optim.lr"]) - BEST_LOG_LR)
+
+
+@pytest.mark.parametrize("sampler", ["gp", "cmaes"])
+def test_model_based_samplers_home_in_on_the_optimum(tmp_path, monkeypatch, sampler):
+    # The same trial budget with random search, same seed: the model-based sampler's trials after its
+    # 4 random start-up trials must sit nearer the optimum than random's, and its best must be better.
+    trials = 20
+    study = _synthetic_study(tmp_path, monkeypatch, sampler, trials)
+    rand = _synthetic_study(tmp_path, monkeypatch, "random", trials)
+    assert len(study.trials) == trials and all(t.state == COMPLETE for t in study.trials)
+    guided = [t for t in study.trials if t.number >= 4]
+    if sampler == "cmaes":  # sampled by CMA-ES itself, not by its fallback for unsupported domains
+        assert all(any(k.startswith("cma:") for k in t.system_attrs) for t in guided)
+    mean = lambda ts: sum(map(_distance, ts)) / len(ts)  # noqa: E731
+    assert mean(guided) < 0.6 * mean(rand.trials[4:]), (mean(guided), mean(rand.trials[4:]))
+    assert study.best_value < rand.best_value
+
+
+@pytest.mark.slow
+def test_grid_covers_exactly_the_grid_and_a_nan_trial_fails_with_its_reason(tmp_path, zh_file):
+    # A NaN loss at step 2 (injected) halts the runs with stability.policy=halt; 'skip' survives it.
+    space = {"optim.lr": {"type": "categorical", "choices": [1e-2, 3e-2]},
+             "stability.policy": {"type": "categorical", "choices": ["halt", "skip"]}}
+    cfg = load_config(base_yaml(tmp_path, zh_file, {"trials": 10, "sampler": "grid", "pruner": "none",
+                                                    "space": space}, max_steps=3, eval_every=3),
+                      overrides=["stability.inject=['nan_loss@2']"])
+    result = run_tune(cfg, console=Console(quiet=True))
+    trials = result.study.trials
+    points = sorted((t.params["optim.lr"], t.params["stability.policy"]) for t in trials)
+    assert points == sorted((lr, p) for lr in (1e-2, 3e-2) for p in ("halt", "skip"))  # each point once, no more
+    failed = [t for t in trials if t.state == FAIL]
+    assert {t.params["stability.policy"] for t in failed} == {"halt"} and len(failed) == 2
+    # a halted run returns normally with its last good weights: it must still be a failure, with the reason
+    assert all("halted by the stability guard: nonfinite at step 2" in t.user_attrs["error"] for t in failed), \
+        [t.user_attrs["error"] for t in failed]
+    # the search went on after each failure: the trials after a failed one ran to the end
+    assert [t.user_attrs["steps"] for t in trials if t.state == COMPLETE] == [3, 3]
+    assert "stability guard" in (result.study_dir / "trials.md").read_text()
+
+
+@pytest.mark.slow
+def test_hyperband_prunes_weak_trials(tmp_path, data_file):
+    # Two good trials first, then four that learn nothing (lr 1e-7): Hyperband compares each trial with
+    # those of its bracket at each rung, so weak ones stop before the last step and good ones do not.
+    space = {"optim.lr": {"type": "categorical", "choices": [3e-2, 1e-7]}}
+    cfg = load_config(base_yaml(tmp_path, data_file, {"trials": 6, "sampler": "random", "pruner": "hyperband",
+                                                    "space": space}, max_steps=6, eval_every=2))
+    _enqueued(cfg, *([{"optim.lr": 3e-2}] * 2 + [{"optim.lr": 1e-7}] * 4))
+    result = run_tune(cfg, console=Console(quiet=True))
+    trials = result.study.trials
+    assert len(trials) == 6 and [t.params["optim.lr"] for t in trials] == [3e-2] * 2 + [1e-7] * 4
+    assert all(t.state == COMPLETE and t.user_attrs["steps"] == 6 for t in trials[:2])
+    pruned = [t for t in trials if t.state == PRUNED]
+    assert pruned and all(t.params["optim.lr"] == 1e-7 and t.user_attrs["steps"] < 6 for t in pruned)
+    assert isinstance(result.study.pruner, optuna.pruners.HyperbandPruner)
+
+
+def test_timeout_stops_starting_new_trials(tmp_path, zh_file):
+    space = {"optim.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}
+    cfg = load_config(base_yaml(tmp_path, zh_file, {"trials": 5, "sampler": "random", "pruner": "none",
+                                                    "timeout": 0.5, "space": space}, max_steps=2))
+    result = run_tune(cfg, console=Console(quiet=True))
+    # the first trial starts at once and runs to its end (a timeout never cuts a trial); none after it
+    assert len(result.study.trials) == 1 and result.study.trials[0].state == COMPLETE
+    assert result.study.trials[0].user_attrs["seconds"] > 0.5
+    assert (result.study_dir / "best.yaml").exists()
+
+
+def test_retrain_uses_train_plus_val_and_the_best_params(tmp_path, data_file):
+    space = {"optim.lr": {"type": "categorical", "choices": [3e-2, 1e-7]}}
+    cfg = load_config(base_yaml(tmp_path, data_file, {"trials": 2, "sampler": "grid", "pruner": "none",
+                                                    "retrain": True, "max_steps": 3, "space": space}))
+    result = run_tune(cfg, console=Console(quiet=True))
+    assert len(result.study.trials) == 2 and result.best is not None
+    trial_dir = Path(result.best.user_attrs["run_dir"])
+    retrained = result.study_dir / "best-retrained"
+    tried = json.loads((trial_dir / "data_report.json").read_text())["split"]
+    again = json.loads((retrained / "data_report.json").read_text())["split"]
+    assert again == {"train": tried["train"] + tried["val"], "val": 0, "test": tried["test"]}
+    rcfg = load_config(retrained / "config.yaml")
+    # the best trial's params (not the other's), and the trial's step budget
+    assert rcfg.optim.lr == result.best.params["optim.lr"] and rcfg.train.max_steps == 3
+    assert (retrained / "final" / "adapter_model.safetensors").exists()
+    assert [json.loads(x)["step"] for x in (retrained / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["split"] == "train"][-1] == 3
+
+
+def test_maximise_an_objective_prunes_and_picks_the_other_way(tmp_path, data_file):
+    # Maximising validation ppl (an odd wish, but any metric will do): the trial that learns nothing is
+    # now the best one, and the median pruner stops the trial that lowers ppl.
+    space = {"optim.lr": {"type": "categorical", "choices": [3e-2, 1e-7]}}
+    cfg = load_config(base_yaml(tmp_path, data_file, {"trials": 2, "sampler": "random", "pruner": "median",
+                                                    "startup_trials": 0, "objective": "ppl",
+                                                    "direction": "maximize", "space": space},
+                                max_steps=6, eval_every=2))
+    _enqueued(cfg, {"optim.lr": 1e-7}, {"optim.lr": 3e-2})
+    result = run_tune(cfg, console=Console(quiet=True))
+    assert result.study.direction == optuna.study.StudyDirection.MAXIMIZE
+    states = {t.params["optim.lr"]: t.state for t in result.study.trials}
+    assert states == {1e-7: COMPLETE, 3e-2: PRUNED}
+    assert load_config(result.study_dir / "best.yaml").optim.lr == 1e-7
+    assert json.loads((result.study_dir / "summary.json").read_text())["direction"] == "maximize"
+
+
+def test_an_objective_that_is_not_a_metric_stops_the_search(tmp_path, zh_file):
+    cfg = load_config(base_yaml(tmp_path, zh_file, {"trials": 3, "sampler": "random", "pruner": "none",
+                                                    "objective": "f1_macro",
+                                                    "space": {"optim.lr": {"type": "categorical", "choices": [1e-2]}}},
+                                max_steps=2))
+    with pytest.raises(ConfigError, match="f1_macro.*available.*loss"):
+        run_tune(cfg, console=Console(quiet=True))
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    assert len(study.trials) == 1 and study.trials[0].state == FAIL  # not three failures in a row
+
+
+def test_every_tune_example_has_a_valid_space():
+    examples = [p for p in (Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")
+                if "tune" in yaml.safe_load(p.read_text())]
+    assert examples, "an example config with a tune: section"
+    for path in examples:
+        cfg = load_config(path)
+        assert parse_space(cfg.tune.space, cfg.tune.preset), path.name
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_search_and_a_rerun_finishes_it_exactly(tmp_path, zh_file):
+    # SIGTERM (or Ctrl-C) in a trial used to fail that trial only, and the search went on with the next.
+    import signal
+    import time
+
+    space = {"optim.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}
+    config = base_yaml(tmp_path, zh_file, {"trials": 3, "sampler": "random", "pruner": "none", "space": space},
+                       max_steps=200, eval_every=0)
+    proc = subprocess.Popen([sys.executable, "-m", "dstune.cli", "tune", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "study" / "trial-0000" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130 and "run the same command again" in out, out[-2000:]
+    storage = f"sqlite:///{tmp_path / 'study' / 'study.db'}"
+    trials = optuna.load_study(study_name="study", storage=storage).trials
+    assert len(trials) == 1 and trials[0].user_attrs["stale"]  # stopped: no second trial was started
+    cfg = load_config(config, overrides=["train.max_steps=2"])
+    result = run_tune(cfg, console=Console(quiet=True))
+    trials = result.study.trials
+    assert [t.state for t in trials] == [FAIL, COMPLETE, COMPLETE, COMPLETE]  # 3 counted, as asked
+
+
+def test_asha_prunes_the_second_trial_when_it_is_worse_than_the_first(tmp_path, data_file):
+    # With optuna's min_resource="auto" the first trial recorded no rung values (auto is only known once
+    # a trial has finished), so the second trial had no competitor and always ran to the end.
+    space = {"optim.lr": {"type": "categorical", "choices": [3e-2, 1e-7]}}
+    cfg = load_config(base_yaml(tmp_path, data_file, {"trials": 2, "sampler": "random", "pruner": "asha",
+                                                      "space": space}, max_steps=6, eval_every=2))
+    _enqueued(cfg, {"optim.lr": 3e-2}, {"optim.lr": 1e-7})
+    trials = run_tune(cfg, console=Console(quiet=True)).study.trials
+    assert [t.state for t in trials] == [COMPLETE, PRUNED]
+    assert trials[1].user_attrs["steps"] == 2  # stopped at its first evaluation

@@ -51,6 +51,11 @@ class _GridSampler(optuna.samplers.GridSampler):
         return None
 
 
+class ObjectiveError(ConfigError):
+    """``tune.objective`` names no metric the evaluation produces: every trial would fail the same way,
+    so the search stops at the first one instead of recording the same failure ``tune.trials`` times."""
+
+
 def grid_size(space: dict[str, Domain]) -> int:
     """Number of points of the grid over ``space``."""
     return math.prod(len(d.grid()) for d in space.values())
@@ -74,7 +79,10 @@ def _pruner(tc, max_steps: int) -> optuna.pruners.BasePruner:
     if tc.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=tc.startup_trials, n_warmup_steps=0)
     if tc.pruner == "asha":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource="auto", reduction_factor=3)
+        # optuna's min_resource="auto" is max_steps // 100 read off the first *finished* trial, so that
+        # trial never records its rung values and the second trial meets no competitor: it always
+        # survives, however bad (seen in bench_tune). The trial budget is known here, so set it up front.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(max_steps // 100, 1), reduction_factor=3)
     if tc.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_steps, reduction_factor=3)
     return optuna.pruners.NopPruner()
@@ -172,6 +180,7 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
               objective: str, console: Console) -> None:
     """Runs one trial to the end, reporting validation metrics so the pruner can stop it early."""
     from dstune.train.loop import train
+    from dstune.train.signals import TrainingInterrupted
 
     run_dir = study_dir / f"trial-{trial.number:04d}"
     trial.set_user_attr("run_dir", str(run_dir))
@@ -180,7 +189,7 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
 
     def report(step: int, metrics: dict[str, float]) -> None:
         if objective not in metrics:
-            raise ConfigError(f"tune.objective: '{objective}' is not a validation metric; "
+            raise ObjectiveError(f"tune.objective: '{objective}' is not a validation metric; "
                               f"available: {sorted(metrics)}")
         trial.report(metrics[objective], step)
         # The last evaluation ends the trial anyway: pruning there would discard a finished result.
@@ -192,6 +201,10 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
     try:
         cfg = trial_config(base, values, run_dir)
         result = train(cfg, console=Console(quiet=True), on_eval=report)
+        # A halted run returns normally (its last good weights are saved), but it diverged: a failure.
+        halt = (result.summary.get("stability") or {}).get("halt")
+        if halt:
+            raise RuntimeError(f"halted by the stability guard: {halt['message']}")
         value = result.val.get(objective)
         if value is None or not math.isfinite(value):
             raise ValueError(f"the run ended without a finite '{objective}' (got {value}); diverged?")
@@ -199,6 +212,18 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
     except optuna.TrialPruned as exc:
         state = TrialState.PRUNED
         trial.set_user_attr("pruned", str(exc))
+    except ObjectiveError as exc:
+        trial.set_user_attr("error", str(exc))
+        trial.study.tell(trial, None, state=TrialState.FAIL)
+        raise
+    except TrainingInterrupted:
+        # SIGTERM/SIGINT (Ctrl-C) stops the search, not just this trial; the trial is not counted, so
+        # running the command again runs it anew (as for a worker that died).
+        trial.set_user_attr("stale", True)
+        trial.set_user_attr("error", "interrupted by a signal; not counted")
+        trial.set_user_attr("steps", _steps_done(run_dir))
+        trial.study.tell(trial, None, state=TrialState.FAIL)
+        raise
     except Exception as exc:  # any failure is recorded with its reason and the search goes on
         trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     trial.set_user_attr("steps", _steps_done(run_dir))
