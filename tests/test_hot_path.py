@@ -312,3 +312,23 @@ def test_experts_implementations_agree(impl):
     torch.testing.assert_close(results[impl][1], results["eager"][1], rtol=1e-4, atol=1e-5)
     dense = load_model(resolve_model_dir("tiny:deepseek-llm"))
     assert accel.apply_experts(dense, impl) is None
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_linear_cross_entropy_matches_torch_with_bias_and_trainable_head(eps):
+    """The chunked output layer's gradients, computed in its forward pass, equal autograd's through
+    F.cross_entropy, for the hidden states, a trainable head weight and a bias, across chunk edges."""
+    from dstune.train.forward import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    b = torch.randn(50, requires_grad=True)
+    y = torch.randint(0, 50, (23,))
+    ref = F.cross_entropy(F.linear(h, w, b), y, reduction="sum", label_smoothing=eps) * 0.37
+    ref_grads = torch.autograd.grad(ref, (h, w, b))
+    got = LinearCrossEntropy.apply(h, w, b, y, eps, 5) * 0.37
+    got_grads = torch.autograd.grad(got, (h, w, b))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
