@@ -25,6 +25,7 @@ prefix tuning (below). What the subclass changes:
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,6 +38,16 @@ from transformers import DynamicCache
 # MLA families whose cache holds (kv_nope latent, rotary key); V3.2 also has a sparse-attention indexer
 # with its own key cache, which a learned prefix cannot fill (see methods/prompt.py).
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+
+
+@functools.cache
+def _renamed_cache() -> bool:
+    """True when the model's forward takes the KV cache as ``cache`` (transformers >= 5.24)."""
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    return "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
 
 
 def is_mla(config) -> bool:
@@ -117,7 +128,31 @@ class _DeepSeekFixes:
 
 
 class CausalLM(_DeepSeekFixes, peft.PeftModelForCausalLM):
-    """``peft.PeftModelForCausalLM`` with aligned logits, MLA prefix tuning and PiSSA export (module doc)."""
+    """``peft.PeftModelForCausalLM`` with aligned logits, MLA prefix tuning, PiSSA export (module doc) and
+    prefix generation on transformers that renamed the generation cache (``_renamed_cache``)."""
+
+    def __init__(self, model, peft_config, adapter_name: str = "default", **kwargs):
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        base_prepare = self.base_model_prepare_inputs_for_generation
+
+        def prepare_with_old_name(*args, **kw):
+            inputs = base_prepare(*args, **kw)
+            if "cache" in inputs and "past_key_values" not in inputs:
+                inputs["past_key_values"] = inputs.pop("cache")
+            return inputs
+
+        self.base_model_prepare_inputs_for_generation = prepare_with_old_name
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        # 4. The generation cache was renamed. transformers 5.24 passes the KV cache to the model as
+        # ``cache`` (``past_key_values`` is a deprecated alias until 5.40); peft 0.21 looks for
+        # ``past_key_values`` to decide when to insert the learned prefix, finds none, and adds the prefix
+        # under the old name next to the new one, which the model then ignores: generate() answered like
+        # the base model. The base model's inputs are renamed to the old name for peft (above) and back here.
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if "past_key_values" in inputs and _renamed_cache():
+            inputs["cache"] = inputs.pop("past_key_values")
+        return inputs
 
     # ------------------------------------------------------------------ 1. aligned logits
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
