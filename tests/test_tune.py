@@ -409,3 +409,17 @@ def test_asha_prunes_the_second_trial_when_it_is_worse_than_the_first(tmp_path, 
     trials = run_tune(cfg, console=Console(quiet=True)).study.trials
     assert [t.state for t in trials] == [COMPLETE, PRUNED]
     assert trials[1].user_attrs["steps"] == 2  # stopped at its first evaluation
+
+
+def test_tune_help_shows_every_option_with_its_default():
+    from typer.testing import CliRunner
+
+    from dstune.cli import app
+
+    out = CliRunner().invoke(app, ["tune", "--help"], env={"COLUMNS": "200"}).output
+    for opt in ["--trials", "--space", "--sampler", "--pruner", "--objective", "--direction", "--storage", "--output",
+                "--timeout", "--max-steps", "--retrain", "--set", "--dashboard"]:
+        assert opt in out, opt
+    # square brackets are rich markup in typer's help: "[tpe]" used to print as nothing
+    for default in ["default: tune.trials, 20", "default: tpe", "default: asha", "default: loss", "default: studies/study"]:
+        assert default in out, default
