@@ -1,10 +1,20 @@
 """Does TPE with ASHA pruning beat random search without pruning, at the same trial count?
 
 Both searches run the same base config (LoRA on a real data slice) for the same number of trials and
-report the best validation loss found and the training steps spent, in one invocation:
+report the best validation loss found and the training steps spent, once per seed:
 
     .venv/bin/python benchmarks/bench_tune.py                       # SmolLM2-135M (offline), alpaca_zh slice
-    .venv/bin/python benchmarks/bench_tune.py --model tiny:deepseek-llm --trials 12
+    .venv/bin/python benchmarks/bench_tune.py --model tiny:deepseek-llm --trials 12 --seeds 0
+
+The figures in docs/benchmarks.md (about 25 minutes for three seeds on 2 shared CPU cores):
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_tune.py --model smollm2 --rows 240 --max-length 48 \
+        --micro-batch 2 --trials 10 --steps 8 --eval-every 2 --eval-batches 4 --startup 4 --seeds 0 1 2 \
+        --out runs/bench-tune-smollm2-10x8 --json benchmarks/results/bench_tune_smollm2_10x8.json
+
+The two searches draw from different sampler seeds (random: seed, TPE: seed + 1000): with one seed,
+TPE's random start-up trials would be the random search's first trials, and both would often find
+their best in the same shared trial. The training seed (data order, adapter init) is the same for both.
 
 The goal (issue 6): TPE+ASHA reaches a best objective at least as good as random search while spending
 at most 60% of its steps.
@@ -45,52 +55,98 @@ def base_config(model: str, rows: int, steps: int, out: Path, data: Path) -> dic
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--data", default=str(SHARED / "alpaca_zh_demo.json"))
-    ap.add_argument("--rows", type=int, default=240, help="rows of the data file (split 8:1:1)")
-    ap.add_argument("--trials", type=int, default=12)
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per trial")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/bench-tune")
-    ap.add_argument("--report", default=None, help="append a Markdown section with the figures to this file")
-    args = ap.parse_args(argv)
-    console = Console(stderr=True)
-    out = Path(args.out)
+def run_pair(args, seed: int, console: Console) -> dict:
+    """One seed: random search without pruning, then TPE + ASHA, on the same base config."""
+    out = Path(args.out) / f"seed{seed}"
     results = {}
-    for name, sampler, pruner in [("random, no pruning", "random", "none"), ("TPE + ASHA", "tpe", "asha")]:
+    for name, sampler, pruner, sampler_seed in [("random, no pruning", "random", "none", seed),
+                                                ("TPE + ASHA", "tpe", "asha", seed + 1000)]:
         cfg = base_config(args.model, args.rows, args.steps, out / sampler, Path(args.data))
-        cfg["tune"].update({"trials": args.trials, "sampler": sampler, "pruner": pruner, "seed": args.seed})
+        cfg["data"]["max_length"] = args.max_length
+        cfg["train"].update({"seed": seed, "eval_batches": args.eval_batches, "micro_batch_size": args.micro_batch,
+                             "eval_every": args.eval_every or max(1, args.steps // 6)})
+        cfg["tune"].update({"trials": args.trials, "sampler": sampler, "pruner": pruner, "seed": sampler_seed,
+                            "startup_trials": args.startup})
         t0 = time.perf_counter()
         res = run_tune(RunConfig.model_validate(cfg), console=console)
         trials = res.study.trials
         results[name] = {
+            "sampler_seed": sampler_seed,
             "best_val_loss": res.best.value if res.best else None,
+            "best_trial": res.best.number if res.best else None,
             "total_steps": sum(int(t.user_attrs.get("steps") or 0) for t in trials),
             "complete": sum(t.state.name == "COMPLETE" for t in trials),
             "pruned": sum(t.state.name == "PRUNED" for t in trials),
             "failed": sum(t.state.name == "FAIL" for t in trials),
             "wall_s": round(time.perf_counter() - t0, 1),
             "best_params": res.best.params if res.best else None,
+            "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
+                        "steps": t.user_attrs.get("steps"), "params": t.params} for t in trials],
         }
     rnd, tpe = results["random, no pruning"], results["TPE + ASHA"]
-    step_ratio = tpe["total_steps"] / max(1, rnd["total_steps"])
-    lines = [f"### bench_tune: {args.model}, {args.rows} rows of {Path(args.data).name}, {args.trials} trials x "
-             f"{args.steps} steps, seed {args.seed}", "",
-             "| search | best val loss | training steps | complete / pruned / failed | wall s |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['best_val_loss']:.4f} | {r['total_steps']} | "
-                     f"{r['complete']} / {r['pruned']} / {r['failed']} | {r['wall_s']} |")
-    verdict = "met" if (tpe["best_val_loss"] <= rnd["best_val_loss"] and step_ratio <= 0.6) else "NOT met"
-    lines += ["", f"TPE+ASHA / random: steps {step_ratio:.2f}x, best loss {tpe['best_val_loss']:.4f} vs "
-              f"{rnd['best_val_loss']:.4f} -> goal (as good, <= 0.60x steps) {verdict}", ""]
-    text = "\n".join(lines)
-    print(text)
-    print(json.dumps(results, indent=1, default=str))
+    ratio = tpe["total_steps"] / max(1, rnd["total_steps"])
+    met = tpe["best_val_loss"] is not None and rnd["best_val_loss"] is not None and \
+        tpe["best_val_loss"] <= rnd["best_val_loss"] and ratio <= 0.6
+    return {"seed": seed, "searches": results, "step_ratio": round(ratio, 3), "goal_met": bool(met)}
+
+
+def render(args, per_seed: list[dict]) -> str:
+    every = args.eval_every or max(1, args.steps // 6)
+    lines = [f"### bench_tune: {args.model}, {args.rows} rows of {Path(args.data).name}, max_length "
+             f"{args.max_length}, micro-batch {args.micro_batch}, {args.trials} trials x {args.steps} steps, "
+             f"evaluation every {every} steps on {args.eval_batches} batches, seeds {args.seeds}", "",
+             "| seed | search | best val loss (trial) | training steps | complete / pruned / failed | wall s |",
+             "|---|---|---|---|---|---|"]
+    for ps in per_seed:
+        for name, r in ps["searches"].items():
+            lines.append(f"| {ps['seed']} | {name} | {r['best_val_loss']:.4f} ({r['best_trial']}) | {r['total_steps']} "
+                         f"| {r['complete']} / {r['pruned']} / {r['failed']} | {r['wall_s']} |")
+    lines.append("")
+    for ps in per_seed:
+        rnd, tpe = ps["searches"]["random, no pruning"], ps["searches"]["TPE + ASHA"]
+        lines.append(f"- seed {ps['seed']}: TPE+ASHA / random steps {ps['step_ratio']:.2f}x, best loss "
+                     f"{tpe['best_val_loss']:.4f} vs {rnd['best_val_loss']:.4f} -> goal "
+                     f"{'met' if ps['goal_met'] else 'NOT met'}")
+    steps = {n: sum(ps["searches"][n]["total_steps"] for ps in per_seed) for n in per_seed[0]["searches"]}
+    losses = {n: sum(ps["searches"][n]["best_val_loss"] for ps in per_seed) / len(per_seed) for n in steps}
+    lines.append(f"- all seeds: steps {steps['TPE + ASHA']} vs {steps['random, no pruning']} "
+                 f"({steps['TPE + ASHA'] / max(1, steps['random, no pruning']):.2f}x), mean best loss "
+                 f"{losses['TPE + ASHA']:.4f} vs {losses['random, no pruning']:.4f}; goal met on "
+                 f"{sum(ps['goal_met'] for ps in per_seed)} of {len(per_seed)} seeds")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--data", default=str(SHARED / "alpaca_zh_demo.json"))
+    ap.add_argument("--rows", type=int, default=240, help="rows of the data file (split 8:1:1)")
+    ap.add_argument("--max-length", type=int, default=128, help="tokens per example")
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per trial")
+    ap.add_argument("--micro-batch", type=int, default=4, help="examples per step")
+    ap.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: steps // 6)")
+    ap.add_argument("--eval-batches", type=int, default=4, help="validation batches per evaluation")
+    ap.add_argument("--startup", type=int, default=4, help="TPE's random start-up trials")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one random-vs-TPE pair per seed")
+    ap.add_argument("--out", default="runs/bench-tune")
+    ap.add_argument("--json", default=None, help="write all figures (per trial too) to this JSON file")
+    ap.add_argument("--report", default=None, help="append a Markdown section with the figures to this file")
+    args = ap.parse_args(argv)
+    console = Console(stderr=True)
+    per_seed = []
+    for seed in args.seeds:
+        per_seed.append(run_pair(args, seed, console))
+        text = render(args, per_seed)
+        print(text, flush=True)
+        if args.json:  # after each seed, so an interrupted run keeps the seeds it finished
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "args": vars(args),
+                                                   "date": time.strftime("%Y-%m-%d %H:%M %Z"), "seeds": per_seed},
+                                                  indent=1, default=str), encoding="utf-8")
     if args.report:
         with open(args.report, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+            fh.write(text)
     return 0
 
 
