@@ -43,8 +43,14 @@ def matrix(request, tmp_path_factory):
     results = Path(os.environ.get("DSTUNE_MATRIX_RESULTS", root / "results.json"))
     yield root, rows
     results.parent.mkdir(parents=True, exist_ok=True)
+    # Cells of an earlier session stay unless rerun here: `pytest` then `pytest -m slow` with the same
+    # $DSTUNE_MATRIX_RESULTS leave the whole matrix in one file.
+    cells = {}
+    if "DSTUNE_MATRIX_RESULTS" in os.environ and results.exists():
+        cells = {(c["family"], c["method"]): c for c in json.loads(results.read_text(encoding="utf-8"))["cells"]}
+    cells.update(rows)
     results.write_text(json.dumps({"bitsandbytes": HAS_BNB, "torch": torch.__version__,
-                                   "cells": list(rows.values())}, indent=1), encoding="utf-8")
+                                   "cells": list(cells.values())}, indent=1), encoding="utf-8")
 
 
 @pytest.mark.parametrize("cell", PARAMS)
