@@ -118,7 +118,8 @@ def test_cli_eval_and_report(gen_run, cls_run, tmp_path):
     header = md.splitlines()[2]
     assert "val loss" in header and "accuracy" in header and "F1 macro" in header
     # Both directories are named "run", so the table names them by their parent too.
-    assert "| gen0/run | tiny:deepseek-llm | lora |" in md and "| cls0/run | tiny:deepseek-llm | lora |" in md
+    for run in (gen.run_dir, cls.run_dir):  # e.g. gen0/run; the number is pytest's, not ours
+        assert f"| {run.parent.name}/run | tiny:deepseek-llm | lora |" in md, md
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
 
 

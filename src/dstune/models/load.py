@@ -203,7 +203,10 @@ def _materialise(target: Path, marker: dict[str, Any], build: Callable[[Path], N
     if _is_current(target, marker):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.with_name(f".{target.name}.lock"))):
+    # The lock file stays (removing it would race another process's acquire), so it lives apart.
+    locks = target.parent.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"{target.parent.name}.{target.name}.lock")):
         if _is_current(target, marker):  # built by another process while we waited
             return target
         # A unique sibling (same filesystem, so os.replace is atomic); mkdir, unlike mkdtemp, keeps the umask.
