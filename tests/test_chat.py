@@ -45,6 +45,20 @@ def test_streamed_multi_turn_chat_equals_greedy_replies(tiny_llm):
     assert console.export_text().count("assistant>") == 2
 
 
+def test_a_streamed_reply_ends_with_its_generation_thread(tiny_llm):
+    """An /exit typed right after a reply must not find generate() still running in its thread: Python
+    then shut down under it and the process aborted ("terminate called", exit status 134)."""
+    import threading
+
+    from dstune.chat import stream_reply
+
+    before = threading.active_count()
+    pieces, _ = stream_reply(tiny_llm, [{"role": "user", "content": "hi"}], max_new_tokens=4, temperature=0.0)
+    assert threading.active_count() == before + 1  # generating
+    "".join(pieces)
+    assert threading.active_count() == before
+
+
 def test_cli_chat_reads_stdin_and_hides_or_shows_r1_thinking():
     runner = CliRunner()
     # tiny:r1-distill-qwen uses the R1 template, whose generation prompt opens a <think> block; a random

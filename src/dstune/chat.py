@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from threading import Thread
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from rich.console import Console
@@ -90,8 +90,16 @@ def stream_reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int = 
     kwargs = dict(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                   max_new_tokens=max_new_tokens, streamer=streamer, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **sampling)
-    Thread(target=torch.no_grad()(loaded.model.generate), kwargs=kwargs, daemon=True).start()
-    return streamer, starts_thinking
+    worker = Thread(target=torch.no_grad()(loaded.model.generate), kwargs=kwargs, daemon=True)
+    worker.start()
+
+    def pieces() -> Iterator[str]:
+        yield from streamer
+        # The streamer ends before generate() returns: wait for it, or an /exit right after a reply
+        # shuts Python down under a thread still inside torch ("terminate called", exit status 134).
+        worker.join()
+
+    return pieces(), starts_thinking
 
 
 def chat(loaded: Loaded, *, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
