@@ -83,6 +83,28 @@ def test_wrapper_where_transformers_has_no_head():
     assert tuple(out.logits.shape) == (2, 3)
 
 
+def test_a_new_head_loads_quietly_but_a_broken_checkpoint_is_named(tiny, tmp_path, capfd):
+    """The new head is the point of a classifier: transformers' MISSING/UNEXPECTED report is not shown for
+    it. A decoder weight missing from the checkpoint is a real problem and is warned about by name."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, tok = tiny
+    load_classifier(path, LABELS, tok.pad_token_id)
+    out = capfd.readouterr()
+    assert "LOAD REPORT" not in out.out + out.err and "MISSING" not in out.out + out.err
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    weights = next(broken.glob("*.safetensors"))
+    state = load_file(weights)
+    lost = next(k for k in state if "layers.0.self_attn.q_proj" in k)
+    del state[lost]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"layers\.0\.self_attn\.q_proj"):
+        load_classifier(str(broken), LABELS, tok.pad_token_id)
+
+
 @pytest.mark.parametrize("method", ["full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"])
 def test_every_method_trains_and_saves_the_head(method, tiny, hotel_rows, tmp_path):
     """The head trains with each method, and the saved run rebuilds as base + head (+ adapter) exactly."""

@@ -17,14 +17,17 @@ distance between positions, so the constant shift left padding gives a row does 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
 from transformers.modeling_layers import GenericForSequenceClassification
+from transformers.utils import logging as hf_logging
 
 LABELS_FILE = "labels.json"
+_HEAD = "score."  # the head's parameter names in GenericForSequenceClassification
 # model_type -> (module, prefix of the PreTrainedModel class) for architectures without a transformers head.
 _WRAPPED = {"deepseek_v32": ("transformers.models.deepseek_v32.modeling_deepseek_v32", "DeepseekV32"),
             "deepseek_v4": ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4")}
@@ -72,10 +75,24 @@ def load_classifier(path: str, labels: list[str], pad_id: int, *, dtype: torch.d
     if len(labels) < 2:
         raise ValueError(f"a classification head needs at least two labels, got {labels}; check data.label_column")
     config = _classifier_config(path, labels, pad_id, trust_remote_code=trust_remote_code)
-    kwargs = {"config": config, "dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code}
-    if config.model_type in _WRAPPED:
-        return _wrapper_class(config.model_type).from_pretrained(path, **kwargs)
-    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    kwargs = {"config": config, "dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code,
+              "output_loading_info": True}
+    cls = _wrapper_class(config.model_type) if config.model_type in _WRAPPED else AutoModelForSequenceClassification
+    # transformers prints a load report that calls the new head MISSING and the dropped LM head UNEXPECTED:
+    # both are the point of a classifier, and the report reads like a failure. It is silenced here, and
+    # only what would be a real problem (decoder weights missing or left over) is reported, by name.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = [k for k in info["missing_keys"] if not k.startswith(_HEAD)]
+    unexpected = [k for k in info["unexpected_keys"] if not k.startswith("lm_head.")]
+    if missing or unexpected:
+        warnings.warn(f"{path}: loading it as a classifier left decoder weights missing {missing[:8]} or unused "
+                      f"{unexpected[:8]}; the checkpoint does not match its config", stacklevel=2)
+    return model
 
 
 def save_labels(directory: str | Path, labels: list[str], positive: str | None = None) -> Path:
