@@ -229,8 +229,12 @@ class TrainConfig(_Section):
     experts_implementation: Literal["auto", "eager", "batched_mm", "grouped_mm"] = Field(
         "auto", description="MoE experts: transformers' per-expert loop (eager) or batched/grouped matmuls")
     eval_batches: int | None = Field(None, ge=1, description="cap on validation micro-batches per evaluation")
+    eval_generate: int = Field(0, ge=0, description="conversations: at each evaluation also answer the first N "
+                               "validation prompts greedily and score bleu, rouge1/2/L, exact_match (N generations)")
+    eval_max_new_tokens: int = Field(128, ge=1, description="longest answer generated for train.eval_generate")
     best_metric: str = Field("loss", description="validation metric that picks the best checkpoint: loss, ppl; "
-                             "task=classification also accuracy, f1_macro, precision_macro, recall_macro")
+                             "task=classification also accuracy, f1_macro, precision_macro, recall_macro; "
+                             "with train.eval_generate also bleu, rouge1, rouge2, rougeL, exact_match")
     best_mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for loss/ppl, else max")
     progress: bool = Field(True, description="show a progress bar")
 

@@ -32,15 +32,11 @@ from dstune.data import DataError, load_examples
 from dstune.data.formats import strip_reasoning
 from dstune.data.tokenize import IGNORE, tokenize_examples
 from dstune.evaluate import metrics as M
+from dstune.evaluate.answers import answer_text
 from dstune.evaluate.loss import evaluate_loss
 from dstune.train.batching import collate
 
 _SAMPLES = 20  # examples kept in eval.json for a person to read
-
-
-def _answer(text: str) -> str:
-    """A reply without its reasoning: the text after the last ``</think>``."""
-    return text.split("</think>")[-1].strip()
 
 
 @torch.no_grad()
@@ -119,8 +115,8 @@ def _generation(loaded, examples: list[dict], max_new_tokens: int) -> dict:
         last = max(i for i, m in enumerate(ex["messages"]) if m["role"] == "assistant")
         prompt = [{"role": m["role"], "content": m["content"]} for m in ex["messages"][:last]]
         reply = generate_reply(loaded, prompt, max_new_tokens=max_new_tokens)
-        hyps.append(_answer(reply))
-        refs.append(_answer(ex["messages"][last]["content"]))
+        hyps.append(answer_text(reply))
+        refs.append(answer_text(ex["messages"][last]["content"]))
         if len(samples) < _SAMPLES:
             samples.append({"source": ex["source"], "prompt": prompt[-1]["content"][:300], "reference": refs[-1][:300],
                             "prediction": reply[:300]})

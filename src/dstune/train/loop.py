@@ -22,6 +22,7 @@ from rich.console import Console
 from dstune.config import RunConfig, save_config
 from dstune.data.cache import cached_prepare
 from dstune.data.pack import pack_rows, padding_share
+from dstune.evaluate.answers import GENERATION_METRICS, evaluate_answers
 from dstune.evaluate.loss import CLASSIFICATION_METRICS, evaluate_classifier, evaluate_loss
 from dstune.methods import prepare_model, trainable_summary
 from dstune.methods.summary import render_summary
@@ -265,6 +266,9 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                 else:
                     metrics = evaluate_loss(model, data.val, micro, pad_id, accelerator, tc.eval_batches,
                                             tc.chunk_tokens)
+                    if metrics and tc.eval_generate:
+                        metrics.update(evaluate_answers(accelerator.unwrap_model(model), data.val, tokenizer,
+                                                        tc.eval_generate, tc.eval_max_new_tokens))
                 break
             except torch.OutOfMemoryError:
                 if micro == 1:
@@ -402,6 +406,11 @@ def _best_metric(cfg: RunConfig) -> tuple[str, int]:
     """
     name, mode = cfg.train.best_metric, cfg.train.best_mode
     known = CLASSIFICATION_METRICS if cfg.task == "classification" else ("loss", "ppl")
+    if name in GENERATION_METRICS and cfg.task != "classification" and not cfg.train.eval_generate:
+        raise ValueError(f"train.best_metric={name!r} needs answers at each evaluation: set train.eval_generate "
+                         f"to the number of validation prompts to answer (e.g. 32)")
+    if cfg.train.eval_generate and cfg.task != "classification":
+        known = known + GENERATION_METRICS
     if name not in known:
         raise ValueError(f"train.best_metric={name!r} is not computed by the validation of task={cfg.task}; "
                          f"choose one of {list(known)}")
