@@ -264,3 +264,14 @@ def test_mixture_of_real_files_is_weighted_and_deterministic(tiny):
     assert [r["source"] for r in other.train] != [r["source"] for r in data.train]
     assert {r["source"].split(":")[0].rsplit("/", 1)[-1] for r in data.val} == {"alpaca_zh_demo.json",
                                                                                 "alpaca_en_demo.json"}
+
+
+def test_lr_find_sweeps_the_classification_loss(tmp_path):
+    """lr-find on a classification config trains the head (cross-entropy over 2 classes starts near ln 2),
+    not the language-model loss over a 129,280-token vocabulary (near ln 129280 = 11.8)."""
+    from dstune.train.lr_find import lr_find
+
+    result = lr_find(_cfg(tmp_path / "unused"), steps=6, start_lr=1e-5, end_lr=1e-2)
+    assert len(result.losses) == 6
+    assert all(0.1 < loss < 3.0 for loss in result.losses), result.losses
+    assert not (tmp_path / "unused").exists()

@@ -146,13 +146,7 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     tokenizer = load_tokenizer(resolved.path)
     template = resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family)
     best_metric, best_sign = _best_metric(cfg)
-    if cfg.task == "classification":  # head rows (data/classify.py); the token cache does not key on the task
-        from dstune.data import prepare_data
-
-        data = prepare_data(cfg.data, tokenizer, template, tc.seed, task=cfg.task,
-                            class_weights=cfg.classify.class_weights)
-    else:
-        data = cached_prepare(cfg.data, tokenizer, template, tc.seed)  # tokenised once, then loaded from the cache
+    data = task_data(cfg, tokenizer, template)
     data.report["padding_share"] = round(padding_share(data.train, tc.micro_batch_size), 4) if data.train else 0.0
     if tc.packing:  # validation stays unpacked: its loss is comparable across runs with and without packing
         data.train = pack_rows(data.train, cfg.data.max_length, tc.seed)
@@ -161,13 +155,7 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     if not data.train:
         raise ValueError(f"no training examples left in {cfg.data.train} after tokenising; see the data report")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if cfg.task == "classification":  # the LM head is replaced by a [classes, hidden] head (models/classify.py)
-        from dstune.models.classify import load_classifier
-
-        model = load_classifier(resolved.path, data.labels, pad_id, trust_remote_code=cfg.model.trust_remote_code)
-    else:
-        model = load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-                           revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
+    model = task_model(cfg, resolved, data.labels, pad_id)
     # Kernels are chosen on the plain model, before adapters wrap its modules (see train/accel.py).
     attention = apply_attention(model, tc.attention, accelerator.device.type, tc.precision)
     experts = apply_experts(model, tc.experts_implementation)
@@ -396,6 +384,27 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(result_summary, indent=2, ensure_ascii=False), "utf-8")
     return RunResult(run_dir, step, losses, val, final_dir, result_summary, accelerator.unwrap_model(model))
+
+
+def task_data(cfg: RunConfig, tokenizer, template: str | None):
+    """The run's data for its task: token rows with a loss mask, or head rows for ``task: classification``."""
+    if cfg.task == "classification":  # head rows (data/classify.py); the token cache does not key on the task
+        from dstune.data import prepare_data
+
+        return prepare_data(cfg.data, tokenizer, template, cfg.train.seed, task=cfg.task,
+                            class_weights=cfg.classify.class_weights)
+    return cached_prepare(cfg.data, tokenizer, template, cfg.train.seed)  # tokenised once, then from the cache
+
+
+def task_model(cfg: RunConfig, resolved, labels: list[str], pad_id: int) -> torch.nn.Module:
+    """The base model for the task: the causal LM, or for ``task: classification`` the decoder with a
+    ``[classes, hidden]`` head in place of the LM head (models/classify.py)."""
+    if cfg.task == "classification":
+        from dstune.models.classify import load_classifier
+
+        return load_classifier(resolved.path, labels, pad_id, trust_remote_code=cfg.model.trust_remote_code)
+    return load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+                      revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
 
 
 def _best_metric(cfg: RunConfig) -> tuple[str, int]:

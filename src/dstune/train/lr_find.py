@@ -22,12 +22,11 @@ import torch
 from accelerate import Accelerator
 
 from dstune.config import RunConfig
-from dstune.data import prepare_data
 from dstune.methods import prepare_model
-from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
+from dstune.models.load import load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
 from dstune.train.batching import MicroBatches
-from dstune.train.loop import backward_window
+from dstune.train.loop import backward_window, task_data, task_model
 from dstune.train.optim import build_optimizer, clip_gradients
 from dstune.train.regularize import apply_regularization
 
@@ -95,12 +94,11 @@ def lr_find(cfg: RunConfig, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
     resolved = resolve_model_dir(cfg.model.name, revision=cfg.model.revision,
                                  trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(resolved.path)
-    data = prepare_data(cfg.data, tokenizer, resolve_chat_template(tokenizer, cfg.model.chat_template,
-                                                                   resolved.family), tc.seed)
+    data = task_data(cfg, tokenizer, resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family))
     if not data.train:
         raise ValueError(f"no training examples left in {cfg.data.train} after tokenising")
-    model = load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-                       revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = task_model(cfg, resolved, data.labels, pad_id)
     torch.manual_seed(tc.seed)
     model = prepare_model(model, cfg)
     apply_regularization(model, cfg.regularize)
@@ -108,7 +106,6 @@ def lr_find(cfg: RunConfig, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
     ratios = [g["lr"] / cfg.optim.lr for g in optimizer.param_groups]
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batches = MicroBatches(data.train, tc.micro_batch_size, tc.seed, pad_id,
                            num_shards=accelerator.num_processes, shard=accelerator.process_index)
 
@@ -156,7 +153,7 @@ def plot_sweep(lrs: list[float], losses: list[float], smoothed: list[float], sug
     ax.axvline(suggestion, color="tab:red", ls="--", label=f"suggested lr {suggestion:.2e}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel("training loss")
     ax.set_title(f"lr range test ({RULE})")
     ax.grid(alpha=0.3)
     ax.legend()
