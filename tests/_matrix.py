@@ -202,7 +202,9 @@ def check_trained(row: dict, work: Path) -> list[str]:
         out.append(f"generate with cache {row['generate_cached']} != greedy without {row['generate_no_cache']}")
     logits = reloaded_logits(work)
     expected = logits["expected"]
-    for key, atol in (("reloaded", 1e-5), ("plain_peft", 1e-5), ("merged_plain_transformers", 1e-4)):
+    # Reloading is exact (0.0) except where PiSSA rebuilds its residual base weight: fp32 round-off, up to
+    # 1.1e-5 on an AMD EPYC (under 1e-5 on Intel). A missing or wrong adapter moves logits by far more.
+    for key, atol in (("reloaded", 5e-5), ("plain_peft", 5e-5), ("merged_plain_transformers", 1e-4)):
         if key in logits:
             diff = (logits[key] - expected).abs().max().item()
             row[f"{key}_max_diff"] = diff

@@ -82,9 +82,11 @@ def test_chunked_output_layer_equals_full_logits(family):
     chunked.backward()
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
-        if p.grad is not None:  # summation order differs: compare by relative norm (measured ~1e-6)
+        # Summation order differs: compare by relative norm. Measured ~1e-6 on Intel Xeon, up to 2.2e-5
+        # for the final norm's weight (a sum over every token) on AMD EPYC; a wrong chunk is off by O(1).
+        if p.grad is not None:
             rel = (p.grad - grads[n]).norm() / grads[n].norm().clamp(min=1e-12)
-            assert rel < 1e-5, f"{n}: relative gradient difference {rel:.2e}"
+            assert rel < 1e-4, f"{n}: relative gradient difference {rel:.2e}"
 
 
 def test_training_with_packing_and_chunked_output_layer(tmp_path):
