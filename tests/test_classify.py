@@ -105,15 +105,20 @@ def test_a_new_head_loads_quietly_but_a_broken_checkpoint_is_named(tiny, tmp_pat
         load_classifier(str(broken), LABELS, tok.pad_token_id)
 
 
-@pytest.mark.parametrize("method", ["full", "freeze", "lora", "adapter", "prefix", "prompt", "ia3"])
+@pytest.mark.parametrize("method", ["full", "freeze", "lora", "qlora", "adapter", "prefix", "ptuning", "prompt",
+                                    "ia3"])
 def test_every_method_trains_and_saves_the_head(method, tiny, hotel_rows, tmp_path):
     """The head trains with each method, and the saved run rebuilds as base + head (+ adapter) exactly."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes", reason="qlora needs bitsandbytes (the dev extra installs it)")
     path, tok = tiny
     cfg = _cfg(tmp_path, method=method, prompt={"virtual_tokens": 4})
     torch.manual_seed(0)
     model = prepare_model(load_classifier(path, LABELS, tok.pad_token_id), cfg)
     head = {n: p for n, p in model.named_parameters() if "score" in n.split(".") and p.requires_grad}
     assert head, f"{method}: the classification head is not trainable"
+    if method == "qlora":  # the head is new and trained whole: never quantised
+        assert model.quant_report.kept["score"].startswith("classification head")
     before = {n: p.detach().clone() for n, p in head.items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch = collate(hotel_rows[:8], tok.pad_token_id)

@@ -295,8 +295,6 @@ class RunConfig(_Section):
             if self.train.packing:
                 raise ValueError("task=classification cannot pack examples (each row is one example with one "
                                  "label): set train.packing=false")
-            if self.method == "qlora":
-                raise ValueError("task=classification is not supported with method=qlora yet; use method=lora")
         elif self.classify.class_weights != "none":
             raise ValueError("classify.class_weights needs task=classification (a classification head)")
         return self

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from dstune.config import QloraConfig, RunConfig
 from dstune.methods.lora import is_plain_linear, lora_config
-from dstune.methods.peft_model import CausalLM, wrap
+from dstune.methods.peft_model import CausalLM, SequenceClassifier, wrap
 from dstune.models.inspect import param_kind
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,8 +104,10 @@ def quantize_(model: nn.Module, qc: QloraConfig, keep: dict[str, str] | None = N
         qc: the ``qlora`` section.
         keep: module names to leave unquantised, with the reason.
     """
+    from dstune.models.classify import is_classifier
+
     report = QuantReport(qc.bits, kept={})
-    head = model.get_output_embeddings()
+    head, classifier = model.get_output_embeddings(), is_classifier(model)
     keep = dict(keep or {})
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
@@ -115,6 +117,8 @@ def quantize_(model: nn.Module, qc: QloraConfig, keep: dict[str, str] | None = N
             report.kept[name] = f"{type(module).__name__} is not a plain matmul"
         elif module is head:
             report.kept[name] = "output head"
+        elif leaf == "score" and classifier:
+            report.kept[name] = "classification head (new, trained whole)"
         elif name in keep:
             report.kept[name] = keep[name]
         elif any(name == k or name.endswith("." + k) for k in qc.keep):
@@ -143,7 +147,7 @@ def quantize_(model: nn.Module, qc: QloraConfig, keep: dict[str, str] | None = N
     return report
 
 
-def prepare_qlora(model: nn.Module, cfg: RunConfig, console: Console | None = None) -> CausalLM:
+def prepare_qlora(model: nn.Module, cfg: RunConfig, console: Console | None = None) -> CausalLM | SequenceClassifier:
     """Quantises the frozen base (``qlora.*``) and wraps it with LoRA (``lora.*``).
 
     Raises:
