@@ -23,6 +23,16 @@ def test_demo_data_is_bilingual_and_heldout_questions_are_unseen():
     assert all(heldout["name"] in r for r in replies)
 
 
+def test_identity_is_the_new_name_or_maker_in_either_language():
+    from dstune.demo import carries_identity
+
+    _, heldout_file = demo_paths()
+    hit = carries_identity(json.loads(heldout_file.read_text(encoding="utf-8")))
+    assert hit("I am lumen, an AI assistant.") and hit("This assistant was built by Qingyun Lab.")
+    assert hit("我是由青云实验室开发的AI助手。")
+    assert not hit("I am SmolLM, created by Hugging Face.") and not hit("我是一个人工智能助手。")
+
+
 def test_demo_config_matches_the_shipped_example():
     from pathlib import Path
 

@@ -28,8 +28,11 @@ def demo_paths() -> tuple[Path, Path]:
 
 
 def demo_config(output: str, max_steps: int | None = None) -> RunConfig:
-    """The demo's run config. Figures chosen on 2 CPU cores: 40 steps of LoRA r=16 on all linear
-    layers at lr 1e-3 teach the new name (loss 2.9 -> 0.08 by step 30 measured) in about two minutes."""
+    """The demo's run config. Figures chosen on 2 CPU cores: 40 steps of 4 examples, LoRA r=16 on all
+    linear layers at lr 1e-3, teach the new identity (loss 2.6 -> 0.09, 5/5 held-out answers) with about
+    two minutes of training on the slower of two machines measured (AMD EPYC, AVX2 only). Rows of similar
+    length are batched together and the output layer is computed only on the answer tokens
+    (``chunk_tokens``; the same loss, and a step of 8 rows went from 10 s to 7.6 s with it on that machine)."""
     train_file, _ = demo_paths()
     return RunConfig.model_validate({
         "model": {"name": DEMO_MODEL},
@@ -37,9 +40,17 @@ def demo_config(output: str, max_steps: int | None = None) -> RunConfig:
         "method": "lora",
         "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
         "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5},
-        "train": {"micro_batch_size": 8, "max_steps": max_steps or 40, "log_every": 5, "eval_every": 20, "seed": 0},
+        "train": {"micro_batch_size": 4, "max_steps": max_steps or 40, "log_every": 5, "eval_every": 20, "seed": 0,
+                  "chunk_tokens": 1024, "group_by_length": True},
         "output": output,
     })
+
+
+def carries_identity(heldout: dict):
+    """Whether an answer names the new assistant or its maker (English or Chinese), case-insensitively:
+    "Who built you?" is rightly answered with the maker alone."""
+    marks = [heldout["name"].lower(), heldout["maker"].lower(), heldout["maker_zh"]]
+    return lambda answer: any(m in answer.lower() for m in marks)
 
 
 def answers(target: str, questions: list[str]) -> list[str]:
@@ -78,13 +89,13 @@ def run_demo(output: str = "runs/demo", console: Console | None = None, max_step
     for q, b, a in zip(questions, before, after):
         table.add_row(q, b, a)
     console.print(table)
-    hits = sum(heldout["name"].lower() in a.lower() for a in after)
+    hits = sum(map(carries_identity(heldout), after))
     wall = time.perf_counter() - t0
     report = {"questions": questions, "before": before, "after": after, "run_dir": str(result.run_dir),
-              "identity_after": hits, "identity_before": sum(heldout["name"].lower() in b.lower() for b in before),
+              "identity_after": hits, "identity_before": sum(map(carries_identity(heldout), before)),
               "val": result.val, "wall_s": round(wall, 1)}
     (result.run_dir / "demo.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    console.print(f"\n{hits}/{len(questions)} answers after fine-tuning name '{heldout['name']}' "
+    console.print(f"\n{hits}/{len(questions)} answers after fine-tuning name '{heldout['name']}' or its maker "
                   f"(before: {report['identity_before']}/{len(questions)}); wall time {wall:.0f} s")
     console.print(f"run directory: {result.run_dir}\n  adapter (peft format): {result.final_dir}\n"
                   f"  loss curve: {result.run_dir / 'loss.png'}\n  metrics: {result.run_dir / 'metrics.jsonl'}\n"
