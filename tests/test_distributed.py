@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import SHARED_DATA
 
 MAX_STEPS = 40
@@ -54,6 +56,7 @@ def _wait(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
     return [p.wait(timeout=timeout) for p in procs]
 
 
+@pytest.mark.slow  # ~50 s: two accelerate ranks as subprocesses
 def test_two_ranks_share_one_run_and_stop_together_on_sigterm(tmp_path):
     rows = json.loads((SHARED_DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:64]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")

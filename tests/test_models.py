@@ -213,6 +213,7 @@ def test_upstream_llama_and_qwen_are_not_called_deepseek():
 # --------------------------------------------------------------------------- SmolLM2 GGUF
 
 
+@pytest.mark.slow  # ~70 s: de-quantises the 135M GGUF into a fresh cache
 def test_smollm2_gguf_materialises_to_an_equivalent_plain_checkpoint(smollm2_dir):
     resolved = resolve_model_dir("smollm2")
     assert (resolved.path, resolved.family, resolved.source) == (smollm2_dir, "llama", "gguf")

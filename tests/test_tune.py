@@ -104,6 +104,7 @@ def _tune_cli(config: Path, *args: str, faults: str = "") -> subprocess.Complete
                           env=dict(os.environ, DSTUNE_FAULTS=faults), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # ~60 s: two tune subprocesses, one killed
 def test_crash_loses_no_finished_trial_and_rerun_resumes(tmp_path, data_file):
     config = base_yaml(tmp_path, data_file, {"trials": 2, "sampler": "random", "pruner": "none",
                                              "space": {"optim.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}})
