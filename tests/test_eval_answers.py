@@ -81,8 +81,9 @@ def test_replies_cut_by_max_length_are_not_scored(tmp_path):
     template = resolve_chat_template(tok, "auto", resolved.family)
     short = prepare_data(_cfg(data, tmp_path / "a", max_length=48).data, tok, template, 3).val
     whole = prepare_data(_cfg(data, tmp_path / "b", max_length=4096).data, tok, template, 3).val
-    assert all(complete_reply(r, tok) for r in whole)
-    cut = [r for r in short if not complete_reply(r, tok)]
+    special = set(tok.all_special_ids)
+    assert all(complete_reply(r, special) for r in whole)
+    cut = [r for r in short if not complete_reply(r, special)]
     assert cut and all(len(r["input_ids"]) == 48 for r in cut)
 
 

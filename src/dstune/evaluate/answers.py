@@ -81,7 +81,8 @@ def evaluate_answers(model, rows: list[dict], tokenizer, limit: int, max_new_tok
         ``{"bleu", "rouge1", "rouge2", "rougeL", "exact_match", "answered"}``, over the rows whose reply
         ``data.max_length`` did not cut (``answered`` of them); empty when there are none.
     """
-    rows = [r for r in rows[:limit] if isinstance(r["labels"], list) and complete_reply(r, tokenizer)]
+    special = set(tokenizer.all_special_ids)
+    rows = [r for r in rows[:limit] if isinstance(r["labels"], list) and complete_reply(r, special)]
     if not rows:
         return {}
     hyps, refs = answer_rows(model, rows, tokenizer, max_new_tokens)
@@ -90,10 +91,11 @@ def evaluate_answers(model, rows: list[dict], tokenizer, limit: int, max_new_tok
             "rougeL": rouge["rougeL"], "exact_match": M.exact_match(hyps, refs), "answered": len(rows)}
 
 
-def complete_reply(row: dict, tokenizer) -> bool:
-    """Whether the row's last reply ends with its end-of-turn token, i.e. ``data.max_length`` did not cut it.
+def complete_reply(row: dict, special_ids: set[int]) -> bool:
+    """Whether the row's last reply ends with its end-of-turn token (one of the tokenizer's
+    ``special_ids``), i.e. ``data.max_length`` did not cut it.
 
     A cut reply is no reference: a model that wrote the whole answer would be scored down for it.
     """
     _, end = last_reply_span(row["labels"])
-    return row["labels"][end - 1] in set(tokenizer.all_special_ids)
+    return row["labels"][end - 1] in special_ids

@@ -27,6 +27,7 @@ from rich.console import Console
 from dstune.config import QloraConfig, RunConfig
 from dstune.methods.lora import is_plain_linear, lora_config
 from dstune.methods.peft_model import CausalLM, SequenceClassifier, wrap
+from dstune.models.classify import is_classifier
 from dstune.models.inspect import param_kind
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,8 +105,6 @@ def quantize_(model: nn.Module, qc: QloraConfig, keep: dict[str, str] | None = N
         qc: the ``qlora`` section.
         keep: module names to leave unquantised, with the reason.
     """
-    from dstune.models.classify import is_classifier
-
     report = QuantReport(qc.bits, kept={})
     head, classifier = model.get_output_embeddings(), is_classifier(model)
     keep = dict(keep or {})

@@ -254,9 +254,6 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                 else:
                     metrics = evaluate_loss(model, data.val, micro, pad_id, accelerator, tc.eval_batches,
                                             tc.chunk_tokens)
-                    if metrics and tc.eval_generate:
-                        metrics.update(evaluate_answers(accelerator.unwrap_model(model), data.val, tokenizer,
-                                                        tc.eval_generate, tc.eval_max_new_tokens))
                 break
             except torch.OutOfMemoryError:
                 if micro == 1:
@@ -266,6 +263,10 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                 _free_memory(accelerator)
                 if is_main:
                     console.print(f"[yellow]out of memory in evaluation: evaluation micro-batch -> {micro}[/]")
+        # Answers are generated one row at a time, so halving the batch above would not help them.
+        if metrics and tc.eval_generate and cfg.task != "classification":
+            metrics.update(evaluate_answers(accelerator.unwrap_model(model), data.val, tokenizer,
+                                            tc.eval_generate, tc.eval_max_new_tokens))
         if metrics:
             logger.log(step, "val", metrics)
             val_seen.update(step=step, loss=metrics["loss"], value=metrics[best_metric])
