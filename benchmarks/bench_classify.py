@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--class-weights", default="none", choices=["none", "balanced"],
                     help="classify.class_weights (balanced: n / (classes x count) per class)")
+    ap.add_argument("--pooling", default="last", choices=["last", "mean"],
+                    help="classify.pooling: the head reads the last real token or the mean of all of them")
     ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "classify_chnsenticorp.json"))
     args = ap.parse_args()
 
@@ -98,7 +100,7 @@ def main() -> None:
     cfg = RunConfig.model_validate({
         "model": {"name": args.model}, "task": "classification", "method": "lora",
         "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "targets": "all-linear"},
-        "classify": {"class_weights": args.class_weights},
+        "classify": {"class_weights": args.class_weights, "pooling": args.pooling},
         "data": {"train": str(work / "data" / "train.jsonl"), "validation": str(work / "data" / "val.jsonl"),
                  "max_samples": args.train_rows, "max_length": args.max_length},
         "optim": {"lr": args.lr, "schedule": "cosine", "warmup_ratio": 0.1},
@@ -119,7 +121,7 @@ def main() -> None:
                  "test_label_balance": dict(Counter(r["label"] for r in test_rows))},
         "model": {"name": args.model, "method": "lora", "r": args.lora_r, "targets": "all-linear",
                   "train_rows": min(args.train_rows, len(train_rows)), "max_length": args.max_length, "steps": steps,
-                  "micro_batch": args.micro_batch, "lr": args.lr, "class_weights": args.class_weights,
+                  "micro_batch": args.micro_batch, "lr": args.lr, "class_weights": args.class_weights, "pooling": args.pooling,
                   "final_train_loss": round(result.final_loss, 4),
                   "accuracy": round(c["accuracy"], 4), "f1_macro": round(c["f1_macro"], 4),
                   "confusion_matrix": c["confusion_matrix"], "labels": c["labels"]},

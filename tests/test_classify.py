@@ -105,16 +105,44 @@ def test_a_new_head_loads_quietly_but_a_broken_checkpoint_is_named(tiny, tmp_pat
         load_classifier(str(broken), LABELS, tok.pad_token_id)
 
 
-@pytest.mark.parametrize("method", ["full", "freeze", "lora", "qlora", "adapter", "prefix", "ptuning", "prompt",
-                                    "ia3"])
-def test_every_method_trains_and_saves_the_head(method, tiny, hotel_rows, tmp_path):
-    """The head trains with each method, and the saved run rebuilds as base + head (+ adapter) exactly."""
+def test_mean_pooling_reads_the_mean_of_the_real_tokens(tiny, hotel_rows):
+    path, tok = tiny
+    torch.manual_seed(0)
+    model = load_classifier(path, LABELS, tok.pad_token_id, pooling="mean").eval()
+    assert is_classifier(model) and model.config.classifier_pooling == "mean"
+    assert type(model).__name__ == "LlamaForSequenceClassification"  # config.json keeps a known architecture
+    batch = collate(hotel_rows[:4], tok.pad_token_id)  # left padded: the padding must not enter the mean
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        alone = torch.cat([model(input_ids=torch.tensor([r["input_ids"]])).logits for r in hotel_rows[:4]])
+        hidden = model.model(input_ids=torch.tensor([hotel_rows[0]["input_ids"]])).last_hidden_state[0]
+        last = load_classifier(path, LABELS, tok.pad_token_id).eval()
+        last.score.weight.copy_(model.score.weight)
+        last_logits = last(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone[0], model.score.weight @ hidden.mean(0), atol=1e-5, rtol=1e-5)
+    assert (together - last_logits).abs().max() > 1e-3  # the same head reads something else with last pooling
+    labels = torch.tensor([r["labels"] for r in hotel_rows[:4]])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, labels))
+    with pytest.raises(ValueError, match="classify.pooling"):
+        load_classifier(path, LABELS, tok.pad_token_id, pooling="max")
+
+
+METHODS = ["full", "freeze", "lora", "qlora", "adapter", "prefix", "ptuning", "prompt", "ia3"]
+
+
+@pytest.mark.parametrize("method,pooling", [(m, "last") for m in METHODS] +
+                         [(m, "mean") for m in ("full", "lora", "prefix", "prompt")])
+def test_every_method_trains_and_saves_the_head(method, pooling, tiny, hotel_rows, tmp_path):
+    """The head trains with each method, and the saved run rebuilds as base + head (+ adapter) exactly;
+    with mean pooling too (prefix tuning's mask covers virtual tokens the hidden states do not have)."""
     if method == "qlora":
         pytest.importorskip("bitsandbytes", reason="qlora needs bitsandbytes (the dev extra installs it)")
     path, tok = tiny
-    cfg = _cfg(tmp_path, method=method, prompt={"virtual_tokens": 4})
+    cfg = _cfg(tmp_path, method=method, prompt={"virtual_tokens": 4}, classify={"pooling": pooling})
     torch.manual_seed(0)
-    model = prepare_model(load_classifier(path, LABELS, tok.pad_token_id), cfg)
+    model = prepare_model(load_classifier(path, LABELS, tok.pad_token_id, pooling=pooling), cfg)
     head = {n: p for n, p in model.named_parameters() if "score" in n.split(".") and p.requires_grad}
     assert head, f"{method}: the classification head is not trainable"
     if method == "qlora":  # the head is new and trained whole: never quantised
@@ -136,6 +164,12 @@ def test_every_method_trains_and_saves_the_head(method, tiny, hotel_rows, tmp_pa
         want = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if method == "full":  # a saved classifier keeps its pooling in config.json, with no run config at hand
+        alone = load_trained(final, path, None, labels=LABELS, pad_id=tok.pad_token_id)
+        assert alone.config.classifier_pooling == pooling
+        with torch.no_grad():
+            got = alone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- class weights

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -377,7 +378,6 @@ def test_every_tune_example_has_a_valid_space():
 def test_ctrl_c_stops_the_search_and_a_rerun_finishes_it_exactly(tmp_path, zh_file):
     # SIGTERM (or Ctrl-C) in a trial used to fail that trial only, and the search went on with the next.
     import signal
-    import time
 
     space = {"optim.lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}}
     config = base_yaml(tmp_path, zh_file, {"trials": 3, "sampler": "random", "pruner": "none", "space": space},
@@ -410,6 +410,57 @@ def test_asha_prunes_the_second_trial_when_it_is_worse_than_the_first(tmp_path, 
     trials = run_tune(cfg, console=Console(quiet=True)).study.trials
     assert [t.state for t in trials] == [COMPLETE, PRUNED]
     assert trials[1].user_attrs["steps"] == 2  # stopped at its first evaluation
+
+
+@pytest.mark.parametrize("min_resource,stopped_at", [(None, 4), (6, 6)])
+def test_asha_first_decision_waits_a_quarter_of_the_trial(tmp_path, data_file, min_resource, stopped_at):
+    # Judged at its first evaluation (step 2 of 16), a trial is still in its warmup: by default the first
+    # decision waits for a quarter of the trial's steps (16 // 4 = 4), or for tune.min_resource steps.
+    space = {"optim.lr": {"type": "categorical", "choices": [3e-2, 1e-7]}}
+    tune = {"trials": 2, "sampler": "random", "pruner": "asha", "space": space, "min_resource": min_resource}
+    cfg = load_config(base_yaml(tmp_path, data_file, tune, max_steps=16, eval_every=2))
+    _enqueued(cfg, {"optim.lr": 3e-2}, {"optim.lr": 1e-7})
+    trials = run_tune(cfg, console=Console(quiet=True)).study.trials
+    assert [t.state for t in trials] == [COMPLETE, PRUNED]
+    assert trials[1].user_attrs["steps"] == stopped_at
+
+
+def test_dashboard_serves_the_study_it_was_given(tmp_path, data_file):
+    """``--dashboard`` starts optuna-dashboard on the study's storage: its HTTP API lists our trial."""
+    import urllib.request
+
+    pytest.importorskip("optuna_dashboard", reason="the dev extra installs optuna-dashboard")
+    from typer.testing import CliRunner
+
+    from dstune.cli import app
+
+    config = base_yaml(tmp_path, data_file, {"trials": 1})
+    out = CliRunner().invoke(app, ["tune", str(config), "--dashboard"], env={"COLUMNS": "300"})
+    assert out.exit_code == 2 and "holds no study yet" in out.output  # nothing to show: said, not a blank page
+    cfg = load_config(config)
+    _enqueued(cfg)
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    lr = optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)
+    study.add_trial(optuna.trial.create_trial(params={"optim.lr": 1e-3}, distributions={"optim.lr": lr}, value=1.25))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dstune.cli", "tune", str(config), "--dashboard",
+                             "--dashboard-port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, body = time.monotonic() + 90, None
+        while body is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/1?after=0", timeout=5) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, proc.stdout.read() if proc.poll() is not None else "no answer in 90 s"
+        assert body["name"] == "study"
+        assert [(t["number"], t["values"]) for t in body["trials"]] == [(0, [1.25])]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_tune_help_shows_every_option_with_its_default():

@@ -234,6 +234,7 @@ def tune(
     retrain: bool = typer.Option(False, "--retrain", help="retrain the best configuration on train+val at the end"),
     set_: list[str] = typer.Option([], "--set", help="override any config field (repeatable)"),
     dashboard: bool = typer.Option(False, "--dashboard", help="open optuna-dashboard on the study (extra: dashboard)"),
+    dashboard_port: int = typer.Option(8080, "--dashboard-port", help="port of --dashboard, on 127.0.0.1"),
 ) -> None:
     """Search hyperparameters: every trial is a normal run; workers sharing --storage share one study."""
     from dstune.train.signals import TrainingInterrupted
@@ -251,7 +252,7 @@ def tune(
             values["tune.preset"] = space
         cfg = load_config(config, overrides=set_, values=values)
         if dashboard:
-            _dashboard(cfg)
+            _dashboard(cfg, dashboard_port)
             return
         run_tune(cfg, console=console)
     except TrainingInterrupted:
@@ -262,18 +263,23 @@ def tune(
         _fail(str(exc))
 
 
-def _dashboard(cfg) -> None:
+def _dashboard(cfg, port: int) -> None:
     import shutil
     import subprocess
+    import sys
 
     from dstune.tune.study import _storage_url
 
-    exe = shutil.which("optuna-dashboard")
+    # The script beside this interpreter first: the extra installs it into the same environment.
+    exe = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which("optuna-dashboard")
     if exe is None:
         _fail("optuna-dashboard is not installed: pip install 'dstune[dashboard]'")
-    url = _storage_url(cfg.tune, Path(cfg.tune.output))
-    console.print(f"optuna-dashboard on {url} (Ctrl-C to stop)")
-    subprocess.run([exe, url], check=False)
+    study_dir = Path(cfg.tune.output)
+    if cfg.tune.storage is None and not (study_dir / "study.db").is_file():
+        _fail(f"{study_dir} holds no study yet (no study.db): run dstune tune first, or pass --storage")
+    url = _storage_url(cfg.tune, study_dir)
+    console.print(f"optuna-dashboard for {url} at http://127.0.0.1:{port} (Ctrl-C to stop)", highlight=False)
+    subprocess.run([exe, url, "--host", "127.0.0.1", "--port", str(port)], check=False)
 
 
 @app.command("eval")

@@ -244,6 +244,8 @@ class ClassifyConfig(_Section):
 
     class_weights: Literal["none", "balanced"] | dict[str, float] = Field(
         "none", description="loss weight per class: none, balanced (n / (classes x count)), or {label: weight}")
+    pooling: Literal["last", "mean"] = Field(
+        "last", description="what the head reads: the last real token (transformers' way) or the mean of all")
 
 
 class TuneConfig(_Section):
@@ -265,6 +267,8 @@ class TuneConfig(_Section):
     output: str = Field("studies/study", description="study directory (trial run directories, tables, plots)")
     retrain: bool = Field(False, description="retrain the best configuration on train+val at the end")
     startup_trials: int = Field(3, ge=0, description="trials before the pruner and model-based samplers act")
+    min_resource: int | None = Field(
+        None, ge=1, description="steps a trial runs before ASHA/Hyperband may stop it; null: a quarter of its steps")
     seed: int = Field(0, description="sampler seed")
 
 
@@ -297,6 +301,8 @@ class RunConfig(_Section):
                                  "label): set train.packing=false")
         elif self.classify.class_weights != "none":
             raise ValueError("classify.class_weights needs task=classification (a classification head)")
+        elif self.classify.pooling != "last":
+            raise ValueError("classify.pooling needs task=classification (a classification head)")
         return self
 
 

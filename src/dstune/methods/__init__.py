@@ -83,8 +83,10 @@ def load_trained(final_dir: str | Path, base_path: str, cfg: RunConfig | None = 
     if labels is not None:
         from dstune.models.classify import load_classifier
 
+        pooling = cfg.classify.pooling if cfg is not None else None  # None: the saved config's, else last
+
         def load_model(path, dtype=torch.float32):  # noqa: F811 - the same call, with the head
-            return load_classifier(str(path), labels, pad_id, dtype=dtype)
+            return load_classifier(str(path), labels, pad_id, dtype=dtype, pooling=pooling)
     final = Path(final_dir)
     if is_adapter_dir(final):
         return load_adapter(load_model(base_path, dtype=torch.float32), final)

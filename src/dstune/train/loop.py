@@ -403,7 +403,8 @@ def task_model(cfg: RunConfig, resolved, labels: list[str], pad_id: int) -> torc
     if cfg.task == "classification":
         from dstune.models.classify import load_classifier
 
-        return load_classifier(resolved.path, labels, pad_id, trust_remote_code=cfg.model.trust_remote_code)
+        return load_classifier(resolved.path, labels, pad_id, trust_remote_code=cfg.model.trust_remote_code,
+                               pooling=cfg.classify.pooling)
     return load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
                       revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
 
