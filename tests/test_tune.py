@@ -461,6 +461,8 @@ def test_dashboard_serves_the_study_it_was_given(tmp_path, data_file):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    with pytest.raises(OSError):  # SIGTERM to dstune stopped the dashboard too: none is left serving
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5)
 
 
 def test_tune_help_shows_every_option_with_its_default():

@@ -264,8 +264,8 @@ def tune(
 
 
 def _dashboard(cfg, port: int) -> None:
+    import os
     import shutil
-    import subprocess
     import sys
 
     from dstune.tune.study import _storage_url
@@ -279,7 +279,9 @@ def _dashboard(cfg, port: int) -> None:
         _fail(f"{study_dir} holds no study yet (no study.db): run dstune tune first, or pass --storage")
     url = _storage_url(cfg.tune, study_dir)
     console.print(f"optuna-dashboard for {url} at http://127.0.0.1:{port} (Ctrl-C to stop)", highlight=False)
-    subprocess.run([exe, url, "--host", "127.0.0.1", "--port", str(port)], check=False)
+    sys.stdout.flush()
+    # The dashboard replaces this process (no child left behind when dstune is sent SIGTERM).
+    os.execv(exe, [exe, url, "--host", "127.0.0.1", "--port", str(port)])
 
 
 @app.command("eval")
