@@ -22,6 +22,8 @@ import torch
 
 from bench_classify import DATA, _rows
 
+from dstune.models.classify import mean_of_real_tokens
+
 
 @torch.no_grad()
 def features(model, tok, texts: list[str], max_length: int, batch: int = 16) -> dict[str, torch.Tensor]:
@@ -33,7 +35,7 @@ def features(model, tok, texts: list[str], max_length: int, batch: int = 16) -> 
         mask = enc["attention_mask"]
         last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # the rightmost real token, either padding side
         out["last"].append(hidden[torch.arange(len(hidden)), last])
-        out["mean"].append((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+        out["mean"].append(mean_of_real_tokens(hidden, mask))  # the pooling classify.pooling=mean trains
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -266,7 +266,6 @@ def tune(
 def _dashboard(cfg, port: int) -> None:
     import os
     import shutil
-    import sys
 
     from dstune.tune.study import _storage_url
 

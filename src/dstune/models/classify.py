@@ -15,8 +15,8 @@ distance between positions, so the constant shift left padding gives a row does 
 
 ``classify.pooling: mean`` makes the head read the mean of the hidden states of the real tokens instead
 (``_MeanPooling``). transformers' classifiers pool only the last token; on ChnSentiCorp a logistic
-regression on frozen SmolLM2 features scored 0.63-0.66 accuracy from the last token and 0.76-0.79 from
-the mean (400 train / 300 test reviews, docs/benchmarks.md), so small data sets learn faster from the
+regression on frozen SmolLM2 features scored 0.63-0.66 accuracy from the last token and 0.76-0.77 from
+the mean (400 train / 300 test reviews, ``benchmarks/probe_pooling.py``), so small data sets learn faster from the
 mean. The choice is saved in the model config (``classifier_pooling``) and in the run's config.
 """
 
@@ -55,6 +55,12 @@ def _wrapper_class(model_type: str) -> type:
     return type(f"{prefix}ForSequenceClassification", (GenericForSequenceClassification, base), {})
 
 
+def mean_of_real_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq, hidden)`` -> ``(batch, hidden)``: the mean over the positions where ``mask`` is 1."""
+    mask = mask.to(hidden.dtype)
+    return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+
 class _MeanPooling:
     """Mixin over a ``GenericForSequenceClassification`` class: the head reads the mean hidden state of the
     real tokens (``attention_mask`` 1) instead of the last one. transformers has no such option, so its
@@ -69,9 +75,9 @@ class _MeanPooling:
             mask = hidden.new_ones(hidden.shape[:2])
         else:  # prefix tuning's mask also covers its virtual tokens, which are not in ``hidden``; prompt
             # tuning's virtual tokens are in both and enter the mean (the same states for every input)
-            mask = attention_mask[:, -hidden.shape[1]:].to(hidden.dtype)
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        logits = self.score(pooled)  # the head is linear without bias: the mean of per-token logits, too
+            mask = attention_mask[:, -hidden.shape[1]:]
+        # the head is linear without bias: this is also the mean of the per-token logits
+        logits = self.score(mean_of_real_tokens(hidden, mask))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
