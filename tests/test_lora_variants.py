@@ -109,7 +109,24 @@ def test_lora_plus_gives_every_b_matrix_the_higher_lr():
             assert lr_of[id(p)] == pytest.approx(8e-3 if ".lora_B." in name else 1e-3), name
 
 
+def test_top_layers_adapts_only_the_top_and_the_backward_pass_stops_below_them():
+    from dstune.methods.freeze import layer_index
+
+    model = prepare_model(_model("deepseek-v3"), _cfg(targets="all-linear", experts="all", top_layers=1))
+    top = model.config.num_hidden_layers - 1
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and {layer_index(n) for n in trained} == {top}
+    assert any(".experts." in n for n in trained)  # fused expert parameters follow the rule too
+    ids = torch.randint(0, 100, (1, 8))
+    out = model(input_ids=ids, output_hidden_states=True)
+    # hidden_states[i] is the input of layer i: nothing below the adapted layer is part of the backward graph.
+    assert not out.hidden_states[top].requires_grad and out.logits.requires_grad
+    everywhere = prepare_model(_model("deepseek-v3"), _cfg(targets="all-linear"))
+    assert everywhere(input_ids=ids, output_hidden_states=True).hidden_states[1].requires_grad
+
+
 @pytest.mark.parametrize("lora, match", [
+    ({"top_layers": 99}, "lora.top_layers=99 but the model has 2 decoder layers"),
     ({"use_dora": True, "experts": "routed"}, "lora.use_dora=true"),
     ({"dropout": 0.1, "targets": "mlp"}, "lora.dropout"),
     ({"init": "pissa", "experts": "shared"}, "lora.init=pissa"),

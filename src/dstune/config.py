@@ -88,6 +88,8 @@ class LoraConfig(_Section):
         "attention", description="attention | mlp | all-linear | a list of module names")
     experts: Literal["none", "shared", "routed", "all"] = Field(
         "none", description="MoE experts to adapt too: shared experts, the fused routed experts, or both")
+    top_layers: int | None = Field(
+        None, ge=1, description="adapt only the top N decoder layers (null: all); backward stops below them")
     use_dora: bool = Field(False, description="DoRA: learn a magnitude per output and a LoRA direction")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
     init: Literal["default", "gaussian", "pissa", "pissa_fast", "olora"] = Field(

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dstune.config import RunConfig
-from dstune.generate import generate_reply, load_for_inference
+from dstune.generate import generate_replies, load_for_inference
 
 DEMO_MODEL = "smollm2"
 
@@ -28,17 +28,18 @@ def demo_paths() -> tuple[Path, Path]:
 
 
 def demo_config(output: str, max_steps: int | None = None) -> RunConfig:
-    """The demo's run config. Figures chosen on 2 CPU cores: 40 steps of 4 examples, LoRA r=16 on all
-    linear layers at lr 1e-3, teach the new identity (loss 2.6 -> 0.09, 5/5 held-out answers) with about
-    two minutes of training on the slower of two machines measured (AMD EPYC, AVX2 only). Rows of similar
-    length are batched together and the output layer is computed only on the answer tokens
-    (``chunk_tokens``; the same loss, and a step of 8 rows went from 10 s to 7.6 s with it on that machine)."""
+    """The demo's run config. Figures chosen on 2 CPU cores: 40 steps of 4 examples, LoRA r=16 on every
+    linear layer of the top 10 of SmolLM2's 30 decoder layers at lr 1e-3, teach the new identity (5/5
+    held-out answers) on the slower of two machines measured (AMD EPYC, AVX2 only). With no adapter below
+    layer 20 the backward pass stops there: training took 111 s instead of 191 s with LoRA in all 30
+    layers, with the same 5/5. Rows of similar length are batched together and the output layer is
+    computed only on the answer tokens (``chunk_tokens``; a step of 8 rows went from 10 s to 7.6 s)."""
     train_file, _ = demo_paths()
     return RunConfig.model_validate({
         "model": {"name": DEMO_MODEL},
         "data": {"train": str(train_file), "split": [0.9, 0.1, 0.0], "max_length": 128},
         "method": "lora",
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear"},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear", "top_layers": 10},
         "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5},
         "train": {"micro_batch_size": 4, "max_steps": max_steps or 40, "log_every": 5, "eval_every": 20, "seed": 0,
                   "chunk_tokens": 1024, "group_by_length": True},
@@ -54,9 +55,9 @@ def carries_identity(heldout: dict):
 
 
 def answers(target: str, questions: list[str]) -> list[str]:
-    """Greedy answers of a model or run to each question."""
-    loaded = load_for_inference(target)
-    return [generate_reply(loaded, [{"role": "user", "content": q}], max_new_tokens=48) for q in questions]
+    """Greedy answers of a model or run to each question (one batched generate call)."""
+    return generate_replies(load_for_inference(target), [[{"role": "user", "content": q}] for q in questions],
+                            max_new_tokens=48)
 
 
 def run_demo(output: str = "runs/demo", console: Console | None = None, max_steps: int | None = None) -> dict:

@@ -60,18 +60,36 @@ def load_for_inference(target: str, *, trust_remote_code: bool = False, revision
     return Loaded(model, tokenizer, template, family)
 
 
-@torch.no_grad()
 def generate_reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
                    top_p: float = 1.0, seed: int = 0) -> str:
     """The assistant's next reply to ``messages`` (greedy when ``temperature`` is 0)."""
+    return generate_replies(loaded, [messages], max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, seed=seed)[0]
+
+
+@torch.no_grad()
+def generate_replies(loaded: Loaded, conversations: list[list[dict]], *, max_new_tokens: int = 128,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+    """The next reply to each conversation, from one batched ``generate`` call.
+
+    Rows are left-padded by hand (the tokenizer may have no pad token and is shared, so its padding side
+    is not touched); generate derives position ids from the attention mask, so a padded row is answered
+    as it would be alone, up to float summation order.
+    """
     tok = loaded.tokenizer
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                   chat_template=loaded.chat_template)
-    enc = tok(text, add_special_tokens=False, return_tensors="pt")
+    rows = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False,
+                                        chat_template=loaded.chat_template), add_special_tokens=False)["input_ids"]
+            for m in conversations]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
     device = next(loaded.model.parameters()).device
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    out = loaded.model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                                max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                                eos_token_id=tok.eos_token_id, **sampling)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    out = loaded.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                pad_token_id=pad, eos_token_id=tok.eos_token_id, **sampling)
+    return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
