@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--top-layers", type=int, default=None, help="lora.top_layers: adapt only the top N layers")
+    ap.add_argument("--head-lr", type=float, default=None, help="optim.head_lr: lr of the new head (default: --lr)")
     ap.add_argument("--class-weights", default="none", choices=["none", "balanced"],
                     help="classify.class_weights (balanced: n / (classes x count) per class)")
     ap.add_argument("--pooling", default="last", choices=["last", "mean"],
@@ -99,11 +101,11 @@ def main() -> None:
     steps = args.steps or -(-min(args.train_rows, len(train_rows)) // args.micro_batch)
     cfg = RunConfig.model_validate({
         "model": {"name": args.model}, "task": "classification", "method": "lora",
-        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "targets": "all-linear"},
+        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "targets": "all-linear", "top_layers": args.top_layers},
         "classify": {"class_weights": args.class_weights, "pooling": args.pooling},
         "data": {"train": str(work / "data" / "train.jsonl"), "validation": str(work / "data" / "val.jsonl"),
                  "max_samples": args.train_rows, "max_length": args.max_length},
-        "optim": {"lr": args.lr, "schedule": "cosine", "warmup_ratio": 0.1},
+        "optim": {"lr": args.lr, "head_lr": args.head_lr, "schedule": "cosine", "warmup_ratio": 0.1},
         "train": {"micro_batch_size": args.micro_batch, "max_steps": steps, "eval_batches": 4, "log_every": 5,
                   "seed": 0, "progress": False},
         "output": str(work / "run")})
@@ -121,7 +123,8 @@ def main() -> None:
                  "test_label_balance": dict(Counter(r["label"] for r in test_rows))},
         "model": {"name": args.model, "method": "lora", "r": args.lora_r, "targets": "all-linear",
                   "train_rows": min(args.train_rows, len(train_rows)), "max_length": args.max_length, "steps": steps,
-                  "micro_batch": args.micro_batch, "lr": args.lr, "class_weights": args.class_weights, "pooling": args.pooling,
+                  "micro_batch": args.micro_batch, "lr": args.lr, "head_lr": args.head_lr,
+                  "top_layers": args.top_layers, "class_weights": args.class_weights, "pooling": args.pooling,
                   "final_train_loss": round(result.final_loss, 4),
                   "accuracy": round(c["accuracy"], 4), "f1_macro": round(c["f1_macro"], 4),
                   "confusion_matrix": c["confusion_matrix"], "labels": c["labels"]},
