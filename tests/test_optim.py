@@ -121,6 +121,27 @@ def test_embedding_and_head_lr_replace_the_rule(tiny):
     assert groups["layer 0 / decay"] == groups["layer 1 / decay"] == 1e-3
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_head_lr_reaches_a_classification_head(tiny, method):
+    # A sequence classifier has no output embeddings; its head (``score``, under LoRA peft's trainable
+    # copy in modules_to_save) is found by name. Adam's first update measures the lr it really used.
+    from dstune.models.classify import load_classifier
+
+    torch.manual_seed(0)
+    cfg = RunConfig.model_validate({"method": method, "task": "classification", "lora": {"r": 4}})
+    model = prepare_model(load_classifier(tiny.path, ["neg", "pos"], pad_id=0), cfg)
+    optim = OptimConfig(lr=1e-4, head_lr=3e-3)
+    assert {g["name"] for g in param_groups(model, optim)} >= {"head / decay"}
+    opt = build_optimizer(model, optim)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model(input_ids=torch.tensor([[5, 6, 7, 8]]), labels=torch.tensor([1])).loss.backward()
+    opt.step()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad}
+    heads = [n for n in moved if ".score." in n or n.startswith("score.")]
+    assert heads and all(moved[n] == pytest.approx(3e-3, rel=1e-3) for n in heads)
+    assert all(moved[n] <= 1e-4 * 1.001 for n in moved if n not in heads)
+
+
 def test_lora_plus_raises_the_b_matrices_lr(tiny):
     model = _model(tiny, "lora", r=4)
     cfg = OptimConfig(lr=1e-3, lora_plus_ratio=16, eps=1e-12)

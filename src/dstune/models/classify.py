@@ -47,6 +47,13 @@ def is_classifier(model: nn.Module) -> bool:
     return any(isinstance(m, GenericForSequenceClassification) for m in model.modules())
 
 
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The classification head's parameters (``score``; under peft both its frozen original and the trainable
+    copy in ``modules_to_save``), or none when ``model`` is not a classifier. ``get_output_embeddings()``
+    is None on a sequence classifier, so code that finds the head through it needs this."""
+    return [p for m in model.modules() if isinstance(m, GenericForSequenceClassification) for p in m.score.parameters()]
+
+
 def _wrapper_class(model_type: str) -> type:
     import importlib
 

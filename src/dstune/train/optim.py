@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from dstune.config import OptimConfig
+from dstune.models.classify import head_parameters
 from dstune.train.schedules import build_scheduler, lr_factor  # noqa: F401  (re-exported: the loop imports them here)
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -47,6 +48,7 @@ def describe_params(model: nn.Module) -> list[tuple[ParamInfo, nn.Parameter]]:
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    head_ids |= {id(p) for p in head_parameters(model)}  # task: classification
     out, seen = [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
