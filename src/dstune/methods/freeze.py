@@ -24,6 +24,19 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def first_top_layer(model: nn.Module, top: int, key: str, lowest: int) -> int:
+    """The index of the lowest of the top ``top`` decoder layers; ``key`` and ``lowest`` (the smallest value
+    the setting accepts) go into the error.
+
+    Raises:
+        ValueError: when ``top`` exceeds the model's decoder layers.
+    """
+    n_layers = model.config.num_hidden_layers
+    if top > n_layers:
+        raise ValueError(f"{key}={top} but the model has {n_layers} decoder layers; use {lowest}..{n_layers}")
+    return n_layers - top
+
+
 def prepare_freeze(model: nn.Module, cfg: RunConfig) -> nn.Module:
     """Freezes everything, then unfreezes the top ``freeze.top_layers`` decoder layers, the parameters
     matching ``freeze.patterns``, and the output head when ``freeze.train_head`` is set.
@@ -32,11 +45,7 @@ def prepare_freeze(model: nn.Module, cfg: RunConfig) -> nn.Module:
     hold the general features that a small domain set should not overwrite.
     """
     fz = cfg.freeze
-    n_layers = model.config.num_hidden_layers
-    if fz.top_layers > n_layers:
-        raise ValueError(f"freeze.top_layers={fz.top_layers} but the model has {n_layers} layers; "
-                         f"use 0..{n_layers}")
-    first_trained = n_layers - fz.top_layers
+    first_trained = first_top_layer(model, fz.top_layers, "freeze.top_layers", 0)
     patterns = [re.compile(p) for p in fz.patterns]
     head = model.get_output_embeddings()
     head_ids = {id(p) for p in head.parameters()} if (fz.train_head and head is not None) else set()

@@ -32,7 +32,7 @@ import peft
 import torch.nn as nn
 
 from dstune.config import RunConfig
-from dstune.methods.freeze import layer_index
+from dstune.methods.freeze import first_top_layer, layer_index
 from dstune.methods.peft_model import CausalLM, wrap
 from dstune.models.inspect import param_kind
 
@@ -127,20 +127,6 @@ def _rewritten_leaves(model: nn.Module) -> set[str]:
     return set(_MOE_TARGET_MODULE_MAPPING.get(base, {}))
 
 
-def _in_top_layers(model: nn.Module, top: int, names: list[str]) -> list[str]:
-    """The names that lie in the top ``top`` decoder layers. With no adapter below them, autograd stops
-    the backward pass at the lowest adapted layer: a step costs less as well as training fewer weights.
-
-    Raises:
-        ValueError: when ``top`` exceeds the model's layers.
-    """
-    n_layers = model.config.num_hidden_layers
-    if top > n_layers:
-        raise ValueError(f"lora.top_layers={top} but the model has {n_layers} decoder layers; use 1..{n_layers} "
-                         f"or null for all")
-    return [n for n in names if (i := layer_index(n)) is not None and i >= n_layers - top]
-
-
 def _patterns(patterns: dict, as_params: bool) -> dict:
     if not as_params:
         return dict(patterns)
@@ -162,7 +148,10 @@ def lora_config(model: nn.Module, cfg: RunConfig) -> peft.LoraConfig:
     expert_modules, params = expert_targets(model, lc.experts)
     modules = list(dict.fromkeys(modules + expert_modules))
     if lc.top_layers is not None:
-        modules, params = _in_top_layers(model, lc.top_layers, modules), _in_top_layers(model, lc.top_layers, params)
+        # With no adapter below them, autograd stops the backward pass at the lowest adapted layer.
+        first = first_top_layer(model, lc.top_layers, "lora.top_layers", 1)
+        modules, params = ([n for n in names if (i := layer_index(n)) is not None and i >= first]
+                           for names in (modules, params))
     rewritten = _rewritten_leaves(model)
     as_params = [n for n in modules if n.rsplit(".", 1)[-1] in rewritten]
     modules = [n for n in modules if n not in as_params]
