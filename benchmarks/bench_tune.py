@@ -67,6 +67,8 @@ def run_pair(args, seed: int, console: Console) -> dict:
                              "eval_every": args.eval_every or max(1, args.steps // 6)})
         cfg["tune"].update({"trials": args.trials, "sampler": sampler, "pruner": pruner, "seed": sampler_seed,
                             "startup_trials": args.startup})
+        if args.reduction_factor:
+            cfg["tune"]["reduction_factor"] = args.reduction_factor
         t0 = time.perf_counter()
         res = run_tune(RunConfig.model_validate(cfg), console=console)
         trials = res.study.trials
@@ -94,7 +96,8 @@ def render(args, per_seed: list[dict]) -> str:
     every = args.eval_every or max(1, args.steps // 6)
     lines = [f"### bench_tune: {args.model}, {args.rows} rows of {Path(args.data).name}, max_length "
              f"{args.max_length}, micro-batch {args.micro_batch}, {args.trials} trials x {args.steps} steps, "
-             f"evaluation every {every} steps on {args.eval_batches} batches, seeds {args.seeds}", "",
+             f"evaluation every {every} steps on {args.eval_batches} batches, ASHA reduction factor "
+             f"{args.reduction_factor or RunConfig().tune.reduction_factor}, seeds {args.seeds}", "",
              "| seed | search | best val loss (trial) | training steps | complete / pruned / failed | wall s |",
              "|---|---|---|---|---|---|"]
     for ps in per_seed:
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: steps // 6)")
     ap.add_argument("--eval-batches", type=int, default=4, help="validation batches per evaluation")
     ap.add_argument("--startup", type=int, default=4, help="TPE's random start-up trials")
+    ap.add_argument("--reduction-factor", type=int, default=None,
+                    help="ASHA keeps the best 1/N at each rung (default: tune.reduction_factor's default)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one random-vs-TPE pair per seed")
     ap.add_argument("--out", default="runs/bench-tune")
     ap.add_argument("--json", default=None, help="write all figures (per trial too) to this JSON file")

@@ -271,6 +271,9 @@ class TuneConfig(_Section):
     startup_trials: int = Field(3, ge=0, description="trials before the pruner and model-based samplers act")
     min_resource: int | None = Field(
         None, ge=1, description="steps a trial runs before ASHA/Hyperband may stop it; null: a quarter of its steps")
+    reduction_factor: int = Field(
+        3, ge=2, description="ASHA/Hyperband: a trial goes on past a rung if its value is in the best 1/N there; "
+                             "rungs at min_resource x N^k steps")
     seed: int = Field(0, description="sampler seed")
 
 

@@ -86,9 +86,10 @@ def _pruner(tc, max_steps: int) -> optuna.pruners.BasePruner:
         # optuna's min_resource="auto" is read off the first *finished* trial, so that trial never records
         # its rung values and the second trial meets no competitor: it always survives, however bad (seen in
         # bench_tune). The trial budget is known here, so it is set up front.
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=tc.reduction_factor)
     if tc.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=max_steps, reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=max_steps,
+                                              reduction_factor=tc.reduction_factor)
     return optuna.pruners.NopPruner()
 
 
