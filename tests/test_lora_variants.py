@@ -29,19 +29,30 @@ VARIANTS = {
 }
 
 
+# The default suite trains the variants whose code is dstune's own (LoRA on fused experts with LoRA+'s
+# optimizer groups, rank patterns on V2's shared experts); the peft-provided ones (DoRA, rsLoRA, PiSSA) and
+# 8-bit QLoRA run with -m slow, which CI runs too.
+DEFAULT_VARIANTS = ("experts-all-loraplus-v3", "mlp-shared-v2")
+PARAMS = [pytest.param(n, id=n, marks=[] if n in DEFAULT_VARIANTS else [pytest.mark.slow]) for n in VARIANTS]
+
+
 @pytest.fixture(scope="module")
-def variants(tmp_path_factory):
+def variants(request, tmp_path_factory):
+    # Only the variants this session selected are trained (so -m 'not slow' does not train the slow ones).
+    wanted = [item.callspec.params["name"] for item in request.session.items
+              if getattr(item, "originalname", "") == "test_variant_trains_reloads_generates_and_merges"]
     root = tmp_path_factory.mktemp("variants")
     data = write_data(root)
     rows = {}
-    for name, (family, extra) in VARIANTS.items():
+    for name in wanted:
+        family, extra = VARIANTS[name]
         (root / name).mkdir()
         rows[name] = run_cell(family, "qlora" if "qlora" in extra else "lora", data, root / name, extra)
     reload_in_fresh_process([root / n for n, r in rows.items() if r["status"] == "trained"])
     return root, rows
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", PARAMS)
 def test_variant_trains_reloads_generates_and_merges(variants, name):
     root, rows = variants
     row = rows[name]
