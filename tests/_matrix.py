@@ -56,6 +56,13 @@ TEXT = ["The quick brown fox jumps over the lazy dog near the river bank.",
         "DeepSeek models use multi-head latent attention and mixture of experts."]
 
 
+def selected(request, test_name: str, param: str) -> list:
+    """The values of ``param`` of the ``test_name`` items this pytest session runs (after -m / -k
+    deselection), so a module fixture trains only the cells that will be checked."""
+    return [item.callspec.params[param] for item in request.session.items
+            if getattr(item, "originalname", "") == test_name and hasattr(item, "callspec")]
+
+
 def write_data(directory: Path) -> Path:
     """Two short texts: with micro-batch 2 every step sees the same fixed batch."""
     path = directory / "fixed.jsonl"

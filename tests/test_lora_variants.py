@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _matrix import HAS_BNB, check_trained, reload_in_fresh_process, run_cell, write_data
+from _matrix import HAS_BNB, check_trained, reload_in_fresh_process, run_cell, selected, write_data
 from dstune.config import RunConfig
 from dstune.methods import prepare_model, trainable_summary
 from dstune.methods.summary import render_summary
@@ -39,8 +39,7 @@ PARAMS = [pytest.param(n, id=n, marks=[] if n in DEFAULT_VARIANTS else [pytest.m
 @pytest.fixture(scope="module")
 def variants(request, tmp_path_factory):
     # Only the variants this session selected are trained (so -m 'not slow' does not train the slow ones).
-    wanted = [item.callspec.params["name"] for item in request.session.items
-              if getattr(item, "originalname", "") == "test_variant_trains_reloads_generates_and_merges"]
+    wanted = selected(request, "test_variant_trains_reloads_generates_and_merges", "name")
     root = tmp_path_factory.mktemp("variants")
     data = write_data(root)
     rows = {}

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from _matrix import (EXPECTED_UNSUPPORTED, FAMILIES, HAS_BNB, METHODS, check_trained, reload_in_fresh_process,
-                     run_cell, write_data)
+                     run_cell, selected, write_data)
 
 CELLS = [(f, m) for f in FAMILIES for m in METHODS]
 # The default suite (kept near 15 minutes on 2 cores) runs one cell per method most at risk: LoRA on V3
@@ -32,8 +32,7 @@ PARAMS = [pytest.param(c, id=f"{c[0]}-{c[1]}", marks=[pytest.mark.slow] if c in 
 
 @pytest.fixture(scope="module")
 def matrix(request, tmp_path_factory):
-    wanted = [item.callspec.params["cell"] for item in request.session.items
-              if getattr(item, "originalname", "") == "test_cell" and hasattr(item, "callspec")]
+    wanted = selected(request, "test_cell", "cell")
     root = tmp_path_factory.mktemp("matrix")
     data = write_data(root)
     rows = {}

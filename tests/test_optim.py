@@ -124,7 +124,7 @@ def test_embedding_and_head_lr_replace_the_rule(tiny):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_head_lr_reaches_a_classification_head(tiny, method):
     # A sequence classifier has no output embeddings; its head (``score``, under LoRA peft's trainable
-    # copy in modules_to_save) is found by name. Adam's first update measures the lr it really used.
+    # copy in modules_to_save) is found by its module type. Adam's first update measures the lr it really used.
     from dstune.models.classify import load_classifier
 
     torch.manual_seed(0)
