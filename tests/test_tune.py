@@ -180,6 +180,8 @@ def test_two_workers_share_one_postgres_study(tmp_path, data_file, postgres_url)
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert sorted(t.number for t in trials) == list(range(6))
     assert len({t.user_attrs["run_dir"] for t in trials}) == 6  # no trial ran twice
+    # nor a configuration: both workers have seed 0, and optuna's per-process random stream gave them the same lrs
+    assert len({t.params["optim.lr"] for t in trials}) == 6, [t.params for t in trials]
     pids = {w.pid for w in workers}
     seen = {int(t.user_attrs["worker"].rsplit(":", 1)[1]) for t in trials}
     assert seen == pids, f"both workers should have run trials: {seen} vs {pids}"
@@ -493,3 +495,33 @@ def test_reduction_factor_sets_how_many_trials_pass_a_rung(tmp_path, data_file):
     assert at4[0] < at4[3] < min(at4[1], at4[2])  # the order the test is built on
     assert [t.state for t in trials] == [COMPLETE, PRUNED, PRUNED, PRUNED]
     assert [t.user_attrs["steps"] for t in trials] == [16, 4, 4, 8]
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "cmaes", "grid"])
+def test_a_resumed_study_draws_what_an_uninterrupted_one_would(tmp_path, sampler):
+    # optuna seeds one random stream per process: resumed (a new process, a new sampler), random search drew
+    # trial 0's values again at trial 2. dstune seeds each trial's draws from (seed, trial number) instead.
+    from dstune.tune.space import suggest
+    from dstune.tune.study import _sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tc = RunConfig.model_validate({"tune": {"sampler": sampler, "seed": 7, "startup_trials": 2}}).tune
+    lr = {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}
+    if sampler == "grid":
+        lr = {"type": "categorical", "choices": [1e-5, 1e-4, 1e-3, 1e-2]}
+    space = parse_space({"optim.lr": lr, "lora.r": {"type": "categorical", "choices": [4, 8, 16, 32]}})
+
+    def run(study_name: str, stops: list[int]) -> list[dict]:
+        for n in stops:  # each stop is a new process: a new sampler on the stored study
+            study = optuna.create_study(study_name=study_name, storage=f"sqlite:///{tmp_path / 'studies.db'}",
+                                        sampler=_sampler(tc, space), load_if_exists=True)
+            while len(study.trials) < n:
+                trial = study.ask()
+                values = suggest(trial, space)
+                study.tell(trial, (math.log10(values["optim.lr"]) + 3) ** 2 + values["lora.r"] / 100)
+        return [t.params for t in study.trials]
+
+    whole = run("whole", [6])
+    resumed = run("resumed", [2, 4, 6])
+    assert resumed == whole
+    assert len({tuple(p.values()) for p in whole}) == 6, whole  # no configuration drawn twice

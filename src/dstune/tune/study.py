@@ -61,7 +61,63 @@ def grid_size(space: dict[str, Domain]) -> int:
     return math.prod(len(d.grid()) for d in space.values())
 
 
+class _TrialSeeded(optuna.samplers.BaseSampler):
+    """Makes a sampler's random draws for trial N a function of (seed, N), not of how many trials this process
+    sampled before.
+
+    optuna's samplers keep one random stream per process, seeded once: a resumed study, or a second worker on a
+    shared study, starts that stream again and repeats the first trials' configurations (random search resumed
+    at trial 2 drew trial 0's learning rate again; two workers with the same seed drew the same sequence).
+    optuna's own ``reseed_rng()`` reseeds from the OS, which would lose reproducibility; so before each trial
+    every random stream of the wrapped sampler (its own and its start-up sampler's) is reseeded from the seed
+    and the trial number. Model-based proposals still depend on the finished trials, as they should.
+    """
+
+    def __init__(self, inner: optuna.samplers.BaseSampler, seed: int) -> None:
+        self.inner, self.seed = inner, seed
+
+    def before_trial(self, study, trial) -> None:
+        for i, state in enumerate(_random_states(self.inner)):
+            state.seed([self.seed % 2**32, trial.number, i])
+        self.inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
+def _random_states(sampler: optuna.samplers.BaseSampler, depth: int = 0) -> list:
+    """The numpy random states a sampler draws from: its own and those of samplers it holds (TPE's, GP's and
+    CMA-ES's start-up sampler), in attribute order. optuna keeps them in private ``LazyRandomState``
+    attributes; tests/test_tune.py pins the behaviour that depends on finding them."""
+    import numpy as np
+
+    states = []
+    for value in vars(sampler).values():
+        rng = getattr(value, "rng", None)
+        if isinstance(rng, np.random.RandomState):
+            states.append(rng)
+        elif isinstance(value, optuna.samplers.BaseSampler) and depth < 2:
+            states.extend(_random_states(value, depth + 1))
+    return states
+
+
 def _sampler(tc, space: dict[str, Domain]) -> optuna.samplers.BaseSampler:
+    return _TrialSeeded(_unseeded_sampler(tc, space), tc.seed)
+
+
+def _unseeded_sampler(tc, space: dict[str, Domain]) -> optuna.samplers.BaseSampler:
     if tc.sampler == "random":
         return optuna.samplers.RandomSampler(seed=tc.seed)
     if tc.sampler == "grid":
