@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 from rich.console import Console
@@ -101,8 +102,6 @@ def _random_states(sampler: optuna.samplers.BaseSampler, depth: int = 0) -> list
     """The numpy random states a sampler draws from: its own and those of samplers it holds (TPE's, GP's and
     CMA-ES's start-up sampler), in attribute order. optuna keeps them in private ``LazyRandomState``
     attributes; tests/test_tune.py pins the behaviour that depends on finding them."""
-    import numpy as np
-
     states = []
     for value in vars(sampler).values():
         rng = getattr(value, "rng", None)
