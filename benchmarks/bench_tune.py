@@ -61,6 +61,8 @@ def run_pair(args, seed: int, console: Console) -> dict:
     results = {}
     for name, sampler, pruner, sampler_seed in [("random, no pruning", "random", "none", seed),
                                                 ("TPE + ASHA", "tpe", "asha", seed + 1000)]:
+        if sampler not in args.searches:
+            continue
         cfg = base_config(args.model, args.rows, args.steps, out / sampler, Path(args.data))
         cfg["data"]["max_length"] = args.max_length
         cfg["train"].update({"seed": seed, "eval_batches": args.eval_batches, "micro_batch_size": args.micro_batch,
@@ -85,6 +87,8 @@ def run_pair(args, seed: int, console: Console) -> dict:
             "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
                         "steps": t.user_attrs.get("steps"), "params": t.params} for t in trials],
         }
+    if len(results) < 2:  # one side only (--searches): nothing to compare in this process
+        return {"seed": seed, "searches": results}
     rnd, tpe = results["random, no pruning"], results["TPE + ASHA"]
     ratio = tpe["total_steps"] / max(1, rnd["total_steps"])
     met = tpe["best_val_loss"] is not None and rnd["best_val_loss"] is not None and \
@@ -105,6 +109,8 @@ def render(args, per_seed: list[dict]) -> str:
             lines.append(f"| {ps['seed']} | {name} | {r['best_val_loss']:.4f} ({r['best_trial']}) | {r['total_steps']} "
                          f"| {r['complete']} / {r['pruned']} / {r['failed']} | {r['wall_s']} |")
     lines.append("")
+    if any(len(ps["searches"]) < 2 for ps in per_seed):
+        return "\n".join(lines) + "\n"
     for ps in per_seed:
         rnd, tpe = ps["searches"]["random, no pruning"], ps["searches"]["TPE + ASHA"]
         lines.append(f"- seed {ps['seed']}: TPE+ASHA / random steps {ps['step_ratio']:.2f}x, best loss "
@@ -133,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup", type=int, default=4, help="TPE's random start-up trials")
     ap.add_argument("--reduction-factor", type=int, default=None,
                     help="ASHA keeps the best 1/N at each rung (default: tune.reduction_factor's default)")
+    ap.add_argument("--searches", nargs="+", choices=["random", "tpe"], default=["random", "tpe"],
+                    help="run only one side, e.g. random search and TPE + ASHA of one seed as two processes "
+                         "on two cores; the figures of both JSON files are then compared by hand")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="one random-vs-TPE pair per seed")
     ap.add_argument("--out", default="runs/bench-tune")
     ap.add_argument("--json", default=None, help="write all figures (per trial too) to this JSON file")
