@@ -71,6 +71,10 @@ def run_pair(args, seed: int, console: Console) -> dict:
                             "startup_trials": args.startup})
         if args.reduction_factor:
             cfg["tune"]["reduction_factor"] = args.reduction_factor
+        if args.min_resource:
+            cfg["tune"]["min_resource"] = args.min_resource
+        if args.keep_best:
+            cfg["regularize"] = {"keep_best": True}
         t0 = time.perf_counter()
         res = run_tune(RunConfig.model_validate(cfg), console=console)
         trials = res.study.trials
@@ -101,7 +105,9 @@ def render(args, per_seed: list[dict]) -> str:
     lines = [f"### bench_tune: {args.model}, {args.rows} rows of {Path(args.data).name}, max_length "
              f"{args.max_length}, micro-batch {args.micro_batch}, {args.trials} trials x {args.steps} steps, "
              f"evaluation every {every} steps on {args.eval_batches} batches, ASHA reduction factor "
-             f"{args.reduction_factor or RunConfig().tune.reduction_factor}, seeds {args.seeds}", "",
+             f"{args.reduction_factor or RunConfig().tune.reduction_factor}, first rung at step "
+             f"{args.min_resource or 'tune.min_resource default'}{', keep_best' if args.keep_best else ''}, "
+             f"seeds {args.seeds}", "",
              "| seed | search | best val loss (trial) | training steps | complete / pruned / failed | wall s |",
              "|---|---|---|---|---|---|"]
     for ps in per_seed:
@@ -139,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup", type=int, default=4, help="TPE's random start-up trials")
     ap.add_argument("--reduction-factor", type=int, default=None,
                     help="ASHA keeps the best 1/N at each rung (default: tune.reduction_factor's default)")
+    ap.add_argument("--min-resource", type=int, default=None,
+                    help="steps before ASHA's first decision (default: tune.min_resource's default)")
+    ap.add_argument("--keep-best", action="store_true",
+                    help="both searches with regularize.keep_best: a trial's objective is its best evaluation's")
     ap.add_argument("--searches", nargs="+", choices=["random", "tpe"], default=["random", "tpe"],
                     help="run only one side, e.g. random search and TPE + ASHA of one seed as two processes "
                          "on two cores; the figures of both JSON files are then compared by hand")

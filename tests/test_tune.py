@@ -525,3 +525,43 @@ def test_a_resumed_study_draws_what_an_uninterrupted_one_would(tmp_path, sampler
     resumed = run("resumed", [2, 4, 6])
     assert resumed == whole
     assert len({tuple(p.values()) for p in whole}) == 6, whole  # no configuration drawn twice
+
+
+def test_delivered_metrics_follow_keep_best_and_its_rule():
+    # Without keep_best a run delivers its last weights; with it, those of its best evaluation by
+    # train.best_metric under EarlyStopping's rule (min_delta too), and every metric is that evaluation's.
+    from dstune.tune.study import DeliveredMetrics
+
+    evals = [{"loss": 2.0, "ppl": 7.4}, {"loss": 1.5, "ppl": 4.5}, {"loss": 1.7, "ppl": 5.5}, {"loss": 1.45, "ppl": 4.3}]
+    last = DeliveredMetrics(RunConfig.model_validate({"train": {"eval_every": 2}}))
+    assert [last(2 * i + 2, m)["ppl"] for i, m in enumerate(evals)] == [7.4, 4.5, 5.5, 4.3]
+    best = DeliveredMetrics(RunConfig.model_validate({"train": {"eval_every": 2}, "regularize": {"keep_best": True}}))
+    assert [best(2 * i + 2, m)["ppl"] for i, m in enumerate(evals)] == [7.4, 4.5, 4.5, 4.3]
+    # 1.45 is not 0.1 below 1.5: EarlyStopping keeps the step-4 weights, and so must the pruner's view
+    delta = DeliveredMetrics(RunConfig.model_validate(
+        {"train": {"eval_every": 2}, "regularize": {"keep_best": True, "early_stop_min_delta": 0.1}}))
+    assert [delta(2 * i + 2, m)["loss"] for i, m in enumerate(evals)] == [2.0, 1.5, 1.5, 1.5]
+
+
+def test_with_keep_best_the_pruner_sees_what_the_trial_delivers(tmp_path, data_file):
+    # A high learning rate makes the validation loss rise again after a dip. With keep_best the trial's
+    # result is its best evaluation, so the values reported to the pruner are the best so far, and the
+    # last of them is the trial's objective (judged on the raw rise, ASHA would stop a trial whose
+    # result is good).
+    from dstune.report.logger import read_metrics
+
+    space = {"optim.lr": {"type": "categorical", "choices": [5e-2]}}
+    path = base_yaml(tmp_path, data_file, {"trials": 1, "sampler": "random", "pruner": "none", "space": space},
+                     max_steps=16, eval_every=2)
+    cfg = load_config(path).model_copy(update={"regularize": RunConfig().regularize.model_copy(
+        update={"keep_best": True})})
+    (trial,) = run_tune(cfg, console=Console(quiet=True)).study.trials
+    raw = {}  # step -> loss of the training weights; keep_best's re-validation of the kept ones comes last
+    for row in read_metrics(Path(trial.user_attrs["run_dir"])):
+        if row["split"] == "val":
+            raw.setdefault(row["step"], row["loss"])
+    raw = [raw[s] for s in sorted(raw)]
+    assert any(b > a for a, b in zip(raw, raw[1:])), f"no rise in {raw}: the test needs one"
+    reported = [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)]
+    assert reported == pytest.approx([min(raw[:i + 1]) for i in range(len(raw))])
+    assert trial.state == COMPLETE and trial.value == pytest.approx(min(raw), rel=1e-5)

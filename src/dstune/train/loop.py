@@ -145,7 +145,7 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
                                  trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(resolved.path)
     template = resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family)
-    best_metric, best_sign = _best_metric(cfg)
+    best_metric, best_sign = checkpoint_metric(cfg)
     data = task_data(cfg, tokenizer, template)
     data.report["padding_share"] = round(padding_share(data.train, tc.micro_batch_size), 4) if data.train else 0.0
     if tc.packing:  # validation stays unpacked: its loss is comparable across runs with and without packing
@@ -409,7 +409,7 @@ def task_model(cfg: RunConfig, resolved, labels: list[str], pad_id: int) -> torc
                       revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
 
 
-def _best_metric(cfg: RunConfig) -> tuple[str, int]:
+def checkpoint_metric(cfg: RunConfig) -> tuple[str, int]:
     """``train.best_metric`` and its sign: +1 when lower is better, -1 when higher is.
 
     Raises:

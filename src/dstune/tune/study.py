@@ -236,6 +236,39 @@ def trial_config(base: RunConfig, values: dict[str, Any], run_dir: Path) -> RunC
     return RunConfig.model_validate(data)
 
 
+class DeliveredMetrics:
+    """The validation metrics of the weights a trial would deliver if it stopped now.
+
+    Without ``regularize.keep_best`` a run delivers its last weights: the latest evaluation. With it, the
+    run delivers the weights of its best evaluation by ``train.best_metric`` (EarlyStopping's rule, reused
+    here), and its objective is theirs; the pruner must then see those too. Judged on the latest value, a
+    trial whose loss dips and rises again (a high learning rate on a short run) is pruned for a rise its
+    result does not have, and the early ranking favours fast starters over the best final loss: replayed
+    on the 36-step random-search curves of benchmarks/bench_tune.py, ASHA at step 4 kept the best trial
+    only with the kept-best values (docs/benchmarks.md).
+    """
+
+    def __init__(self, cfg: RunConfig):
+        from dstune.train.loop import checkpoint_metric
+        from dstune.train.regularize import EarlyStopping
+
+        self.rule = None
+        if cfg.regularize.keep_best:
+            metric, sign = checkpoint_metric(cfg)
+            # keep_best off in the copy: the rule is only asked which evaluation is best, no weights are kept
+            rule_cfg = cfg.regularize.model_copy(update={"keep_best": False, "early_stop_patience": 0})
+            self.rule = EarlyStopping(rule_cfg, cfg.train.eval_every, metric, sign)
+        self.kept: dict[str, float] | None = None
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        if self.rule is None:
+            return metrics
+        self.rule.update(step, metrics, model=None)
+        if self.kept is None or self.rule.best_step == step:
+            self.kept = metrics
+        return self.kept
+
+
 def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], study_dir: Path,
               objective: str, console: Console) -> None:
     """Runs one trial to the end, reporting validation metrics so the pruner can stop it early."""
@@ -246,12 +279,13 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
     trial.set_user_attr("run_dir", str(run_dir))
     values = suggest(trial, space)
     final_step = base.tune.max_steps or base.train.max_steps or float("inf")
+    delivered = None
 
     def report(step: int, metrics: dict[str, float]) -> None:
         if objective not in metrics:
             raise ObjectiveError(f"tune.objective: '{objective}' is not a validation metric; "
                               f"available: {sorted(metrics)}")
-        trial.report(metrics[objective], step)
+        trial.report(delivered(step, metrics)[objective], step)
         # The last evaluation ends the trial anyway: pruning there would discard a finished result.
         if step < final_step and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} ({objective}={metrics[objective]:.4g})")
@@ -260,6 +294,7 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
     state, value = TrialState.FAIL, None
     try:
         cfg = trial_config(base, values, run_dir)
+        delivered = DeliveredMetrics(cfg)
         result = train(cfg, console=Console(quiet=True), on_eval=report)
         # A halted run returns normally (its last good weights are saved), but it diverged: a failure.
         halt = (result.summary.get("stability") or {}).get("halt")
