@@ -88,6 +88,9 @@ def run_pair(args, seed: int, console: Console) -> dict:
             "failed": sum(t.state.name == "FAIL" for t in trials),
             "wall_s": round(time.perf_counter() - t0, 1),
             "best_params": res.best.params if res.best else None,
+            # rows and trainable tokens per split as tokenized: the figures before 2026-12-05 were measured
+            # at max_length 48, where 4 validation rows (21 tokens) were left
+            "data": _tokenized(res.study_dir),
             "trials": [{"number": t.number, "state": t.state.name.lower(), "value": t.value,
                         "steps": t.user_attrs.get("steps"), "params": t.params} for t in trials],
         }
@@ -98,6 +101,14 @@ def run_pair(args, seed: int, console: Console) -> dict:
     met = tpe["best_val_loss"] is not None and rnd["best_val_loss"] is not None and \
         tpe["best_val_loss"] <= rnd["best_val_loss"] and ratio <= 0.6
     return {"seed": seed, "searches": results, "step_ratio": round(ratio, 3), "goal_met": bool(met)}
+
+
+def _tokenized(study_dir: Path) -> dict | None:
+    reports = sorted(study_dir.glob("trial-*/data_report.json"))
+    if not reports:
+        return None
+    tok = json.loads(reports[0].read_text(encoding="utf-8"))["tokenized"]
+    return {name: {"rows": t["rows"], "trainable_tokens": t["trainable_tokens"]} for name, t in tok.items()}
 
 
 def render(args, per_seed: list[dict]) -> str:
@@ -114,6 +125,11 @@ def render(args, per_seed: list[dict]) -> str:
         for name, r in ps["searches"].items():
             lines.append(f"| {ps['seed']} | {name} | {r['best_val_loss']:.4f} ({r['best_trial']}) | {r['total_steps']} "
                          f"| {r['complete']} / {r['pruned']} / {r['failed']} | {r['wall_s']} |")
+    for ps in per_seed:
+        data = next(iter(ps["searches"].values())).get("data")
+        if data:
+            lines.append(f"- seed {ps['seed']}, as tokenized: " + ", ".join(
+                f"{n} {d['rows']} rows ({d['trainable_tokens']} trainable tokens)" for n, d in data.items()))
     lines.append("")
     if any(len(ps["searches"]) < 2 for ps in per_seed):
         return "\n".join(lines) + "\n"

@@ -270,3 +270,22 @@ def test_prepare_data_with_a_validation_file(tmp_path, deepseek_tokenizer):
     assert data.report["files"]["validation"].endswith("v.jsonl")
     with pytest.raises(DataError, match="set data.train"):
         prepare_data(DataConfig(), deepseek_tokenizer, DEEPSEEK_V3_TEMPLATE, seed=0)
+
+
+def test_a_max_length_that_cuts_off_most_answers_is_warned_about(deepseek_tokenizer):
+    # At 24 tokens the template and the instruction fill the row: most answers are cut off entirely, those
+    # rows carry no loss and are dropped. Training goes on (some rows are left), but the user is told.
+    from dstune.data import dropped_rows_warning
+
+    cfg = DataConfig(train=str(SHARED_DATA / "alpaca_zh_demo.json"), max_samples=100, max_length=24)
+    rep = prepare_data(cfg, deepseek_tokenizer, DEEPSEEK_V3_TEMPLATE, seed=0).report
+    train, val = rep["tokenized"]["train"], rep["tokenized"]["val"]
+    dropped = train["dropped"]["no trainable tokens"]
+    assert 0 < train["rows"] and dropped >= 8  # the case the warning is for: a tenth or more of 80 rows gone
+    warning = dropped_rows_warning(rep, 24)
+    assert f"{dropped} of 80 train rows (no trainable tokens: {dropped})" in warning
+    assert f"{val['rows']} validation rows with {val['trainable_tokens']} trainable tokens" in warning
+    assert "data.max_length=24" in warning
+    roomy = DataConfig(train=str(SHARED_DATA / "alpaca_zh_demo.json"), max_samples=100, max_length=1024)
+    assert dropped_rows_warning(prepare_data(roomy, deepseek_tokenizer, DEEPSEEK_V3_TEMPLATE, seed=0).report,
+                                1024) is None

@@ -565,3 +565,17 @@ def test_with_keep_best_the_pruner_sees_what_the_trial_delivers(tmp_path, data_f
     reported = [trial.intermediate_values[s] for s in sorted(trial.intermediate_values)]
     assert reported == pytest.approx([min(raw[:i + 1]) for i in range(len(raw))])
     assert trial.state == COMPLETE and trial.value == pytest.approx(min(raw), rel=1e-5)
+
+
+def test_the_search_says_once_when_max_length_drops_most_rows(tmp_path, data_file):
+    # Trials train with a quiet console; a max_length that cuts off most answers would go unseen (the
+    # bench_tune figures before 2026-12-05 were measured on 4 validation rows this way).
+    space = {"optim.lr": {"type": "categorical", "choices": [1e-3, 2e-3]}}
+    cfg = load_config(base_yaml(tmp_path, data_file, {"trials": 2, "sampler": "grid", "pruner": "none",
+                                                      "space": space}))
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_length": 20})})
+    console = Console(record=True, width=400)
+    trials = run_tune(cfg, console=console).study.trials
+    text = console.export_text()
+    assert text.count("data: tokenizing dropped") == 1 and "data.max_length=20" in text
+    assert all(t.user_attrs["data_warning"].startswith("data: tokenizing dropped") for t in trials)

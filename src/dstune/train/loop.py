@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from dstune.config import RunConfig, save_config
+from dstune.data import dropped_rows_warning
 from dstune.data.cache import cached_prepare
 from dstune.data.pack import pack_rows, padding_share
 from dstune.evaluate.answers import GENERATION_METRICS, evaluate_answers
@@ -175,6 +176,8 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
         console.print(f"[bold]{cfg.method}[/] on {cfg.model.name} ({resolved.family}); "
                       f"{len(data.train)} train / {len(data.val)} val examples")
         console.print(render_summary(summary, is_moe), markup=False, highlight=False)
+        if warning := dropped_rows_warning(data.report, cfg.data.max_length):
+            console.print(warning, style="yellow", markup=False, highlight=False)
 
     batches = MicroBatches(data.train, tc.micro_batch_size, tc.seed, pad_id,
                            num_shards=accelerator.num_processes, shard=accelerator.process_index,

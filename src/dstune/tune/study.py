@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from dstune.config import ConfigError, RunConfig, save_config
+from dstune.data import dropped_rows_warning
 from dstune.tune.space import Domain, parse_space, suggest, to_overrides
 
 # WAITING trials (enqueued, e.g. by hand) are not counted: the next ask() runs them.
@@ -323,6 +324,11 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
         trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     trial.set_user_attr("steps", _steps_done(run_dir))
     trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
+    if (run_dir / "data_report.json").is_file():  # trials train quietly: their data warning is said here
+        warning = dropped_rows_warning(json.loads((run_dir / "data_report.json").read_text(encoding="utf-8")),
+                                       values.get("data.max_length", base.data.max_length))
+        if warning:
+            trial.set_user_attr("data_warning", warning)
     trial.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
     shown = f"{value:.4f}" if value is not None else trial.user_attrs.get("error", trial.user_attrs.get("pruned", ""))
     console.print(f"trial {trial.number}: {state.name.lower()} {shown}  {values}", highlight=False)
@@ -363,11 +369,16 @@ def run_tune(cfg: RunConfig, *, console: Console | None = None, trials: int | No
     console.print(f"study '{name}' in {url.split('@')[-1]}: {total} trials, {tc.sampler} sampler, "
                   f"{tc.pruner} pruner, {direction} {tc.objective}")
     started = time.perf_counter()
+    said: set[str] = set()
     while tc.timeout is None or time.perf_counter() - started < tc.timeout:
         trial = _claim(study, url, name, total)
         if trial is None:
             break
         run_trial(trial, cfg, space, study_dir, tc.objective, console)
+        warning = trial.user_attrs.get("data_warning")
+        if warning and warning not in said:
+            console.print(warning, style="yellow", markup=False, highlight=False)
+            said.add(warning)
 
     from dstune.tune.report import write_outputs
 
