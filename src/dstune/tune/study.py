@@ -244,9 +244,7 @@ class DeliveredMetrics:
     run delivers the weights of its best evaluation by ``train.best_metric`` (EarlyStopping's rule, reused
     here), and its objective is theirs; the pruner must then see those too. Judged on the latest value, a
     trial whose loss dips and rises again (a high learning rate on a short run) is pruned for a rise its
-    result does not have, and the early ranking favours fast starters over the best final loss: replayed
-    on the 36-step random-search curves of benchmarks/bench_tune.py, ASHA at step 4 kept the best trial
-    only with the kept-best values (docs/benchmarks.md).
+    result does not have.
     """
 
     def __init__(self, cfg: RunConfig):
@@ -281,12 +279,17 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
     values = suggest(trial, space)
     final_step = base.tune.max_steps or base.train.max_steps or float("inf")
     delivered = None
+    reported: set[int] = set()
 
     def report(step: int, metrics: dict[str, float]) -> None:
         if objective not in metrics:
             raise ObjectiveError(f"tune.objective: '{objective}' is not a validation metric; "
                               f"available: {sorted(metrics)}")
-        trial.report(delivered(step, metrics)[objective], step)
+        kept = delivered(step, metrics)[objective]
+        if step in reported:  # keep_best re-validates the kept weights at the last step: already reported
+            return
+        reported.add(step)
+        trial.report(kept, step)
         # The last evaluation ends the trial anyway: pruning there would discard a finished result.
         if step < final_step and trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} ({objective}={metrics[objective]:.4g})")
