@@ -6,11 +6,15 @@ report the best validation loss found and the training steps spent, once per see
     .venv/bin/python benchmarks/bench_tune.py                       # SmolLM2-135M (offline), alpaca_zh slice
     .venv/bin/python benchmarks/bench_tune.py --model tiny:deepseek-llm --trials 12 --seeds 0
 
-The figures in docs/benchmarks.md (about 25 minutes for three seeds on 2 shared CPU cores):
+The current figures in docs/benchmarks.md (one process per search; about 30 + 15 minutes per seed on a
+2-core CPU machine):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_tune.py --model smollm2 --rows 240 --max-length 48 \
-        --micro-batch 2 --trials 10 --steps 8 --eval-every 2 --eval-batches 4 --startup 4 --seeds 0 1 2 \
-        --out runs/bench-tune-smollm2-10x8 --json benchmarks/results/bench_tune_smollm2_10x8.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_tune.py --model smollm2 --rows 240 --max-length 96 \
+        --micro-batch 2 --trials 32 --steps 16 --eval-every 4 --eval-batches 12 --startup 8 --seeds 0 \
+        --searches random --out runs/m96 --json m0-random.json          # and --searches tpe
+
+Keep max_length large enough for the answers: at 48, SmolLM2's tokenizer left 1 to 6 validation rows of 24
+(the older figures there). The output lists the rows and trainable tokens each split kept.
 
 The two searches draw from different sampler seeds (random: seed, TPE: seed + 1000): with one seed,
 TPE's random start-up trials would be the random search's first trials, and both would often find
