@@ -6,7 +6,8 @@ import pytest
 from conftest import SHARED_DATA
 
 from dstune.config import DataConfig
-from dstune.data import DataError, load_examples, prepare_data, split_examples, tokenize_examples
+from dstune.data import (DataError, dropped_rows_warning, load_examples, prepare_data, split_examples,
+                         tokenize_examples)
 from dstune.data.read import READERS
 from dstune.data.tokenize import IGNORE
 from dstune.models.templates import DEEPSEEK_V3_TEMPLATE
@@ -275,8 +276,6 @@ def test_prepare_data_with_a_validation_file(tmp_path, deepseek_tokenizer):
 def test_a_max_length_that_cuts_off_most_answers_is_warned_about(deepseek_tokenizer):
     # At 24 tokens the template and the instruction fill the row: most answers are cut off entirely, those
     # rows carry no loss and are dropped. Training goes on (some rows are left), but the user is told.
-    from dstune.data import dropped_rows_warning
-
     cfg = DataConfig(train=str(SHARED_DATA / "alpaca_zh_demo.json"), max_samples=100, max_length=24)
     rep = prepare_data(cfg, deepseek_tokenizer, DEEPSEEK_V3_TEMPLATE, seed=0).report
     train, val = rep["tokenized"]["train"], rep["tokenized"]["val"]

@@ -149,6 +149,8 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
     best_metric, best_sign = checkpoint_metric(cfg)
     data = task_data(cfg, tokenizer, template)
     data.report["padding_share"] = round(padding_share(data.train, tc.micro_batch_size), 4) if data.train else 0.0
+    if warning := dropped_rows_warning(data.report, cfg.data.max_length):
+        data.report["warning"] = warning  # in data_report.json too: tune says it for its quiet trials
     if tc.packing:  # validation stays unpacked: its loss is comparable across runs with and without packing
         data.train = pack_rows(data.train, cfg.data.max_length, tc.seed)
         data.report["packed"] = {"rows": len(data.train),
@@ -176,8 +178,8 @@ def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = F
         console.print(f"[bold]{cfg.method}[/] on {cfg.model.name} ({resolved.family}); "
                       f"{len(data.train)} train / {len(data.val)} val examples")
         console.print(render_summary(summary, is_moe), markup=False, highlight=False)
-        if warning := dropped_rows_warning(data.report, cfg.data.max_length):
-            console.print(warning, style="yellow", markup=False, highlight=False)
+        if "warning" in data.report:
+            console.print(data.report["warning"], style="yellow", markup=False, highlight=False)
 
     batches = MicroBatches(data.train, tc.micro_batch_size, tc.seed, pad_id,
                            num_shards=accelerator.num_processes, shard=accelerator.process_index,

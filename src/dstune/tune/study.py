@@ -27,7 +27,6 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from dstune.config import ConfigError, RunConfig, save_config
-from dstune.data import dropped_rows_warning
 from dstune.tune.space import Domain, parse_space, suggest, to_overrides
 
 # WAITING trials (enqueued, e.g. by hand) are not counted: the next ask() runs them.
@@ -292,7 +291,7 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
         trial.report(kept, step)
         # The last evaluation ends the trial anyway: pruning there would discard a finished result.
         if step < final_step and trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} ({objective}={metrics[objective]:.4g})")
+            raise optuna.TrialPruned(f"pruned at step {step} ({objective}={kept:.4g})")
 
     started = time.perf_counter()
     state, value = TrialState.FAIL, None
@@ -328,8 +327,7 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
     trial.set_user_attr("steps", _steps_done(run_dir))
     trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
     if (run_dir / "data_report.json").is_file():  # trials train quietly: their data warning is said here
-        warning = dropped_rows_warning(json.loads((run_dir / "data_report.json").read_text(encoding="utf-8")),
-                                       values.get("data.max_length", base.data.max_length))
+        warning = json.loads((run_dir / "data_report.json").read_text(encoding="utf-8")).get("warning")
         if warning:
             trial.set_user_attr("data_warning", warning)
     trial.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
