@@ -579,3 +579,37 @@ def test_the_search_says_once_when_max_length_drops_most_rows(tmp_path, data_fil
     text = console.export_text()
     assert text.count("data: tokenizing dropped") == 1 and "data.max_length=20" in text
     assert all(t.user_attrs["data_warning"].startswith("data: tokenizing dropped") for t in trials)
+
+
+def _benchmark(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # ~40 s: two small searches, then both picks reloaded and scored
+def test_bench_tune_test_rescoring_reproduces_the_search_and_refuses_other_weights(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert _benchmark("bench_tune").main(["--model", "tiny:deepseek-llm", "--rows", "60", "--max-length", "96",
+                                          "--trials", "3", "--steps", "4", "--eval-every", "2", "--startup", "2",
+                                          "--seeds", "0", "--out", str(runs)]) == 0
+    scorer = _benchmark("bench_tune_test")
+    assert scorer.main([str(runs), "--json", str(tmp_path / "t.json")]) == 0
+    seed = json.loads((tmp_path / "t.json").read_text())["seeds"][0]
+    for name, sampler in [("random, no pruning", "random"), ("TPE + ASHA", "tpe")]:
+        res = seed["searches"][name]
+        summary = json.loads((runs / "seed0" / sampler / "summary.json").read_text())
+        assert res["best_trial"] == summary["best_trial"]
+        assert res["val_loss"] == pytest.approx(summary["best_value"], abs=1e-4)
+        assert res["test_rows"] == 6 and math.isfinite(res["test_loss"]) and res["test_loss"] != res["val_loss"]
+    # a summary that does not belong to the trial's weights is refused, not scored
+    path = runs / "seed0" / "tpe" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["best_value"] += 0.01
+    path.write_text(json.dumps(summary))
+    with pytest.raises(SystemExit, match="not the trial's data or weights"):
+        scorer.main([str(runs)])
