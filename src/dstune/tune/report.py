@@ -21,7 +21,8 @@ def trial_rows(study: optuna.Study) -> list[dict]:
                "steps": t.user_attrs.get("steps", ""), "seconds": t.user_attrs.get("seconds", ""),
                "worker": t.user_attrs.get("worker", "")}
         row.update({f"param:{k}": v for k, v in t.params.items()})
-        row["note"] = t.user_attrs.get("error") or t.user_attrs.get("pruned") or ""
+        drawn = "drawn at random (tune.random_fraction)" if t.system_attrs.get("dstune:sampled") == "random" else ""
+        row["note"] = "; ".join(n for n in (t.user_attrs.get("error") or t.user_attrs.get("pruned"), drawn) if n)
         rows.append(row)
     return rows
 

@@ -112,6 +112,55 @@ def _random_states(sampler: optuna.samplers.BaseSampler, depth: int = 0) -> list
     return states
 
 
+class _Exploring(optuna.samplers.BaseSampler):
+    """TPE that draws an evenly spaced share of its trials after the start-up ones at random (BOHB's "random
+    fraction": Falkner et al. 2018 draw a third of Hyperband's configurations at random beside their TPE-like
+    model, for the same reason).
+
+    TPE builds its "good" density from the best tenth of the finished trials, so in a budget of a few dozen
+    trials it settles around the best start-up trial and refines it. bench_tune showed what that costs: in
+    five of five seeds random search's best configuration lay in a region (long warmup with a high learning
+    rate) that TPE, having settled elsewhere, sampled rarely and finished never; replayed on random search's
+    own learning curves, ASHA would have kept that configuration in four of the five, so the pruner was not
+    what lost it. The random trials keep exploring and feed the model, which uses every finished trial
+    whoever proposed it. Which trials are random is a function of the trial number alone, so it is the same
+    for every worker of a shared study and for a resumed one.
+    """
+
+    def __init__(self, model: optuna.samplers.BaseSampler, random: optuna.samplers.BaseSampler, startup: int,
+                 fraction: float) -> None:
+        self.model, self.random, self.startup, self.fraction = model, random, startup, fraction
+
+    def explores(self, number: int) -> bool:
+        """Trial ``number`` is drawn at random: one in every 1/fraction trials after the start-up ones."""
+        k = number - self.startup
+        return k >= 0 and math.floor((k + 1) * self.fraction + 1e-9) > math.floor(k * self.fraction + 1e-9)
+
+    def before_trial(self, study, trial) -> None:
+        if self.explores(trial.number):
+            study._storage.set_trial_system_attr(trial._trial_id, "dstune:sampled", "random")
+        self.model.before_trial(study, trial)
+        self.random.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return {} if self.explores(trial.number) else self.model.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return {} if self.explores(trial.number) else self.model.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        inner = self.random if self.explores(trial.number) else self.model
+        return inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.model.after_trial(study, trial, state, values)
+        self.random.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.model.reseed_rng()
+        self.random.reseed_rng()
+
+
 def _sampler(tc, space: dict[str, Domain]) -> optuna.samplers.BaseSampler:
     return _TrialSeeded(_unseeded_sampler(tc, space), tc.seed)
 
@@ -127,7 +176,10 @@ def _unseeded_sampler(tc, space: dict[str, Domain]) -> optuna.samplers.BaseSampl
     if tc.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=tc.seed, n_startup_trials=tc.startup_trials)
     # multivariate TPE models interactions (lr with r, say), which independent TPE cannot.
-    return optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=tc.startup_trials, multivariate=True)
+    tpe = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=tc.startup_trials, multivariate=True)
+    if not tc.random_fraction:
+        return tpe
+    return _Exploring(tpe, optuna.samplers.RandomSampler(seed=tc.seed + 1), tc.startup_trials, tc.random_fraction)
 
 
 def _pruner(tc, max_steps: int) -> optuna.pruners.BasePruner:
