@@ -527,6 +527,44 @@ def test_a_resumed_study_draws_what_an_uninterrupted_one_would(tmp_path, sampler
     assert len({tuple(p.values()) for p in whole}) == 6, whole  # no configuration drawn twice
 
 
+def test_tpe_draws_every_third_trial_after_start_up_at_random_whatever_the_results(tmp_path):
+    # tune.random_fraction: the marked trials come from a random sampler, so they are the same whatever the
+    # objective; TPE's own trials follow the results and differ. Routing a marked trial to TPE fails this.
+    from dstune.tune.report import trial_rows
+    from dstune.tune.space import suggest
+    from dstune.tune.study import _sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = parse_space({"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True},
+                         "lora.r": {"type": "categorical", "choices": [4, 8, 16, 32]}})
+
+    def search(optimum: float, fraction: float) -> optuna.Study:
+        tc = RunConfig.model_validate({"tune": {"seed": 3, "startup_trials": 3, "random_fraction": fraction}}).tune
+        study = optuna.create_study(sampler=_sampler(tc, space))
+        for _ in range(12):
+            trial = study.ask()
+            values = suggest(trial, space)
+            study.tell(trial, (math.log10(values["optim.lr"]) - optimum) ** 2 + values["lora.r"] / 100)
+        return study
+
+    low, high = search(-4, 1 / 3), search(-2, 1 / 3)
+    marked = [t.number for t in low.trials if t.system_attrs.get("dstune:sampled") == "random"]
+    assert marked == [5, 8, 11]
+    assert [t.number for t in high.trials if t.system_attrs.get("dstune:sampled") == "random"] == marked
+    for n in marked:
+        assert low.trials[n].params == high.trials[n].params
+    guided = [n for n in range(3, 12) if n not in marked]
+    # TPE's draws follow the results (with four finished trials it can still land on the same prior draw)
+    assert sum(low.trials[n].params != high.trials[n].params for n in guided) >= len(guided) - 1
+    assert [r["note"] for r in trial_rows(low)][5] == "drawn at random (tune.random_fraction)"
+    # off: plain TPE, every post-start-up trial guided
+    plain = search(-4, 0)
+    assert not any(t.system_attrs.get("dstune:sampled") for t in plain.trials)
+    assert plain.trials[5].params != low.trials[5].params
+    with pytest.raises(ValueError, match="random_fraction"):
+        RunConfig.model_validate({"tune": {"random_fraction": 1.5}})
+
+
 def test_delivered_metrics_follow_keep_best_and_its_rule():
     # Without keep_best a run delivers its last weights; with it, those of its best evaluation by
     # train.best_metric under EarlyStopping's rule (min_delta too), and every metric is that evaluation's.
