@@ -118,14 +118,14 @@ class _Exploring(optuna.samplers.BaseSampler):
     model, for the same reason).
 
     TPE builds its "good" density from the best tenth of the finished trials, so in a budget of a few dozen
-    trials it settles around the best start-up trial and refines it. bench_tune showed what that costs: in
-    five seeds random search's best configuration had a long warmup (ratio 0.19 to 0.28) with a high learning
-    rate; TPE + ASHA, settled elsewhere, finished a trial with a warmup ratio of 0.25 or more in one seed (the
-    one it nearly tied) and lost four by 0.002 to 0.013. Replayed on random search's own learning curves, ASHA
+    trials it settles around the best start-up trial and refines it. bench_tune showed what that costs: in five
+    seeds random search's best configuration had a long warmup (ratio 0.19 to 0.28) with a high learning rate;
+    TPE + ASHA, settled elsewhere, finished a trial with a warmup ratio of 0.25 or more in one seed (the one it
+    nearly tied) and lost four seeds by 0.0006 to 0.013. Replayed on random search's own learning curves, ASHA
     would have kept random search's best configuration in four of the five seeds, so the pruner was not what
     lost it. The random trials keep exploring and feed the model, which uses every finished trial whoever
-    proposed it. Which trials are random is a function of the trial number alone, so it is the same
-    for every worker of a shared study and for a resumed one.
+    proposed it. Which trials are random is a function of the trial number alone, so it is the same for every
+    worker of a shared study and for a resumed one.
     """
 
     def __init__(self, model: optuna.samplers.BaseSampler, random: optuna.samplers.BaseSampler, startup: int,
