@@ -651,3 +651,29 @@ def test_bench_tune_test_rescoring_reproduces_the_search_and_refuses_other_weigh
     path.write_text(json.dumps(summary))
     with pytest.raises(SystemExit, match="not the trial's data or weights"):
         scorer.main([str(runs)])
+
+
+def test_bench_tune_replay_runs_dstunes_pruner_on_finished_curves(tmp_path):
+    # Four full curves (evaluations every 4 of 16 steps): the first trial always runs to the end; ASHA's first
+    # decision (step 4, a quarter) stops a trial unless it is the best at that rung so far, as optuna rules
+    # while fewer than 3 trials have reached it. Trial 3 is worst at step 4 but best at the end: pruning
+    # loses it, which is what the replay exists to show.
+    study = tmp_path / "runs" / "seed0" / "random"
+    study.mkdir(parents=True)
+    curves = {0: [2.0, 1.9, 1.8, 1.7], 1: [2.1, 1.8, 1.7, 1.6], 2: [1.95, 1.85, 1.75, 1.65], 3: [2.3, 1.7, 1.5, 1.4]}
+    with open(study / "trials.csv", "w", encoding="utf-8") as fh:
+        fh.write("trial,state,value\n" + "".join(f"{n},complete,{c[-1]}\n" for n, c in curves.items()))
+    for n, c in curves.items():
+        (study / f"trial-{n:04d}").mkdir()
+        (study / f"trial-{n:04d}" / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": 4 * (i + 1), "split": "val", "loss": v}) + "\n" for i, v in enumerate(c)))
+    (study / "summary.json").write_text("{}")
+    replay = _benchmark("bench_tune_replay")
+    assert replay.main([str(tmp_path / "runs"), "--asha", "3:0", "3:8", "--json", str(tmp_path / "r.json")]) == 0
+    seed = json.loads((tmp_path / "r.json").read_text())["seeds"][0]
+    assert (seed["random_best_trial"], seed["random_best_value"]) == (3, 1.4)
+    quarter, eight = seed["replays"]
+    assert (quarter["best_trial"], quarter["steps"], quarter["finished"]) == (2, 16 + 4 + 16 + 4, 2)
+    # first decision at step 8: trials 1 (1.8 < 1.9) and 3 (1.7) are the best there so far and go on; trial 2
+    # (1.85) is not, and with three trials at the rung the best third is one trial
+    assert (eight["best_trial"], eight["steps"], eight["finished"]) == (3, 16 + 16 + 8 + 16, 3)
