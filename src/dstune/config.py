@@ -270,8 +270,8 @@ class TuneConfig(_Section):
     retrain: bool = Field(False, description="retrain the best configuration on train+val at the end")
     startup_trials: int = Field(3, ge=0, description="trials before the pruner and model-based samplers act")
     random_fraction: float = Field(
-        1 / 3, ge=0, le=1, description="tpe: this share of the trials after the start-up ones is drawn at random, "
-                                       "evenly spaced, so the model keeps exploring (BOHB's random fraction); 0: off")
+        0.0, ge=0, le=1, description="tpe: this share of the trials after the start-up ones is drawn at random, "
+                                     "evenly spaced (BOHB's random fraction is 1/3); 0: off")
     min_resource: int | None = Field(
         None, ge=1, description="steps a trial runs before ASHA/Hyperband may stop it; null: a quarter of its steps")
     reduction_factor: int = Field(
