@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dstune.config import RunConfig
+from dstune.report.logger import read_metrics
 from dstune.tune.study import _pruner
 
 
@@ -31,12 +32,8 @@ def curves(study_dir: Path) -> list[tuple[int, dict[int, float]]]:
     """(trial number, {step: validation loss}) of every complete trial, in trial order."""
     with open(study_dir / "trials.csv", encoding="utf-8") as fh:
         numbers = sorted(int(r["trial"]) for r in csv.DictReader(fh) if r["state"] == "complete")
-    out = []
-    for n in numbers:
-        lines = (study_dir / f"trial-{n:04d}" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        vals = {d["step"]: d["loss"] for d in map(json.loads, filter(None, lines)) if d.get("split") == "val"}
-        out.append((n, vals))
-    return out
+    return [(n, {row["step"]: row["loss"] for row in read_metrics(study_dir / f"trial-{n:04d}")
+                 if row.get("split") == "val"}) for n in numbers]
 
 
 def replay(trials: list[tuple[int, dict[int, float]]], reduction_factor: int, min_resource: int | None) -> dict:
