@@ -115,22 +115,14 @@ def _random_states(sampler: optuna.samplers.BaseSampler, depth: int = 0) -> list
 class _Exploring(optuna.samplers.BaseSampler):
     """TPE that draws an evenly spaced share of its trials after the start-up ones at random (BOHB's "random
     fraction": Falkner et al. 2018 draw a third of Hyperband's configurations at random beside their TPE-like
-    model, for the same reason).
+    model).
 
     TPE builds its "good" density from the best tenth of the finished trials, so in a budget of a few dozen
-    trials it settles around the best start-up trial and refines it. bench_tune showed what that costs: in five
-    seeds random search's best configuration had a long warmup (ratio 0.19 to 0.28) with a high learning rate;
-    TPE + ASHA, settled elsewhere, finished a trial with a warmup ratio of 0.25 or more in one seed (the one it
-    nearly tied) and lost four seeds by 0.0006 to 0.013. Replayed on random search's own learning curves, ASHA
-    would have kept random search's best configuration in four of the five seeds, so the pruner was not what
-    lost it. The random trials keep exploring and feed the model, which uses every finished trial whoever
-    proposed it. Which trials are random is a function of the trial number alone, so it is the same for every
-    worker of a shared study and for a resumed one.
-
-    Measured on bench_tune's six seeds, with a third of the trials random TPE + ASHA did worse on validation
-    loss, the search's objective (the random trials were mostly pruned, so fewer configurations finished), and
-    better on the held-out test split, both by about 0.01 (docs/benchmarks.md). That earns no default: it is off
-    (``tune.random_fraction: 0``) and stays for users who want BOHB's behaviour.
+    trials it settles around the best start-up trial; the random trials keep exploring and feed the model,
+    which uses every finished trial whoever proposed it. Which trials are random is a function of the trial
+    number alone, so it is the same for every worker of a shared study and for a resumed one. Off by default
+    (``tune.random_fraction: 0``): on bench_tune's six seeds a third of random trials did worse on validation
+    loss and better on the held-out test split, both by about 0.01 (docs/benchmarks.md).
     """
 
     def __init__(self, model: optuna.samplers.BaseSampler, random: optuna.samplers.BaseSampler, startup: int,
