@@ -81,6 +81,8 @@ def run_pair(args, seed: int, console: Console) -> dict:
             cfg["regularize"] = {"keep_best": True}
         if args.random_fraction is not None:
             cfg["tune"]["random_fraction"] = args.random_fraction
+        if args.tpe_gamma is not None:
+            cfg["tune"]["tpe_gamma"] = args.tpe_gamma
         t0 = time.perf_counter()
         res = run_tune(RunConfig.model_validate(cfg), console=console)
         trials = res.study.trials
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="ASHA keeps the best 1/N at each rung (default: tune.reduction_factor's default)")
     ap.add_argument("--min-resource", type=int, default=None,
                     help="steps before ASHA's first decision (default: tune.min_resource's default)")
+    ap.add_argument("--tpe-gamma", type=float, default=None,
+                    help="TPE: share of the trials in its 'good' set (default: tune.tpe_gamma's)")
     ap.add_argument("--random-fraction", type=float, default=None,
                     help="TPE: share of the post-start-up trials drawn at random (default: tune.random_fraction's)")
     ap.add_argument("--keep-best", action="store_true",

@@ -76,3 +76,38 @@ def test_tpe_draws_every_third_trial_after_start_up_at_random_whatever_the_resul
     assert plain.trials[5].params != low.trials[5].params
     with pytest.raises(ValueError, match="random_fraction"):
         RunConfig.model_validate({"tune": {"random_fraction": 1.5}})
+
+
+def test_tpe_fits_its_good_density_to_a_quarter_of_the_trials_without_optunas_deprecation_warning():
+    # tune.tpe_gamma: optuna's default good set, the best tenth, is 2 of 20 trials; dstune's quarter is 5.
+    import warnings
+
+    from dstune.tune.space import suggest
+    from dstune.tune.study import _unseeded_sampler
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = parse_space({"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True}})
+
+    def tpe(**tune):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sampler = _unseeded_sampler(RunConfig.model_validate({"tune": {"seed": 1, **tune}}).tune, space)
+        assert not [w for w in caught if "gamma" in str(w.message)], [str(w.message) for w in caught]
+        return sampler
+
+    assert [tpe()._gamma(n) for n in (8, 20, 32, 200)] == [2, 5, 8, 25]
+    assert [tpe(tpe_gamma=0.1)._gamma(n) for n in (8, 20, 32, 200)] == [1, 2, 4, 20]
+    assert tpe(tpe_gamma=None)._gamma is None  # optuna's own default, chosen when it first samples
+
+    def draws(sampler) -> list[float]:
+        study = optuna.create_study(sampler=sampler)
+        for _ in range(16):
+            trial = study.ask()
+            study.tell(trial, (math.log10(suggest(trial, space)["optim.lr"]) + 3) ** 2)
+        return [t.params["optim.lr"] for t in study.trials]
+
+    quarter, tenth = draws(tpe()), draws(tpe(tpe_gamma=0.1))
+    assert quarter[:3] == tenth[:3]  # the start-up trials are random either way
+    assert quarter[3:] != tenth[3:]
+    with pytest.raises(ValueError, match="tpe_gamma"):
+        RunConfig.model_validate({"tune": {"tpe_gamma": 0}})

@@ -272,6 +272,9 @@ class TuneConfig(_Section):
     random_fraction: float = Field(
         0.0, ge=0, le=1, description="tpe: this share of the trials after the start-up ones is drawn at random, "
                                      "evenly spaced (BOHB's random fraction is 1/3); 0: off")
+    tpe_gamma: float | None = Field(
+        0.25, gt=0, le=1, description="tpe: share of the trials (at most 25) its 'good' density is fitted to; "
+                                      "null: optuna's own default, 0.1")
     min_resource: int | None = Field(
         None, ge=1, description="steps a trial runs before ASHA/Hyperband may stop it; null: a quarter of its steps")
     reduction_factor: int = Field(

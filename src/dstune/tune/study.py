@@ -10,11 +10,13 @@ lost and none run twice.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import os
 import socket
 import time
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -173,11 +175,23 @@ def _unseeded_sampler(tc, space: dict[str, Domain]) -> optuna.samplers.BaseSampl
         return optuna.samplers.GPSampler(seed=tc.seed, n_startup_trials=tc.startup_trials)
     if tc.sampler == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=tc.seed, n_startup_trials=tc.startup_trials)
-    # multivariate TPE models interactions (lr with r, say), which independent TPE cannot.
-    tpe = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=tc.startup_trials, multivariate=True)
+    # multivariate TPE models interactions (lr with r, say), which independent TPE cannot. Its "good" share
+    # (tune.tpe_gamma): optuna's default, the best tenth, is two or three trials in a 32-trial study, and
+    # bench_tune saw it settle on the early best (docs/benchmarks.md). optuna 4.9 deprecated the argument
+    # (removal planned for 6.0, hence the pin in pyproject.toml); the warning says only that.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`gamma` has been deprecated", category=FutureWarning)
+        gamma = {"gamma": functools.partial(_good_set, tc.tpe_gamma)} if tc.tpe_gamma else {}
+        tpe = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=tc.startup_trials, multivariate=True,
+                                         **gamma)
     if not tc.random_fraction:
         return tpe
     return _Exploring(tpe, optuna.samplers.RandomSampler(seed=tc.seed + 1), tc.startup_trials, tc.random_fraction)
+
+
+def _good_set(share: float, n: int) -> int:
+    """How many of n trials TPE fits its 'good' density to: optuna's default_gamma with another share."""
+    return min(math.ceil(share * n), 25)
 
 
 def _pruner(tc, max_steps: int) -> optuna.pruners.BasePruner:
