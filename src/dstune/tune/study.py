@@ -119,12 +119,13 @@ class _Exploring(optuna.samplers.BaseSampler):
     fraction": Falkner et al. 2018 draw a third of Hyperband's configurations at random beside their TPE-like
     model).
 
-    TPE builds its "good" density from the best tenth of the finished trials, so in a budget of a few dozen
-    trials it settles around the best start-up trial; the random trials keep exploring and feed the model,
+    With optuna's good share (the best tenth of the trials) TPE settles around the best start-up trial in a
+    budget of a few dozen trials; the random trials keep exploring and feed the model,
     which uses every finished trial whoever proposed it. Which trials are random is a function of the trial
     number alone, so it is the same for every worker of a shared study and for a resumed one. Off by default
-    (``tune.random_fraction: 0``): on bench_tune's six seeds a third of random trials did worse on validation
-    loss and better on the held-out test split, both by about 0.01 (docs/benchmarks.md).
+    (``tune.random_fraction: 0``): measured with the tenth, on bench_tune's six seeds a third of random trials
+    did worse on validation loss and better on the held-out test split, both by about 0.01
+    (docs/benchmarks.md). ``tune.tpe_gamma`` (a quarter by default) widens the good set instead.
     """
 
     def __init__(self, model: optuna.samplers.BaseSampler, random: optuna.samplers.BaseSampler, startup: int,
