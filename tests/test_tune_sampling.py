@@ -1,5 +1,6 @@
-"""What the search samplers draw: the same configurations when a study resumes, and TPE's share of random
-trials (``tune.random_fraction``). These drive optuna directly on a cheap objective; no training."""
+"""What the search samplers draw: the same configurations when a study resumes, TPE's share of random
+trials (``tune.random_fraction``) and the share of trials its good density is fitted to (``tune.tpe_gamma``).
+These drive optuna directly on a cheap objective; no training."""
 
 import math
 

@@ -120,9 +120,9 @@ class _Exploring(optuna.samplers.BaseSampler):
     model).
 
     With optuna's good share (the best tenth of the trials) TPE settles around the best start-up trial in a
-    budget of a few dozen trials; the random trials keep exploring and feed the model,
-    which uses every finished trial whoever proposed it. Which trials are random is a function of the trial
-    number alone, so it is the same for every worker of a shared study and for a resumed one. Off by default
+    budget of a few dozen trials; the random trials keep exploring and feed the model, which uses every
+    finished trial whoever proposed it. Which trials are random is a function of the trial number alone, so
+    it is the same for every worker of a shared study and for a resumed one. Off by default
     (``tune.random_fraction: 0``): measured with the tenth, on bench_tune's six seeds a third of random trials
     did worse on validation loss and better on the held-out test split, both by about 0.01
     (docs/benchmarks.md). ``tune.tpe_gamma`` (a quarter by default) widens the good set instead.
@@ -182,9 +182,8 @@ def _unseeded_sampler(tc, space: dict[str, Domain]) -> optuna.samplers.BaseSampl
     # (removal planned for 6.0, hence the pin in pyproject.toml); the warning says only that.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`gamma` has been deprecated", category=FutureWarning)
-        gamma = {"gamma": functools.partial(_good_set, tc.tpe_gamma)} if tc.tpe_gamma else {}
         tpe = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=tc.startup_trials, multivariate=True,
-                                         **gamma)
+                                         gamma=functools.partial(_good_set, tc.tpe_gamma) if tc.tpe_gamma else None)
     if not tc.random_fraction:
         return tpe
     return _Exploring(tpe, optuna.samplers.RandomSampler(seed=tc.seed + 1), tc.startup_trials, tc.random_fraction)
