@@ -460,9 +460,9 @@ def test_dashboard_serves_the_study_it_was_given(tmp_path, data_file):
         assert body is not None, proc.stdout.read() if proc.poll() is not None else "no answer in 90 s"
         assert body["name"] == "study"
         assert [(t["number"], t["values"]) for t in body["trials"]] == [(0, [1.25])]
-    finally:
+    finally:  # communicate, not wait: it also closes the pipe (an open one was reported at interpreter exit)
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.communicate(timeout=30)
     with pytest.raises(OSError):  # SIGTERM to dstune stopped the dashboard too: none is left serving
         urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5)
 
