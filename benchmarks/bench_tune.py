@@ -16,9 +16,9 @@ The current figures in docs/benchmarks.md (one process per search; about 30 + 15
 Keep max_length large enough for the answers: at 48, SmolLM2's tokenizer left 1 to 6 validation rows of 24
 (the older figures there). The output lists the rows and trainable tokens each split kept.
 
-The two searches draw from different sampler seeds (random: seed, TPE: seed + 1000): with one seed,
-TPE's random start-up trials would be the random search's first trials, and both would often find
-their best in the same shared trial. The training seed (data order, adapter init) is the same for both.
+The two searches draw from different sampler seeds (random: seed, TPE: seed + 1000, or + --tpe-seed-offset):
+with one seed, TPE's random start-up trials would be the random search's first trials, and both would often
+find their best in the same shared trial. The training seed (data order, adapter init) is the same for both.
 
 The goal (issue 6): TPE+ASHA reaches a best objective at least as good as random search while spending
 at most 60% of its steps.
@@ -64,7 +64,7 @@ def run_pair(args, seed: int, console: Console) -> dict:
     out = Path(args.out) / f"seed{seed}"
     results = {}
     for name, sampler, pruner, sampler_seed in [("random, no pruning", "random", "none", seed),
-                                                ("TPE + ASHA", "tpe", "asha", seed + 1000)]:
+                                                ("TPE + ASHA", "tpe", "asha", seed + args.tpe_seed_offset)]:
         if sampler not in args.searches:
             continue
         cfg = base_config(args.model, args.rows, args.steps, out / sampler, Path(args.data))
@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="TPE: share of the trials in its 'good' set (default: tune.tpe_gamma's)")
     ap.add_argument("--random-fraction", type=float, default=None,
                     help="TPE: share of the post-start-up trials drawn at random (default: tune.random_fraction's)")
+    ap.add_argument("--tpe-seed-offset", type=int, default=1000,
+                    help="TPE's sampler seed is the seed plus this; another offset repeats a seed's TPE + ASHA "
+                         "search with other draws (the training seed stays the seed)")
     ap.add_argument("--keep-best", action="store_true",
                     help="both searches with regularize.keep_best: a trial's objective is its best evaluation's")
     ap.add_argument("--searches", nargs="+", choices=["random", "tpe"], default=["random", "tpe"],
