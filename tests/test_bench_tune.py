@@ -1,5 +1,6 @@
 """The benchmark scripts that read bench_tune's output: bench_tune_test (each search's pick on the held-out
-test split) and bench_tune_replay (dstune's pruner replayed on finished curves)."""
+test split), bench_tune_replay (dstune's pruner replayed on finished curves) and bench_tune_odds (a search
+against every random search of the same size that a longer random search holds)."""
 
 import json
 import math
@@ -66,3 +67,47 @@ def test_bench_tune_replay_runs_dstunes_pruner_on_finished_curves(tmp_path):
     # first decision at step 8: trials 1 (1.8 < 1.9) and 3 (1.7) are the best there so far and go on; trial 2
     # (1.85) is not, and with three trials at the rung the best third is one trial
     assert (eight["best_trial"], eight["steps"], eight["finished"]) == (3, 16 + 16 + 8 + 16, 3)
+
+
+def test_bench_tune_odds_equals_enumerating_every_random_subset():
+    # The closed forms against the definition: every 3-subset of 7 random trials is a 3-trial random search.
+    from itertools import combinations
+
+    odds = _benchmark("bench_tune_odds")
+    values = [1.9, 1.7, 1.7, 2.4, math.inf, 1.8, 1.75]  # a tie and a failed trial
+    subsets = [min(s) for s in combinations(values, 3)]
+    assert odds.expected_best(values, 3) == pytest.approx(sum(subsets) / len(subsets))
+    for x in (1.6, 1.7, 1.72, 1.8, 2.5):
+        assert odds.chance_at_least_as_good(values, x, 3) == pytest.approx(
+            sum(x <= m for m in subsets) / len(subsets))
+    assert odds.chance_at_least_as_good(values, 1.7, 3) == 1.0  # a tie counts as at least as good
+
+
+def _study(path: Path, rows: list[tuple[str, float | None, int]], direction: str = "minimize") -> None:
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps({"direction": direction}))
+    with open(path / "trials.csv", "w", encoding="utf-8") as fh:
+        fh.write("trial,state,value,steps\n" + "".join(
+            f"{n},{state},{'' if v is None else v},{steps}\n" for n, (state, v, steps) in enumerate(rows)))
+
+
+def test_bench_tune_odds_reads_the_studies_and_refuses_too_few_random_trials(tmp_path):
+    rnd = [("complete", v, 16) for v in (2.0, 1.8, 1.9, 1.6)] + [("fail", None, 3)]
+    _study(tmp_path / "r" / "seed0" / "random", rnd)
+    # the other search: its first 2 trials count (1.85 finished, one pruned); the third is past N
+    _study(tmp_path / "t" / "seed0" / "tpe", [("complete", 1.85, 16), ("pruned", 1.7, 4), ("complete", 1.0, 16)])
+    odds = _benchmark("bench_tune_odds")
+    out = tmp_path / "odds.json"
+    assert odds.main([str(tmp_path / "r"), str(tmp_path / "t"), "--trials", "2", "--json", str(out)]) == 0
+    seed = json.loads(out.read_text())["seeds"][0]
+    # 2-subsets of (2.0, 1.8, 1.9, 1.6, inf) whose min is >= 1.85: {2.0, 1.9, inf} choose 2 = 3 of 10
+    assert seed["best"] == 1.85 and seed["chance_at_least_as_good"] == pytest.approx(0.3)
+    assert (seed["steps"], seed["random_steps"], seed["random_first_n_best"]) == (20, 32, 1.8)
+    # a maximised objective (F1): higher is better, so 1.85 now beats {1.8, 1.6, failed} choose 2 = 3 of 10
+    _study(tmp_path / "rmax" / "seed0" / "random", rnd, direction="maximize")
+    assert odds.main([str(tmp_path / "rmax"), str(tmp_path / "t"), "--trials", "2", "--json", str(out)]) == 0
+    seed = json.loads(out.read_text())["seeds"][0]
+    assert seed["chance_at_least_as_good"] == pytest.approx(0.3)
+    assert seed["random_expected_best"] == pytest.approx((2.0 * 4 + 1.9 * 3 + 1.8 * 2 + 1.6) / 10)
+    with pytest.raises(SystemExit, match="5 random trials; need more than 5"):
+        odds.main([str(tmp_path / "r"), str(tmp_path / "t"), "--trials", "5"])
