@@ -111,3 +111,18 @@ def test_bench_tune_odds_reads_the_studies_and_refuses_too_few_random_trials(tmp
     assert seed["random_expected_best"] == pytest.approx((2.0 * 4 + 1.9 * 3 + 1.8 * 2 + 1.6) / 10)
     with pytest.raises(SystemExit, match="5 random trials; need more than 5"):
         odds.main([str(tmp_path / "r"), str(tmp_path / "t"), "--trials", "5"])
+
+
+def test_bench_tune_replay_halves_match_random_search_when_pruning_loses_nothing():
+    # Curves that keep their order at every evaluation: ASHA never stops the best trial of its half, so random
+    # search + ASHA is at least as good as the other half exactly when the overall best trial falls in its
+    # half, which a random split does half of the time; and it spends fewer steps.
+    replay = _benchmark("bench_tune_replay")
+    trials = [(n, {4 * (i + 1): 3.0 - 0.1 * i + 0.01 * n for i in range(4)}) for n in range(12)]
+    res = replay.halves(trials, reduction_factor=3, min_resource=None, k=400, seed=0)
+    assert res["trials_per_search"] == 6 and res["splits"] == 400
+    assert 0.4 < res["chance_at_least_as_good"] < 0.6
+    assert res["mean_step_ratio"] < 0.9
+    # reversed at the end (the worst at step 4 finishes best): pruning now loses the best trial in some splits
+    flipped = [(n, {**c, 16: 1.0 - 0.01 * n}) for n, c in trials]
+    assert replay.halves(flipped, 3, None, k=400, seed=0)["chance_at_least_as_good"] < 0.4
