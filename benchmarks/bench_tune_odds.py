@@ -71,6 +71,11 @@ def seed_odds(random_dir: Path, other_dir: Path, n: int | None) -> dict:
             "steps": sum(r["steps"] for r in other[:n]), "random_steps": n * full}
 
 
+def _finite(row: dict) -> dict:
+    """A search whose every trial failed has an infinite best; JSON has no infinity, so it is written as null."""
+    return {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("random_runs", help="bench_tune --out directory with seedS/random of M trials")
@@ -105,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['mean_chance_at_least_as_good']:.2f} (on every seed: {summary['chance_on_every_seed']:.4f}); "
           f"steps {summary['step_ratio']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "summary": summary, "seeds": rows},
-                                              indent=1), encoding="utf-8")
+        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "summary": _finite(summary),
+                                               "seeds": [_finite(r) for r in rows]},
+                                              indent=1, allow_nan=False), encoding="utf-8")
     return 0
 
 
