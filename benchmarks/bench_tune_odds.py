@@ -40,9 +40,10 @@ def read_trials(study_dir: Path) -> list[dict]:
 
 def expected_best(values: list[float], n: int) -> float:
     """Mean of min() over all n-subsets of values: the i-th smallest is the minimum of C(M-1-i, n-1) of them."""
-    m, ordered = len(values), sorted(values)
-    total = math.comb(m, n)
-    return sum(v * math.comb(m - 1 - i, n - 1) for i, v in enumerate(ordered) if math.comb(m - 1 - i, n - 1)) / total
+    m = len(values)
+    weights = (math.comb(m - 1 - i, n - 1) for i in range(m))
+    # a value that is never the minimum (weight 0) is skipped, not multiplied: a failed trial's inf * 0 is nan
+    return sum(w * v for w, v in zip(weights, sorted(values)) if w) / math.comb(m, n)
 
 
 def chance_at_least_as_good(values: list[float], x: float, n: int) -> float:
