@@ -19,8 +19,8 @@ from dstune.methods import load_trained, prepare_model
 from dstune.models.classify import is_classifier, load_classifier
 from dstune.models.load import load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
-from dstune.train.batching import collate
-from dstune.train.forward import loss_sum
+from dstune.core.collate import collate
+from dstune.core.forward import loss_sum
 from dstune.train.loop import save_final, train
 
 HOTEL = SHARED_DATA / "chnsenticorp_htl.csv"
@@ -186,7 +186,7 @@ def test_class_weights_balanced_and_given(hotel_rows):
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     labels = torch.tensor([0, 1, 1])
     weights = torch.tensor([2.0, 0.5, 0.5])
-    from dstune.train.forward import class_loss_sum
+    from dstune.core.forward import class_loss_sum
 
     ce = F.cross_entropy(logits, labels, reduction="none")
     assert class_loss_sum(logits, labels, weights).item() == pytest.approx((ce * weights).sum().item())

@@ -16,7 +16,7 @@ from dstune.evaluate.metrics import classification_metrics
 from dstune.evaluate.run import evaluate_run, score_labels
 from dstune.generate import load_for_inference
 from dstune.train.loop import train
-from dstune.train.loss import token_loss_sum
+from dstune.core.loss import token_loss_sum
 
 runner = CliRunner()
 

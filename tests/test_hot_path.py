@@ -15,8 +15,9 @@ from dstune.data.cache import cache_key, cached_prepare, save_entry
 from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
 from dstune.train import accel
-from dstune.train.batching import MicroBatches, Prefetcher, collate
-from dstune.train.forward import loss_sum
+from dstune.core.collate import collate
+from dstune.train.batching import MicroBatches, Prefetcher
+from dstune.core.forward import loss_sum
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -318,7 +319,7 @@ def test_experts_implementations_agree(impl):
 def test_linear_cross_entropy_matches_torch_with_bias_and_trainable_head(eps):
     """The chunked output layer's gradients, computed in its forward pass, equal autograd's through
     F.cross_entropy, for the hidden states, a trainable head weight and a bias, across chunk edges."""
-    from dstune.train.forward import LinearCrossEntropy
+    from dstune.core.forward import LinearCrossEntropy
 
     torch.manual_seed(0)
     h = torch.randn(23, 16, requires_grad=True)

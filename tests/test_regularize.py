@@ -11,7 +11,7 @@ import torch
 from dstune.config import RegularizeConfig, RunConfig
 from dstune.methods import prepare_model
 from dstune.models.load import load_model, resolve_model_dir
-from dstune.train.loss import IGNORE, token_loss_sum
+from dstune.core.loss import IGNORE, token_loss_sum
 from dstune.train.regularize import (EarlyStopping, add_hidden_dropout, add_layerdrop, add_neftune,
                                      decoder_layers, set_attention_dropout)
 

@@ -8,8 +8,8 @@ import torch
 
 from dstune.data.pack import pack_rows, padding_share
 from dstune.models.load import load_model, resolve_model_dir
-from dstune.train.batching import collate
-from dstune.train.forward import loss_sum, model_inputs
+from dstune.core.collate import collate
+from dstune.core.forward import loss_sum, model_inputs
 
 FAMILIES = ["deepseek-llm", "deepseek-v2", "deepseek-v3", "r1-distill-qwen"]
 

@@ -13,8 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dstune.errors import DstuneError
 
-class ConfigError(ValueError):
+
+class ConfigError(DstuneError, ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
 
 

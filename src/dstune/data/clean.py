@@ -29,6 +29,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from dstune.errors import UsageError
+
 PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "id_card": "<ID_CARD>", "bank_card": "<BANK_CARD>"}
 
 
@@ -230,7 +232,7 @@ def clean_examples(examples: list[dict], options: CleanOptions | None = None) ->
     """
     opts = options or CleanOptions()
     if opts.unicode_form not in ("NFKC", "NFC"):
-        raise ValueError(f"unicode_form must be NFKC or NFC, got {opts.unicode_form!r}")
+        raise UsageError(f"unicode_form must be NFKC or NFC, got {opts.unicode_form!r}")
     out = Cleaned(examples=[])
     pii: Counter = Counter()
 
@@ -291,7 +293,7 @@ def _drop_near_duplicates(unique: list[tuple[str, dict]], opts: CleanOptions, dr
     try:
         lsh = MinHashLSH(threshold=opts.near_threshold, num_perm=opts.num_perm)
     except ValueError as exc:  # e.g. 0.99 with 128 permutations leaves fewer than 2 LSH bands
-        raise ValueError(f"near-duplicate threshold {opts.near_threshold} with {opts.num_perm} permutations: {exc}; "
+        raise UsageError(f"near-duplicate threshold {opts.near_threshold} with {opts.num_perm} permutations: {exc}; "
                          "use a threshold of at most 0.98") from None
     kept = []
     for i, ((key, ex), sig) in enumerate(zip(unique, signatures)):

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dstune.errors import DstuneError
+
 FORMATS = ("text", "alpaca", "messages", "classification")
 
 # What each format needs, quoted in the error when the format cannot be detected.
@@ -36,7 +38,7 @@ TEXT_COLUMNS = ("text", "review", "sentence", "content", "comment", "document")
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
-class DataError(ValueError):
+class DataError(DstuneError, ValueError):
     """A data problem, phrased for the person who owns the file: which file, which line, what is wrong."""
 
 

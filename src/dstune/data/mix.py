@@ -17,6 +17,8 @@ import math
 import random
 from typing import Sequence
 
+from dstune.errors import UsageError
+
 
 def quotas(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
     """Rows each data set contributes: ``sum(sizes)`` split by ``weights`` (largest-remainder rounding).
@@ -26,7 +28,7 @@ def quotas(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
     """
     for i, w in enumerate(weights):
         if not (isinstance(w, (int, float)) and math.isfinite(w) and w > 0):
-            raise ValueError(f"data.mix[{i}].weight must be a positive number, got {w!r}")
+            raise UsageError(f"data.mix[{i}].weight must be a positive number, got {w!r}")
     total, norm = sum(sizes), sum(weights)
     exact = [total * w / norm for w in weights]
     counts = [math.floor(x) for x in exact]

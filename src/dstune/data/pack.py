@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 
-from dstune.train.loss import IGNORE
+from dstune.core.loss import IGNORE
 
 
 def pack_rows(rows: list[dict], max_length: int, seed: int) -> list[dict]:

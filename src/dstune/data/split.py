@@ -6,6 +6,8 @@ import math
 import random
 from typing import TypeVar
 
+from dstune.errors import UsageError
+
 T = TypeVar("T")
 
 
@@ -34,7 +36,7 @@ def split_examples(examples: list[T], ratios: tuple[float, float, float] = (0.8,
         ValueError: for ratios that are not three non-negative numbers summing to 1 with train > 0.
     """
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6 or ratios[0] <= 0:
-        raise ValueError(f"split ratios must be three non-negative numbers summing to 1 with train > 0, "
+        raise UsageError(f"split ratios must be three non-negative numbers summing to 1 with train > 0, "
                          f"got {list(ratios)}")
     n = len(examples)
     order = list(range(n))

@@ -24,9 +24,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from dstune.errors import UsageError
+from dstune.core.loss import IGNORE
 from dstune.models.templates import TemplateError, template_name, tokenizer_template
 
-IGNORE = -100  # label of a token that carries no loss (the value torch's cross_entropy ignores)
 _SENTINEL = "\ue000dstune-reply\ue001"  # private-use characters: no template writes them
 _CHUNK = 64  # examples tokenized per batch call
 
@@ -177,11 +178,11 @@ def tokenize_examples(examples: list[dict], tokenizer: Any, chat_template: str |
         TemplateError: conversations without a template, or with one that cannot be masked.
     """
     if overflow not in ("truncate", "drop"):
-        raise ValueError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
+        raise UsageError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
     if train_on not in ("assistant", "all"):
-        raise ValueError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
+        raise UsageError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+        raise UsageError(f"max_length must be at least 2, got {max_length}")
     template = chat_template or tokenizer_template(tokenizer)
     if template is None and any("messages" in ex for ex in examples):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__

@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from dstune.train.batching import eval_batches
-from dstune.train.forward import loss_sum
-from dstune.train.loss import count_loss_tokens
+from dstune.core.collate import eval_batches
+from dstune.core.forward import loss_sum
+from dstune.core.loss import count_loss_tokens
 
 
 @torch.no_grad()

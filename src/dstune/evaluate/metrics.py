@@ -13,6 +13,8 @@ import re
 from collections import Counter
 from typing import Sequence
 
+from dstune.errors import UsageError
+
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -184,7 +186,7 @@ def _pr_points(y_true: Sequence[int], scores: Sequence[float]):
     from sklearn.metrics import precision_recall_curve
 
     if len(set(y_true) - {0, 1}) or 1 not in y_true:
-        raise ValueError("threshold tuning needs binary labels (1 = positive) with at least one positive example")
+        raise UsageError("threshold tuning needs binary labels (1 = positive) with at least one positive example")
     precision, recall, thresholds = precision_recall_curve(list(y_true), list(scores))
     # sklearn appends a last point (precision 1, recall 0) that has no threshold.
     return precision[:-1], recall[:-1], thresholds
@@ -228,7 +230,7 @@ def threshold_for_recall(y_true: Sequence[int], scores: Sequence[float], target:
         ``{"threshold", "precision", "recall", "f1"}``.
     """
     if not 0 < target <= 1:
-        raise ValueError(f"target recall must be in (0, 1], got {target}")
+        raise UsageError(f"target recall must be in (0, 1], got {target}")
     precision, recall, thresholds = _pr_points(y_true, scores)
     # thresholds increase and recall does not increase along them: take the last that reaches the target.
     i = max(i for i in range(len(thresholds)) if recall[i] >= target - 1e-12)

@@ -34,7 +34,7 @@ from dstune.data.tokenize import IGNORE, tokenize_examples
 from dstune.evaluate import metrics as M
 from dstune.evaluate.answers import answer_text
 from dstune.evaluate.loss import evaluate_loss
-from dstune.train.batching import collate
+from dstune.core.collate import collate
 
 _SAMPLES = 20  # examples kept in eval.json for a person to read
 

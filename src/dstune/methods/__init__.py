@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from dstune.errors import UsageError
 from dstune.config import RunConfig
 from dstune.methods.adapter import is_adapter_dir, load_adapter, prepare_adapter
 from dstune.methods.freeze import prepare_freeze, prepare_full
@@ -50,7 +51,7 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
     prepared = METHODS[cfg.method](model, cfg)
     train_head(prepared)
     if not any(p.requires_grad for p in prepared.parameters()):
-        raise ValueError(f"method '{cfg.method}' left no trainable parameter; check the "
+        raise UsageError(f"method '{cfg.method}' left no trainable parameter; check the "
                          f"'{cfg.method}' section of the config (e.g. freeze.top_layers, lora.targets)")
     return prepared
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from dstune.errors import UsageError
 from dstune.config import AdapterConfig, RunConfig
 
 WEIGHTS = "bottleneck_adapter.safetensors"
@@ -118,7 +119,7 @@ def add_adapters(model: nn.Module, ac: AdapterConfig) -> AdapterModel:
     hidden = model.config.hidden_size
     bottleneck = hidden // ac.reduction
     if bottleneck < 1:
-        raise ValueError(f"adapter.reduction={ac.reduction} leaves no bottleneck for hidden_size {hidden}; "
+        raise UsageError(f"adapter.reduction={ac.reduction} leaves no bottleneck for hidden_size {hidden}; "
                          f"use 1..{hidden}")
     kinds = {"both": ("self_attn", "mlp"), "attention": ("self_attn",), "mlp": ("mlp",)}[ac.where]
     for p in model.parameters():
@@ -130,7 +131,7 @@ def add_adapters(model: nn.Module, ac: AdapterConfig) -> AdapterModel:
             model.set_submodule(name, AdaptedBlock(module, Bottleneck(hidden, bottleneck, ac.activation)))
             wrapped.append(name)
     if not wrapped:
-        raise ValueError(f"adapter.where={ac.where}: no 'layers.N.self_attn' or 'layers.N.mlp' block in "
+        raise UsageError(f"adapter.where={ac.where}: no 'layers.N.self_attn' or 'layers.N.mlp' block in "
                          f"{type(model).__name__}")
     device = next(model.parameters()).device
     model.to(device)
@@ -162,7 +163,7 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path) -> AdapterModel:
     expected = set(model.adapter_state())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"{adapter_dir}: adapter weights do not fit this base model "
+        raise UsageError(f"{adapter_dir}: adapter weights do not fit this base model "
                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
     model.base_model.load_state_dict(state, strict=False)
     return model.eval()

@@ -6,6 +6,7 @@ import re
 
 import torch.nn as nn
 
+from dstune.errors import UsageError
 from dstune.config import RunConfig
 
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
@@ -33,7 +34,7 @@ def first_top_layer(model: nn.Module, top: int, key: str, lowest: int) -> int:
     """
     n_layers = model.config.num_hidden_layers
     if top > n_layers:
-        raise ValueError(f"{key}={top} but the model has {n_layers} decoder layers; use {lowest}..{n_layers}")
+        raise UsageError(f"{key}={top} but the model has {n_layers} decoder layers; use {lowest}..{n_layers}")
     return n_layers - top
 
 

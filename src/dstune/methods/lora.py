@@ -31,6 +31,7 @@ import re
 import peft
 import torch.nn as nn
 
+from dstune.errors import UsageError
 from dstune.config import RunConfig
 from dstune.methods.freeze import first_top_layer, layer_index
 from dstune.methods.peft_model import CausalLM, wrap
@@ -85,11 +86,11 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
         if missing:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise ValueError(f"lora.targets: {missing} match no Linear module; presets: {list(PRESETS)}; "
+            raise UsageError(f"lora.targets: {missing} match no Linear module; presets: {list(PRESETS)}; "
                              f"module names in this model: {leaves}")
         chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
     if not chosen:
-        raise ValueError(f"lora.targets={targets!r} matched no Linear module in this model (presets: {list(PRESETS)}; "
+        raise UsageError(f"lora.targets={targets!r} matched no Linear module in this model (presets: {list(PRESETS)}; "
                          f"MoE experts are chosen with lora.experts)")
     return chosen
 
@@ -110,7 +111,7 @@ def expert_targets(model: nn.Module, experts: str) -> tuple[list[str], list[str]
     modules = [n for n in _linear_names(model) if _kind(n) in kinds]
     params = [n for n, p in model.named_parameters() if p.ndim == 3 and param_kind(n) in kinds]
     if not modules and not params:
-        raise ValueError(f"lora.experts={experts}: {type(model).__name__} has no "
+        raise UsageError(f"lora.experts={experts}: {type(model).__name__} has no "
                          f"{' or '.join(sorted(kinds)).replace('_', ' ')}; use lora.experts=none")
     return modules, params
 
@@ -162,7 +163,7 @@ def lora_config(model: nn.Module, cfg: RunConfig) -> peft.LoraConfig:
         bad = [k for k, v in blocked.items() if v]
         if bad:
             where = sorted({p.rsplit(".", 2)[-2] if p.endswith(".weight") else p.rsplit(".", 1)[-1] for p in params})
-            raise ValueError(
+            raise UsageError(
                 f"{', '.join(bad)} cannot apply to {where}: on {model.config.model_type} these are adapted through "
                 f"peft target_parameters (fused experts, or MLP layers peft would otherwise rewrite to the "
                 f"experts), which support neither DoRA, dropout nor PiSSA/OLoRA init (peft "
@@ -171,7 +172,7 @@ def lora_config(model: nn.Module, cfg: RunConfig) -> peft.LoraConfig:
     for key in (*lc.rank_pattern, *lc.alpha_pattern):
         names = modules + [p[:-len(".weight")] if p.endswith(".weight") else p for p in params]
         if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):
-            raise ValueError(f"lora.rank_pattern/alpha_pattern key {key!r} matches none of the adapted modules "
+            raise UsageError(f"lora.rank_pattern/alpha_pattern key {key!r} matches none of the adapted modules "
                              f"(leaf names: {sorted({n.rsplit('.', 1)[-1] for n in names})})")
     return peft.LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=modules or None,
@@ -204,7 +205,7 @@ def _check_targets(wrapped: peft.PeftModel, modules: list[str], params: list[str
     skipped = [t for t in modules if t not in got_modules] + [p for p in params if p not in got_params]
     extra = sorted(got_params - set(params))
     if skipped or extra:
-        raise ValueError(
+        raise UsageError(
             f"lora.targets: peft {peft.__version__} did not adapt {skipped[:4]}{'...' if len(skipped) > 4 else ''}"
             + (f" and adapted {extra[:2]} instead" if extra else "")
             + ". On DeepSeek-V2/V3 with transformers 5, peft rewrites MLP targets (gate_proj/up_proj/down_proj) "

@@ -35,6 +35,8 @@ import torch
 from peft.utils import PeftType
 from transformers import DynamicCache
 
+from dstune.errors import UsageError
+
 # MLA families whose cache holds (kv_nope latent, rotary key); V3.2 also has a sparse-attention indexer
 # with its own key cache, which a learned prefix cannot fill (see methods/prompt.py).
 MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -217,6 +219,6 @@ def load(base: torch.nn.Module, adapter_dir: str | Path) -> CausalLM:
     # peft loads a prompt's embedding itself and lists it among unexpected keys; adapter weights must fit.
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "ia3_" in k or "modules_to_save" in k]
     if unexpected:
-        raise ValueError(f"{adapter_dir}: adapter weights {unexpected[:4]} do not fit this base model")
+        raise UsageError(f"{adapter_dir}: adapter weights {unexpected[:4]} do not fit this base model")
     model.eval()
     return model

@@ -18,6 +18,7 @@ from __future__ import annotations
 import peft
 import torch.nn as nn
 
+from dstune.errors import UsageError
 from dstune.config import RunConfig
 from dstune.methods.lora import is_plain_linear
 from dstune.methods.peft_model import CausalLM, is_mla, mla_prefix_width, wrap
@@ -40,7 +41,7 @@ _NO_PREFIX = {
 def _refuse(cfg: RunConfig, model: nn.Module, table: dict[str, str]) -> None:
     model_type = getattr(model.config, "model_type", "")
     if model_type in table:
-        raise ValueError(f"method={cfg.method} does not work on {model_type}: {table[model_type]}. "
+        raise UsageError(f"method={cfg.method} does not work on {model_type}: {table[model_type]}. "
                          f"Use method=lora or method=adapter on this family.")
 
 
@@ -78,7 +79,7 @@ def prepare_prompt(model: nn.Module, cfg: RunConfig) -> CausalLM:
     if pc.init_text:
         path = getattr(model, "name_or_path", None)
         if not path:
-            raise ValueError("prompt.init_text needs the base model's tokenizer, but the model has no name_or_path")
+            raise UsageError("prompt.init_text needs the base model's tokenizer, but the model has no name_or_path")
         kwargs = {"prompt_tuning_init": "TEXT", "prompt_tuning_init_text": pc.init_text, "tokenizer_name_or_path": path}
     config = peft.PromptTuningConfig(num_virtual_tokens=pc.virtual_tokens, task_type="CAUSAL_LM", **kwargs)
     return wrap(model, config)
@@ -102,11 +103,11 @@ def ia3_targets(model: nn.Module, targets: str | list[str]) -> tuple[list[str], 
         names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
         missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in linears)]
         if missing:
-            raise ValueError(f"ia3.targets: {missing} match no Linear module; use 'default' or names from "
+            raise UsageError(f"ia3.targets: {missing} match no Linear module; use 'default' or names from "
                              f"{sorted({n.rsplit('.', 1)[-1] for n in linears})}")
         chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in names)]
     if not chosen:
-        raise ValueError(f"ia3.targets={targets!r} matched no Linear module of {type(model).__name__}")
+        raise UsageError(f"ia3.targets={targets!r} matched no Linear module of {type(model).__name__}")
     return chosen, [n for n in chosen if n.endswith("down_proj")]
 
 

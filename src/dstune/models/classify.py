@@ -34,6 +34,8 @@ from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from transformers.utils import logging as hf_logging
 
+from dstune.errors import UsageError
+
 LABELS_FILE = "labels.json"
 POOLINGS = ("last", "mean")
 _HEAD = "score."  # the head's parameter names in GenericForSequenceClassification
@@ -127,11 +129,11 @@ def load_classifier(path: str, labels: list[str], pad_id: int, *, dtype: torch.d
         ValueError: fewer than two labels, or an unknown pooling.
     """
     if len(labels) < 2:
-        raise ValueError(f"a classification head needs at least two labels, got {labels}; check data.label_column")
+        raise UsageError(f"a classification head needs at least two labels, got {labels}; check data.label_column")
     config = _classifier_config(path, labels, pad_id, trust_remote_code=trust_remote_code)
     pooling = pooling or getattr(config, "classifier_pooling", None) or "last"
     if pooling not in POOLINGS:
-        raise ValueError(f"classify.pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        raise UsageError(f"classify.pooling must be one of {list(POOLINGS)}, got {pooling!r}")
     config.classifier_pooling = pooling
     kwargs = {"config": config, "dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code,
               "output_loading_info": True}

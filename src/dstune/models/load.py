@@ -30,6 +30,7 @@ import yaml
 from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from dstune.errors import DstuneError
 from dstune.models.safety import check_model_dir
 
 FAMILIES_FILE = Path(__file__).with_name("families.yaml")
@@ -50,7 +51,7 @@ _MODEL_TYPE_FAMILY = {
 _DEEPSEEK_VOCABS = {102400, 32256, 129280}
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(DstuneError, ValueError):
     """A model spec that cannot be resolved, phrased for the person who wrote it."""
 
 

@@ -10,12 +10,14 @@ import json
 import struct
 from pathlib import Path
 
+from dstune.errors import DstuneError
+
 # The safetensors format caps a header at 100 MB (MAX_HEADER_SIZE in the safetensors crate); we refuse
 # anything larger before the library allocates for it, with an error that names the file.
 MAX_HEADER_BYTES = 100_000_000
 
 
-class UnsafeModelError(ValueError):
+class UnsafeModelError(DstuneError, ValueError):
     """A model directory that dstune refuses to load, naming the file and the reason."""
 
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dstune.errors import DstuneError
+
 _BOS = "{{- bos_token -}}"
 
 # System messages are gathered first: DeepSeek puts the system prompt, untagged, right after BOS.
@@ -80,7 +82,7 @@ TEMPLATES = {"deepseek-v3": DEEPSEEK_V3_TEMPLATE, "deepseek-r1": DEEPSEEK_R1_TEM
 CHOICES = ("auto", "tokenizer", *TEMPLATES)
 
 
-class TemplateError(ValueError):
+class TemplateError(DstuneError, ValueError):
     """A chat template that cannot be found, or that cannot be used to mask the loss."""
 
 

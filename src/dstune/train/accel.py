@@ -13,11 +13,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dstune.errors import DstuneError
+
 # liger-kernel patches these transformers model types in place (apply_liger_kernel_to_llama / _qwen2).
 # DeepSeek-LLM and the R1-Distill-Llama models are `llama`, R1-Distill-Qwen is `qwen2`. liger has no
 # patch for transformers' DeepSeek V2/V3 classes (MLA attention, fused 3-D experts); there only the fused
 # linear cross-entropy applies, because dstune computes the loss itself from the final hidden states.
 LIGER_FAMILIES = {"llama": "apply_liger_kernel_to_llama", "qwen2": "apply_liger_kernel_to_qwen2"}
+
+
+
+class KernelError(DstuneError, RuntimeError):
+    """A kernel the config asks for (``train.liger=on``) cannot be used here; the message says why."""
 
 
 def _installed(module: str) -> bool:
@@ -68,7 +75,7 @@ def plan_liger(mode: str, model_type: str, cuda: bool, installed: bool | None = 
         installed: whether liger_kernel is importable (default: look).
 
     Raises:
-        RuntimeError: ``on`` without CUDA or without liger_kernel, naming the fix.
+        KernelError: ``on`` without CUDA or without liger_kernel, naming the fix.
     """
     if mode == "off":
         return LigerPlan(why_not="train.liger=off")
@@ -78,7 +85,7 @@ def plan_liger(mode: str, model_type: str, cuda: bool, installed: bool | None = 
         missing.append("the liger-kernel package (pip install 'dstune[liger]')")
     if missing:
         if mode == "on":
-            raise RuntimeError(f"train.liger=on needs {' and '.join(missing)}; set train.liger=auto or off")
+            raise KernelError(f"train.liger=on needs {' and '.join(missing)}; set train.liger=auto or off")
         return LigerPlan(why_not="needs " + " and ".join(missing))
     patch = LIGER_FAMILIES.get(model_type)
     kernels = (["rms_norm", "rope", "swiglu"] if patch else []) + ["fused_linear_cross_entropy"]
@@ -112,7 +119,7 @@ def apply_liger(model, plan: LigerPlan, strict: bool = False) -> LigerPlan:
                                     fused_linear_cross_entropy=False, model=model)
     except Exception as exc:  # an incompatible liger/transformers pair: plain kernels still train
         if strict:
-            raise RuntimeError(f"train.liger=on: liger-kernel could not be applied: {exc}") from exc
+            raise KernelError(f"train.liger=on: liger-kernel could not be applied: {exc}") from exc
         return LigerPlan(why_not=f"liger-kernel failed: {type(exc).__name__}: {exc}")
     return plan
 

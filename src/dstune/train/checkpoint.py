@@ -25,11 +25,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from dstune.errors import DstuneError, UsageError
+
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DstuneError, RuntimeError):
     """A checkpoint that cannot be written or trusted; the message names the file and what to do."""
 
 
@@ -227,7 +229,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(params))
     if unknown:
-        raise ValueError(f"{path}: checkpoint has parameters this model lacks, e.g. {unknown[:3]}; "
+        raise UsageError(f"{path}: checkpoint has parameters this model lacks, e.g. {unknown[:3]}; "
                          f"was it made with another model or method?")
     with torch.no_grad():
         for name, value in weights.items():

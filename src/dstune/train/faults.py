@@ -19,6 +19,8 @@ import signal
 
 import torch
 
+from dstune.errors import UsageError
+
 
 class Faults:
     """The faults requested for this process; each fires at most once."""
@@ -32,7 +34,7 @@ class Faults:
                 point, n = rest.split(":")
                 self.pending.add((kind, point, int(n)))
             except ValueError:
-                raise ValueError(f"DSTUNE_FAULTS: cannot parse '{item}'; expected KIND@POINT:N, "
+                raise UsageError(f"DSTUNE_FAULTS: cannot parse '{item}'; expected KIND@POINT:N, "
                                  f"e.g. kill@step:3 or oom@step:2") from None
 
     def _take(self, kind: str, point: str, n: int) -> bool:

@@ -32,6 +32,7 @@ from collections import deque
 
 import torch
 
+from dstune.errors import UsageError
 from dstune.config import StabilityConfig
 
 ENV_INJECT = "DSTUNE_STABILITY_INJECT"
@@ -55,7 +56,7 @@ def parse_injections(items: list[str]) -> dict[int, list[tuple[str, float]]]:
             else:
                 raise ValueError
         except ValueError:
-            raise ValueError(f"stability.inject: cannot parse '{item}'; accepted: nan_loss@STEP, "
+            raise UsageError(f"stability.inject: cannot parse '{item}'; accepted: nan_loss@STEP, "
                              f"grad_scale@STEP:FACTOR (e.g. grad_scale@8:1e4)") from None
     return out
 

@@ -38,8 +38,8 @@ from dstune.train.checkpoint import latest_checkpoint, load_checkpoint, prune_ch
 from dstune.train.faults import Faults
 from dstune.train.rundir import RunDirError, check_resume, check_run_dir, file_sha256
 from dstune.train.signals import StopRequest, TrainingInterrupted
-from dstune.train.forward import loss_sum as forward_loss
-from dstune.train.loss import count_loss_tokens
+from dstune.core.forward import loss_sum as forward_loss
+from dstune.core.loss import count_loss_tokens
 from dstune.train.diagnostics import LayerDiagnostics
 from dstune.train.guard import StabilityGuard
 from dstune.train.optim import build_optimizer, build_scheduler, clip_gradients, render_groups

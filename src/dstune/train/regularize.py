@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dstune.errors import UsageError
 from dstune.config import RegularizeConfig
 
 
@@ -28,7 +29,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
             return module
-    raise ValueError("regularize.layerdrop/hidden_dropout: this model has no 'layers' list of decoder layers")
+    raise UsageError("regularize.layerdrop/hidden_dropout: this model has no 'layers' list of decoder layers")
 
 
 def add_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHandle:
@@ -62,7 +63,7 @@ def add_layerdrop(model: nn.Module, probs: float | list[float]) -> list[int]:
     layers = decoder_layers(model)
     if isinstance(probs, list):
         if len(probs) != len(layers):
-            raise ValueError(f"regularize.layerdrop has {len(probs)} probabilities but the model has "
+            raise UsageError(f"regularize.layerdrop has {len(probs)} probabilities but the model has "
                              f"{len(layers)} decoder layers; give one number or {len(layers)}")
     else:
         probs = [probs] * len(layers)
@@ -95,7 +96,7 @@ def set_attention_dropout(model: nn.Module, p: float) -> int:
             module.attention_dropout = p
             n += 1
     if n == 0:
-        raise ValueError("regularize.attention_dropout: no attention module of this model has an "
+        raise UsageError("regularize.attention_dropout: no attention module of this model has an "
                          "'attention_dropout' setting")
     return n
 
@@ -152,7 +153,7 @@ class EarlyStopping:
 
     def __init__(self, cfg: RegularizeConfig, eval_every: int, metric: str = "loss", sign: int = 1):
         if (cfg.early_stop_patience or cfg.keep_best) and not eval_every:
-            raise ValueError("regularize.early_stop_patience / regularize.keep_best need periodic validation: "
+            raise UsageError("regularize.early_stop_patience / regularize.keep_best need periodic validation: "
                              "set train.eval_every to a number of steps (and give validation data)")
         self.cfg, self.metric, self.sign = cfg, metric, sign
         self.best, self.best_step, self.bad, self.stopped_at, self.last_step = math.inf, None, 0, None, None

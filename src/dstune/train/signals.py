@@ -13,8 +13,10 @@ import threading
 
 import torch
 
+from dstune.errors import DstuneError
 
-class TrainingInterrupted(RuntimeError):
+
+class TrainingInterrupted(DstuneError, RuntimeError):
     """Training stopped on a signal after saving a checkpoint; the message says how to resume."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from dstune.errors import UsageError
 from dstune.config import ConfigError, _closest, _known_keys, RunConfig
 
 DERIVED_KEYS = ("lora.alpha_ratio", "train.batch")
@@ -33,12 +34,12 @@ class Domain(BaseModel):
     def _complete(self) -> "Domain":
         if self.type == "categorical":
             if not self.choices:
-                raise ValueError("a categorical domain needs 'choices: [...]'")
+                raise UsageError("a categorical domain needs 'choices: [...]'")
         else:
             if self.low is None or self.high is None or not self.low < self.high:
-                raise ValueError(f"a {self.type} domain needs low < high (got low={self.low}, high={self.high})")
+                raise UsageError(f"a {self.type} domain needs low < high (got low={self.low}, high={self.high})")
             if self.log and self.low <= 0:
-                raise ValueError("a log domain needs low > 0")
+                raise UsageError("a log domain needs low > 0")
         return self
 
     def grid(self) -> list[Any]:
@@ -47,7 +48,7 @@ class Domain(BaseModel):
             return list(self.choices)
         if self.type == "int" and (self.high - self.low) / (self.step or 1) <= 16:
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        raise ValueError("grid search needs categorical domains (or small int ranges); "
+        raise UsageError("grid search needs categorical domains (or small int ranges); "
                          f"turn {self.low}..{self.high} into 'type: categorical, choices: [...]'")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dstune.train.loss import IGNORE, token_loss_sum
+from dstune.core.loss import IGNORE, token_loss_sum
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
