@@ -57,9 +57,8 @@ def run_dstune(args) -> dict:
     from rich.console import Console
 
     from dstune.config import RunConfig
-    from dstune.train.loop import train
-
     from dstune.train.batching import Prefetcher
+    from dstune.train.loop import train
 
     cfg = RunConfig.model_validate(_config(args))
     stamps, calls, fetch = [], [0], Prefetcher.next
@@ -111,7 +110,13 @@ def run_baseline(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from dstune.methods.lora import resolve_targets
 
@@ -193,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--packing", action="store_true", help="dstune packs examples (train.packing)")
-    ap.add_argument("--chunk-tokens", type=int, default=0, help="dstune's train.chunk_tokens")
+    ap.add_argument("--chunk-tokens", default="auto", type=lambda v: v if v == "auto" else int(v),
+                    help="dstune's train.chunk_tokens (default: auto, as dstune's own default)")
     ap.add_argument("--group-by-length", action="store_true", help="dstune's train.group_by_length")
     ap.add_argument("--out", default="runs/bench-train")
     ap.add_argument("--side", choices=["dstune", "baseline"], help=argparse.SUPPRESS)

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_classify import DATA, _rows
 
 from dstune.models.classify import mean_of_real_tokens

@@ -96,8 +96,6 @@ def greedy_without_cache(model, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 def run_cell(family: str, method: str, data: Path, work: Path, extra: dict | None = None) -> dict:
     """Trains one cell and runs the in-process checks; the fresh-process checks come later (``reload``)."""
-    from dstune.merge import merge_run
-    from dstune.models.load import load_model, resolve_model_dir
     from dstune.train.loop import train
 
     row: dict = {"family": family, "method": method}

@@ -1,12 +1,23 @@
 """Shared test fixtures."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
 # The real, messy data sets kept beside the checkout (../shared/data), see its README.md.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def small_file(tmp_path_factory) -> Path:
+    """Eight real instruction pairs (English and Chinese), as JSON lines."""
+    rows = json.loads((SHARED_DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:4]
+    rows += json.loads((SHARED_DATA / "alpaca_zh_demo.json").read_text(encoding="utf-8"))[:4]
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

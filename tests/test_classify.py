@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import SHARED_DATA
+
 from dstune.config import ConfigError, RunConfig, load_config
+from dstune.core.collate import collate
+from dstune.core.forward import loss_sum
 from dstune.data import DataError, load_examples, prepare_data
 from dstune.data.classify import class_weights, label_list, tokenize_classification
 from dstune.data.mix import mix_examples, quotas
@@ -19,8 +21,6 @@ from dstune.methods import load_trained, prepare_model
 from dstune.models.classify import is_classifier, load_classifier
 from dstune.models.load import load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
-from dstune.core.collate import collate
-from dstune.core.forward import loss_sum
 from dstune.train.loop import save_final, train
 
 HOTEL = SHARED_DATA / "chnsenticorp_htl.csv"

@@ -3,8 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
-import torch
 from typer.testing import CliRunner
 
 from dstune.cli import app

@@ -64,9 +64,19 @@ def test_remote_code_needs_pinned_revision():
 
 
 def test_save_and_reload_roundtrip(tmp_path):
-    cfg = load_config(overrides=["optim.lr=3e-4", "data.train=../x.jsonl", "freeze.patterns=['norm']"])
+    # What a run saves is its config with absolute paths (a relative one in a file is read relative to it).
+    cfg = load_config(overrides=["optim.lr=3e-4", "data.train=../x.jsonl", "freeze.patterns=['norm']"]).absolute()
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_relative_paths_in_a_config_file_are_relative_to_the_file(tmp_path):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "run.yaml").write_text("data:\n  train: data/x.jsonl\n  mix: []\nmodel:\n  name: smollm2\n")
+    cfg = load_config(tmp_path / "cfg" / "run.yaml")
+    assert cfg.data.train == str(tmp_path / "cfg" / "data" / "x.jsonl") and cfg.model.name == "smollm2"
+    flag = load_config(tmp_path / "cfg" / "run.yaml", overrides=["data.train=y.jsonl"])
+    assert flag.data.train == "y.jsonl" and flag.absolute().data.train == str(Path.cwd() / "y.jsonl")
 
 
 def test_set_without_equals_is_explained():
@@ -78,6 +88,7 @@ def test_set_without_equals_is_explained():
 def test_every_example_config_validates(path):
     cfg = load_config(path)
     assert cfg.data.train, f"{path.name} names no training data"
+    assert Path(cfg.data.train).is_file(), f"{path.name}: {cfg.data.train} (relative to the file) is missing"
 
 
 def test_examples_exist():

@@ -6,8 +6,14 @@ import pytest
 from conftest import SHARED_DATA
 
 from dstune.config import DataConfig
-from dstune.data import (DataError, dropped_rows_warning, load_examples, prepare_data, split_examples,
-                         tokenize_examples)
+from dstune.data import (
+    DataError,
+    dropped_rows_warning,
+    load_examples,
+    prepare_data,
+    split_examples,
+    tokenize_examples,
+)
 from dstune.data.read import READERS
 from dstune.data.tokenize import IGNORE
 from dstune.models.templates import DEEPSEEK_V3_TEMPLATE
@@ -240,7 +246,7 @@ def test_alpaca_rows_mask_only_the_reply(deepseek_tokenizer):
     out = tokenize_examples(loaded.examples, tok, DEEPSEEK_V3_TEMPLATE, 256)
     raw = json.loads((SHARED_DATA / "identity.json").read_text(encoding="utf-8"))
     for row, item in zip(out.rows, raw):
-        trained = tok.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE])
+        trained = tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
         assert trained == item["output"] + "<｜end▁of▁sentence｜>"
 
 
@@ -255,7 +261,7 @@ def test_prepare_data_end_to_end(deepseek_tokenizer):
     assert rep["split"] == {"train": 40, "val": 5, "test": 5}
     assert len(data.train) + rep["tokenized"]["train"]["dropped"].get("no trainable tokens", 0) == 40
     assert rep["tokenized"]["train"]["truncated"] > 0  # some answers are longer than 128 tokens
-    assert rep["trainable_tokens"] == sum(l != IGNORE for r in data.train for l in r["labels"]) > 0
+    assert rep["trainable_tokens"] == sum(lab != IGNORE for r in data.train for lab in r["labels"]) > 0
     sources = [r["source"] for r in data.train + data.val + data.test]
     assert len(set(sources)) == len(sources)
     again = prepare_data(cfg, deepseek_tokenizer, DEEPSEEK_V3_TEMPLATE, seed=42)

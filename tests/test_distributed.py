@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DATA
 
 MAX_STEPS = 40

@@ -5,8 +5,8 @@ the best checkpoint, and a model that learned its answers scores exact match 1 a
 import json
 
 import pytest
-
 from conftest import SHARED_DATA
+
 from dstune.config import RunConfig
 from dstune.data.tokenize import IGNORE
 from dstune.evaluate.answers import answer_rows, last_reply_span

@@ -5,18 +5,18 @@ import json
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
-from conftest import SHARED_DATA
 from dstune.cli import app
 from dstune.config import RunConfig
+from dstune.core.loss import token_loss_sum
 from dstune.data import load_examples
 from dstune.data.tokenize import tokenize_examples
 from dstune.evaluate.metrics import classification_metrics
 from dstune.evaluate.run import evaluate_run, score_labels
 from dstune.generate import load_for_inference
 from dstune.train.loop import train
-from dstune.core.loss import token_loss_sum
 
 runner = CliRunner()
 

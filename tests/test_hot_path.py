@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from dstune.config import DataConfig
+from dstune.core.collate import collate
+from dstune.core.forward import loss_sum
 from dstune.data.cache import cache_key, cached_prepare, save_entry
 from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
 from dstune.train import accel
-from dstune.core.collate import collate
 from dstune.train.batching import MicroBatches, Prefetcher
-from dstune.core.forward import loss_sum
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -7,8 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dstune.models.inspect import (KINDS, architecture_report, count_params_by_kind, inspect_model, param_kind,
-                                   render_report)
+from dstune.models.inspect import (
+    KINDS,
+    architecture_report,
+    count_params_by_kind,
+    inspect_model,
+    param_kind,
+    render_report,
+)
 from dstune.models.load import find_release, load_config_only, load_model, model_facts, tiny_families
 
 

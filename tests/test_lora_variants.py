@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _matrix import HAS_BNB, check_trained, reload_in_fresh_process, run_cell, selected, write_data
+
 from dstune.config import RunConfig
 from dstune.methods import prepare_model, trainable_summary
 from dstune.methods.summary import render_summary
@@ -120,7 +120,7 @@ def test_lora_plus_gives_every_b_matrix_the_higher_lr():
 
 
 def test_top_layers_adapts_only_the_top_and_the_backward_pass_stops_below_them():
-    from dstune.methods.freeze import layer_index
+    from dstune.core.facts import layer_index
 
     model = prepare_model(_model("deepseek-v3"), _cfg(targets="all-linear", experts="all", top_layers=1))
     top = model.config.num_hidden_layers - 1

@@ -15,9 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from _matrix import (EXPECTED_UNSUPPORTED, FAMILIES, HAS_BNB, METHODS, check_trained, reload_in_fresh_process,
-                     run_cell, selected, write_data)
+from _matrix import (
+    EXPECTED_UNSUPPORTED,
+    FAMILIES,
+    HAS_BNB,
+    METHODS,
+    check_trained,
+    reload_in_fresh_process,
+    run_cell,
+    selected,
+    write_data,
+)
 
 CELLS = [(f, m) for f in FAMILIES for m in METHODS]
 # The default suite (kept near 15 minutes on 2 cores) runs one cell per method most at risk: LoRA on V3

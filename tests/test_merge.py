@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from _matrix import cell_config, write_data
 from typer.testing import CliRunner
 
-from _matrix import cell_config, write_data
 from dstune.cli import app
 from dstune.generate import generate_reply, load_for_inference
 from dstune.train.loop import train

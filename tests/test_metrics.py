@@ -5,8 +5,18 @@ import math
 import pytest
 
 from dstune.evaluate.metrics import (
-    best_f1_threshold, bleu, classification_metrics, exact_match, is_chinese, lcs_length, perplexity, rouge,
-    rouge_l, rouge_n, rouge_tokens, threshold_for_recall,
+    best_f1_threshold,
+    bleu,
+    classification_metrics,
+    exact_match,
+    is_chinese,
+    lcs_length,
+    perplexity,
+    rouge,
+    rouge_l,
+    rouge_n,
+    rouge_tokens,
+    threshold_for_recall,
 )
 
 

@@ -11,8 +11,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dstune.models import load as load_mod
-from dstune.models.load import (MARKER_FILE, ModelSpecError, ResolvedModel, family_of, find_release, load_config_only,
-                                load_model, load_tokenizer, resolve_model_dir, tiny_families)
+from dstune.models.load import (
+    MARKER_FILE,
+    ModelSpecError,
+    ResolvedModel,
+    family_of,
+    find_release,
+    load_config_only,
+    load_model,
+    load_tokenizer,
+    resolve_model_dir,
+    tiny_families,
+)
 
 DEEPSEEK_VOCAB = 129280
 

@@ -12,8 +12,14 @@ from accelerate import Accelerator
 from dstune.config import ConfigError, OptimConfig, RunConfig, load_config
 from dstune.methods import prepare_model
 from dstune.models.load import load_model, resolve_model_dir
-from dstune.train.optim import (adaptive_clip_, build_optimizer, clip_gradients, param_groups, render_groups,
-                                unitwise_norm)
+from dstune.train.optim import (
+    adaptive_clip_,
+    build_optimizer,
+    clip_gradients,
+    param_groups,
+    render_groups,
+    unitwise_norm,
+)
 from dstune.train.schedules import build_scheduler, current_lr, lr_factor
 
 T, W = 100, 10  # total steps, warmup steps

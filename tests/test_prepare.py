@@ -5,13 +5,20 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
-from conftest import SHARED_DATA
 from dstune.cli import app
 from dstune.config import DataConfig
 from dstune.data import DataError, load_examples, prepare_data
-from dstune.data.clean import CleanOptions, clean_examples, id_card_valid, luhn_valid, normalize_text, scrub_pii
+from dstune.data.clean import (
+    CleanOptions,
+    clean_examples,
+    id_card_valid,
+    luhn_valid,
+    normalize_text,
+    scrub_pii,
+)
 from dstune.data.formats import strip_reasoning
 from dstune.data.inspect import inspect_file, render_mask
 from dstune.data.overlap import find_overlaps, ngrams, units

@@ -9,11 +9,17 @@ import pytest
 import torch
 
 from dstune.config import RegularizeConfig, RunConfig
+from dstune.core.loss import IGNORE, token_loss_sum
 from dstune.methods import prepare_model
 from dstune.models.load import load_model, resolve_model_dir
-from dstune.core.loss import IGNORE, token_loss_sum
-from dstune.train.regularize import (EarlyStopping, add_hidden_dropout, add_layerdrop, add_neftune,
-                                     decoder_layers, set_attention_dropout)
+from dstune.train.regularize import (
+    EarlyStopping,
+    add_hidden_dropout,
+    add_layerdrop,
+    add_neftune,
+    decoder_layers,
+    set_attention_dropout,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 IDS = torch.tensor([[0, 128803, 3476, 2058, 128804, 1, 300, 301]])
@@ -103,7 +109,7 @@ def test_dropout_overrides_act_in_training_only(model, which):
 
 
 def test_early_stopping_counts_patience_and_restores_the_best(model):
-    es = EarlyStopping(RegularizeConfig(early_stop_patience=2, keep_best=True), eval_every=1)
+    es = EarlyStopping(RegularizeConfig(early_stop_patience=2, keep_best=True))
     w = model.get_input_embeddings().weight
     with torch.no_grad():
         assert not es.update(1, {"loss": 3.0}, model)
@@ -115,8 +121,8 @@ def test_early_stopping_counts_patience_and_restores_the_best(model):
         assert es.update(4, {"loss": 2.6}, model)  # two evaluations without improvement
     assert es.finish(4, {"loss": 2.6}, model, lambda: {"loss": 2.0}) == {"loss": 2.0}
     assert torch.equal(w, best) and es.summary()["best_step"] == 2 and es.summary()["stopped_at"] == 4
-    with pytest.raises(ValueError, match="train.eval_every"):
-        EarlyStopping(RegularizeConfig(early_stop_patience=2), eval_every=0)
+    with pytest.raises(ValueError, match="train.eval_every"):  # a config rule now, checked before any file
+        RunConfig.model_validate({"regularize": {"early_stop_patience": 2}, "train": {"eval_every": 0}})
 
 
 def test_training_stops_early_and_final_holds_the_best_weights(tmp_path):

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import make_cfg
 
 from dstune.config import save_config
 from dstune.train import checkpoint as ckpt_mod
 from dstune.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, verify_checkpoint
 from dstune.train.loop import RunDirError, train
-
-from test_train import make_cfg, small_file  # noqa: F401  (fixture)
 
 # Accumulation of 2 micro-batches of 2 and LoRA dropout: resume must restore data order, the
 # position inside the epoch and the dropout RNG to be bitwise exact.

@@ -14,10 +14,6 @@ from dstune.train.guard import is_spike, parse_injections
 from dstune.train.loop import train
 
 
-
-from test_train import small_file  # noqa: E402,F401  (the shared fixture of real rows)
-
-
 def make_cfg(data: Path, out: Path, optim=None, train=None, stability=None, **top) -> RunConfig:
     """A 12-step LoRA run on tiny:deepseek-llm that validates on its own training file."""
     return RunConfig.model_validate({

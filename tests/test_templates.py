@@ -4,8 +4,13 @@ import pytest
 
 from dstune.data import tokenize_examples
 from dstune.data.tokenize import IGNORE, render_with_spans
-from dstune.models.templates import (DEEPSEEK_R1_TEMPLATE, DEEPSEEK_V3_TEMPLATE, TemplateError,
-                                     resolve_chat_template, template_name)
+from dstune.models.templates import (
+    DEEPSEEK_R1_TEMPLATE,
+    DEEPSEEK_V3_TEMPLATE,
+    TemplateError,
+    resolve_chat_template,
+    template_name,
+)
 
 USER, ASSISTANT, BOS, EOS, THINK, END_THINK = 128803, 128804, 0, 1, 128821, 128822
 
@@ -37,7 +42,7 @@ def _row(tok, messages, template, **kw):
 
 
 def _trained_text(tok, row):
-    return tok.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE])
+    return tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
 
 
 def test_v3_golden_ids_and_mask(deepseek_tokenizer):

@@ -20,16 +20,6 @@ GOLDEN = Path(__file__).parent / "assets" / "golden_loss_lora_deepseek_llm.json"
 FAMILIES = ["deepseek-llm", "deepseek-v2", "deepseek-v3", "r1-distill-qwen"]
 
 
-@pytest.fixture(scope="module")
-def small_file(tmp_path_factory) -> Path:
-    """Eight real instruction pairs (English and Chinese), as JSON lines."""
-    rows = json.loads((SHARED / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:4]
-    rows += json.loads((SHARED / "alpaca_zh_demo.json").read_text(encoding="utf-8"))[:4]
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    return path
-
-
 def make_cfg(data: Path, out: Path, **over) -> RunConfig:
     base = {
         "model": {"name": "tiny:deepseek-llm"},

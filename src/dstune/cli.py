@@ -1,7 +1,12 @@
-"""The ``dstune`` command: each subcommand parses options and calls one library function."""
+"""The ``dstune`` command: each subcommand parses options and calls one library function.
+
+Errors a user can fix (``DstuneError``) are printed as one line; anything else is a bug and keeps its
+traceback. Library progress bars and deprecation warnings are off unless ``--verbose`` is given.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -9,11 +14,24 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from dstune.config import ConfigError, load_config
+from dstune.config import METHODS, RunConfig, load_config
+from dstune.errors import DstuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune DeepSeek models, and tune the fine-tuning itself.")
 console = Console()
+
+
+class Interrupted(BaseException):
+    """Ctrl-C outside a training loop (which saves and stops on its own); typer would exit silently."""
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                          help="show the libraries' progress bars and warnings too")) -> None:
+    from dstune.quiet import quiet_libraries
+
+    quiet_libraries(not verbose)
 
 
 def _fail(message: str) -> None:
@@ -21,16 +39,40 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _model_option():
+    return typer.Option(None, "--model", help="hub id, local dir, .gguf file, smollm2, or tiny:<family>")
+
+
+def _data_option():
+    return typer.Option(None, "--data", help="training data file (json, jsonl, csv, parquet, txt)")
+
+
+def _method_option():
+    return typer.Option(None, "--method", help=" | ".join(METHODS))
+
+
+def _set_option():
+    return typer.Option([], "--set", help="override any config field: --set optim.lr=2e-4 (repeatable)")
+
+
+def run_config(config: Optional[Path], overrides: list[str], model: Optional[str] = None,
+               data: Optional[str] = None, method: Optional[str] = None, **values) -> RunConfig:
+    """The one way ``train``, ``lr-find`` and ``tune`` build a config: the YAML file (optional), then the
+    flags, then ``--set``. ``values`` are further dotted keys from flags (None: not given)."""
+    values = {"model.name": model, "data.train": data, "method": method, **values}
+    return load_config(config, overrides=overrides, values=values)
+
+
 @app.command()
 def train(
     config: Optional[Path] = typer.Argument(None, help="YAML run config; flags and --set override it"),
-    model: Optional[str] = typer.Option(None, "--model", help="hub id, local dir, .gguf file, smollm2, or tiny:<family>"),
-    data: Optional[str] = typer.Option(None, "--data", help="training data file (json, jsonl, csv, parquet, txt)"),
-    method: Optional[str] = typer.Option(None, "--method", help="full | freeze | lora"),
+    model: Optional[str] = _model_option(),
+    data: Optional[str] = _data_option(),
+    method: Optional[str] = _method_option(),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="run directory"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps (overrides --epochs)"),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="passes over the training data"),
-    set_: list[str] = typer.Option([], "--set", help="override any config field: --set optim.lr=2e-4 (repeatable)"),
+    set_: list[str] = _set_option(),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its newest checkpoint"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle",
                                       help="load pickled .bin/.pt weights of a model without safetensors (runs code!)"),
@@ -38,29 +80,28 @@ def train(
                                              help="resume even though lr, batch size, seed or data changed (recorded)"),
 ) -> None:
     """Fine-tune a model; writes a run directory with checkpoints, metrics, plots and the adapter."""
-    from dstune.train.checkpoint import CheckpointError
-    from dstune.train.loop import RunDirError, TrainingInterrupted
+    from dstune.report.summary import summary_line
+    from dstune.rundir import RunDir
     from dstune.train.loop import train as run_train
+    from dstune.train.signals import TrainingInterrupted
 
-    values = {"model.name": model, "data.train": data, "method": method, "output": output,
-              "train.max_steps": max_steps, "train.epochs": epochs, "model.allow_pickle": allow_pickle or None}
+    values = {"output": output, "train.max_steps": max_steps, "train.epochs": epochs,
+              "model.allow_pickle": allow_pickle or None}
     try:
-        cfg = load_config(config, overrides=set_, values=values)
-        if resume and config is None and output:
-            cfg = load_config(Path(output) / "config.yaml", overrides=set_, values=values)
-        if cfg.data.train is None and not cfg.data.mix:
-            _fail("no training data: pass --data FILE or set data.train (or data.mix) in the config")
+        if resume and config is None and output:  # the run's own config, with the flags on top
+            config = RunDir(output).config
+        cfg = run_config(config, set_, model, data, method, **values)
         result = run_train(cfg, resume=resume, allow_config_change=allow_config_change, console=console)
     except TrainingInterrupted as exc:
         console.print(f"[bold yellow]{exc}[/]", highlight=False)
         raise typer.Exit(130) from None
-    except (ConfigError, RunDirError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
-    console.print(f"\n[bold green]done[/]: {result.steps} steps, final train loss {result.final_loss:.4f}"
-                  + (f", val loss {result.val['loss']:.4f} (ppl {result.val['ppl']:.2f})" if result.val else ""))
+    console.print(f"\n[bold green]done[/]: {summary_line(result)}", highlight=False)
     if result.final_dir is not None:  # None: another process of a distributed run wrote the run directory
-        console.print(f"run directory: {result.run_dir}\n  model/adapter: {result.final_dir}\n"
-                      f"  metrics: {result.run_dir / 'metrics.jsonl'}\n  loss curve: {result.run_dir / 'loss.png'}")
+        run_dir = RunDir(result.run_dir)
+        console.print(f"run directory: {run_dir}\n  model/adapter: {result.final_dir}\n"
+                      f"  metrics: {run_dir.metrics}\n  loss curve: {run_dir.loss_plot}", highlight=False)
     halt = (result.summary.get("stability") or {}).get("halt")
     if halt:  # the weights of the last good step were saved; a script must still see the run failed
         console.print(f"[bold red]halted by the stability guard[/]: {halt['message']}", highlight=False)
@@ -71,11 +112,10 @@ def train(
 def inspect(model: str = typer.Argument(..., help="hub id, release name (e.g. deepseek-v3), local dir, or tiny:<family>")) -> None:
     """Print a model's architecture and parameter counts from its config alone (no weights loaded)."""
     from dstune.models.inspect import inspect_model, render_report
-    from dstune.models.load import ModelSpecError
 
     try:
         report = inspect_model(model)
-    except (ModelSpecError, ValueError, FileNotFoundError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
     console.print(render_report(report), markup=False, highlight=False)
 
@@ -94,7 +134,7 @@ def generate(
 
     try:
         loaded = load_for_inference(target)
-    except (ValueError, FileNotFoundError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
     for p in prompt:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
@@ -112,7 +152,7 @@ def demo(
 
     try:
         run_demo(output, console=console, max_steps=max_steps)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
 
 
@@ -151,7 +191,6 @@ def data_prepare(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="drop rows longer than N tokens (needs --model)"),
 ) -> None:
     """Clean, deduplicate, scrub, split 8:1:1 and check for contamination; write the splits and a report."""
-    from dstune.data import DataError
     from dstune.data.clean import CleanOptions
     from dstune.data.prepare import PrepareOptions, prepare_files, render_report_md
 
@@ -163,7 +202,7 @@ def data_prepare(
                              decontaminate=decontaminate, model=model, max_tokens=max_tokens)
     try:
         report = prepare_files(inputs, out, options)
-    except (DataError, ValueError, FileNotFoundError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
     console.print(render_report_md(report), markup=False, highlight=False)
     console.print(f"wrote {out}/train.jsonl, val.jsonl, test.jsonl, report.json, report.md", highlight=False)
@@ -181,22 +220,24 @@ def data_inspect(
     max_length: int = typer.Option(512, "--max-length", help="tokens per example, as data.max_length"),
 ) -> None:
     """Show a data file's format, counts, token lengths and examples with the trained tokens in [[ ]]."""
-    from dstune.data import DataError
     from dstune.data.inspect import inspect_file, render_inspection
 
     try:
         report = inspect_file(file, model=None if model.lower() == "none" else model, fmt=format_,
                               text_column=text_column, label_column=label_column, examples=examples,
                               max_length=max_length)
-    except (DataError, ValueError, FileNotFoundError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
     console.print(render_inspection(report), markup=False, highlight=False)
 
 
 @app.command("lr-find")
 def lr_find(
-    config: Path = typer.Argument(..., help="YAML run config (the model, data, method and optim settings to sweep)"),
-    set_: list[str] = typer.Option([], "--set", help="override any config field: --set lora.r=16 (repeatable)"),
+    config: Optional[Path] = typer.Argument(None, help="YAML run config (the model, data, method and optim settings)"),
+    model: Optional[str] = _model_option(),
+    data: Optional[str] = _data_option(),
+    method: Optional[str] = _method_option(),
+    set_: list[str] = _set_option(),
     steps: int = typer.Option(100, "--steps", help="sweep steps K"),
     start_lr: float = typer.Option(1e-7, "--start-lr", help="first learning rate of the sweep"),
     end_lr: float = typer.Option(1.0, "--end-lr", help="last learning rate of the sweep"),
@@ -204,23 +245,38 @@ def lr_find(
 ) -> None:
     """Learning-rate range test: an exponential lr sweep over K steps; prints a suggested optim.lr.
     Writes only the PNG: the run directory in the config is not touched."""
+    from dstune.rundir import RunDir
     from dstune.train.lr_find import lr_find as run_lr_find
 
     try:
-        result = run_lr_find(load_config(config, overrides=set_), steps=steps, start_lr=start_lr,
-                             end_lr=end_lr, plot=plot)
-    except (ConfigError, ValueError, FileNotFoundError, ImportError) as exc:
+        cfg = run_config(config, set_, model, data, method)
+        result = run_lr_find(cfg, steps=steps, start_lr=start_lr, end_lr=end_lr, plot=plot)
+    except DstuneError as exc:
         _fail(str(exc))
     console.print(f"swept {len(result.lrs)} steps, lr {result.lrs[0]:.2e} .. {result.lrs[-1]:.2e}"
-                  + (" (stopped: loss diverged)" if result.stopped_early else ""))
-    console.print(f"suggested lr: [bold]{result.suggestion:.2e}[/] ({result.rule}); "
-                  f"steepest descent at {result.steepest:.2e}\nplot: {result.plot}\n"
-                  f"use it: dstune train {config} --set optim.lr={result.suggestion:.2e}", highlight=False)
+                  + (" (stopped: loss diverged)" if result.stopped_early else "") + f"\nplot: {result.plot}",
+                  highlight=False)
+    if not result.descended:
+        console.print(f"[yellow]the loss did not fall anywhere in the sweep[/] (lowest at its start, "
+                      f"{result.lrs[0]:.2e}): no lr to suggest. Widen the range (--start-lr, --end-lr) or sweep "
+                      f"more --steps", highlight=False)
+        raise typer.Exit(1)
+    lr = f"{result.suggestion:.2e}"
+    base = str(config) if config else " ".join(f"{flag} {v}" for flag, v in
+                                               (("--model", model), ("--data", data), ("--method", method)) if v)
+    again = " ".join(f"--set {item}" for item in set_ if not item.startswith(("optim.lr=", "output=")))
+    # The config's own output may hold a run already: the suggested command trains into a new directory.
+    out = f" --output {cfg.output}-lr{lr}" if RunDir(cfg.output).is_run() or config is None else ""
+    console.print(f"suggested lr: [bold]{lr}[/] ({result.rule}); steepest descent at {result.steepest:.2e}\n"
+                  f"use it: dstune train {base} {again} --set optim.lr={lr}{out}".replace("  ", " "), highlight=False)
 
 
 @app.command()
 def tune(
-    config: Path = typer.Argument(..., help="base run config (YAML); its tune: section holds the search settings"),
+    config: Optional[Path] = typer.Argument(None, help="base run config (YAML); its tune: section holds the search settings"),
+    model: Optional[str] = _model_option(),
+    data: Optional[str] = _data_option(),
+    method: Optional[str] = _method_option(),
     trials: Optional[int] = typer.Option(None, "--trials", help="trials in the study, all workers together (default: tune.trials, 20)"),
     space: Optional[str] = typer.Option(None, "--space", help="built-in space (lora-default, full-default, method) or a YAML file of dotted key -> domain"),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="tpe | random | grid | gp | cmaes (default: tpe)"),
@@ -232,7 +288,7 @@ def tune(
     timeout: Optional[float] = typer.Option(None, "--timeout", help="seconds after which no new trial starts"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps per trial"),
     retrain: bool = typer.Option(False, "--retrain", help="retrain the best configuration on train+val at the end"),
-    set_: list[str] = typer.Option([], "--set", help="override any config field (repeatable)"),
+    set_: list[str] = _set_option(),
     dashboard: bool = typer.Option(False, "--dashboard", help="open optuna-dashboard on the study (extra: dashboard)"),
     dashboard_port: int = typer.Option(8080, "--dashboard-port", help="port of --dashboard, on 127.0.0.1"),
 ) -> None:
@@ -250,7 +306,7 @@ def tune(
             values["tune.space"] = yaml.safe_load(Path(space).read_text(encoding="utf-8"))
         elif space:
             values["tune.preset"] = space
-        cfg = load_config(config, overrides=set_, values=values)
+        cfg = run_config(config, set_, model, data, method, **values)
         if dashboard:
             _dashboard(cfg, dashboard_port)
             return
@@ -259,7 +315,7 @@ def tune(
         console.print("[bold yellow]search interrupted[/]: finished trials are kept; run the same command "
                       "again to continue the study", highlight=False)
         raise typer.Exit(130) from None
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
 
 
@@ -296,14 +352,13 @@ def eval_(
     label_column: Optional[str] = typer.Option(None, "--label-column", help="classification label column (default: the run's)"),
 ) -> None:
     """Perplexity, BLEU/ROUGE/exact match or accuracy/F1 of a run; writes eval.json, eval.md and plots into it."""
-    from dstune.data import DataError
     from dstune.evaluate.run import evaluate_run
 
     try:
         result = evaluate_run(run, data, max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
                               positive_label=positive_label, target_recall=target_recall, text_column=text_column,
                               label_column=label_column)
-    except (DataError, ConfigError, ValueError, FileNotFoundError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
     console.print((run / "eval.md").read_text(encoding="utf-8"), markup=False, highlight=False)
     console.print(f"wrote {run / 'eval.json'}, {run / 'eval.md'} and {run / 'plots'}/ ({result['task']})", highlight=False)
@@ -321,7 +376,7 @@ def report(
 
     try:
         result = compare_runs(runs, out)
-    except (ValueError, FileNotFoundError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
     table = Table(*result["columns"])
     for row in result["rows"]:
@@ -344,7 +399,7 @@ def merge(
         _fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
     try:
         result = merge_run(run, out, max_shard_size=max_shard_size, dtype=dtype)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
     if result.merged:
         console.print(f"merged {result.method} run into {result.out_dir} (safetensors, tokenizer, chat template); "
@@ -370,18 +425,26 @@ def chat(
 
     try:
         loaded = load_for_inference(target)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except DstuneError as exc:
         _fail(str(exc))
     run_chat(loaded, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
              show_thinking=show_thinking, seed=seed, console=console)
 
 
+def _interrupt(signum, frame) -> None:
+    raise Interrupted()
+
+
 def main() -> None:
     """Entry point of the ``dstune`` script."""
+    # Ctrl-C while a model loads or a command runs outside the training loop (which saves a checkpoint
+    # first); typer would turn a KeyboardInterrupt into a silent exit 130.
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
-    except KeyboardInterrupt:
-        console.print("interrupted")
+    except Interrupted:
+        console.print("\n[bold yellow]interrupted[/] (Ctrl-C); a training run saves a checkpoint only once its "
+                      "loop has started: run the same command again", highlight=False)
         sys.exit(130)
 
 

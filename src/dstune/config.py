@@ -7,8 +7,10 @@ from a YAML file, then flags, then ``--set key.sub=value`` overrides, in that or
 from __future__ import annotations
 
 import difflib
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +20,41 @@ from dstune.errors import DstuneError
 
 class ConfigError(DstuneError, ValueError):
     """A configuration problem, phrased for the person who wrote the config."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the rest of dstune needs to know about a method; its ``prepare`` function is in ``methods``.
+
+    Args:
+        sections: the config sections it reads (their keys decide the checkpoint's shapes).
+        merges: whether ``dstune merge`` can fold it into the base weights.
+        help: one line for ``--help`` and the README's method table.
+    """
+
+    sections: tuple[str, ...]
+    merges: bool
+    help: str
+
+
+# The one registry of methods: adding a method is a line here and its prepare function in methods.METHODS.
+METHODS: dict[str, MethodSpec] = {
+    "full": MethodSpec((), True, "every parameter"),
+    "freeze": MethodSpec(("freeze",), True, "the top decoder layers (freeze.top_layers) and the head"),
+    "lora": MethodSpec(("lora",), True, "LoRA adapters (peft) on lora.targets"),
+    "qlora": MethodSpec(("lora", "qlora"), True, "LoRA on a 4- or 8-bit quantised base (bitsandbytes)"),
+    "adapter": MethodSpec(("adapter",), False, "bottleneck adapters after attention and/or MLP"),
+    "prefix": MethodSpec(("prompt",), False, "learned key/value prefixes in every layer (peft)"),
+    "ptuning": MethodSpec(("prompt",), False, "virtual-token embeddings from a prompt encoder (peft)"),
+    "prompt": MethodSpec(("prompt",), False, "learned input embeddings (peft prompt tuning)"),
+    "ia3": MethodSpec(("ia3",), True, "IA3 vectors rescaling keys, values and MLP activations (peft)"),
+}
+# The validation metrics each task computes; with train.eval_generate an LM run also scores its answers.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "lm": ("loss", "ppl"),
+    "classification": ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro"),
+}
+GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")
 
 
 class _Section(BaseModel):
@@ -222,7 +259,9 @@ class TrainConfig(_Section):
     save_every: int = Field(0, ge=0, description="0: checkpoint only at the end")
     keep_checkpoints: int = Field(3, ge=0, description="keep the newest K checkpoints; 0 keeps all")
     packing: bool = Field(False, description="pack several examples per row (no padding; attention stays per example)")
-    chunk_tokens: int = Field(0, ge=0, description="compute the output layer this many tokens at a time (0: all at once)")
+    chunk_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="compute the output layer this many tokens at a time (exact); auto: sized to the "
+                            "vocabulary, 1024 for DeepSeek's; 0: all at once")
     group_by_length: bool = Field(False, description="without packing: batch rows of similar length (less padding)")
     prefetch: int = Field(2, ge=0, description="micro-batches collated ahead on a thread (0: none)")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
@@ -287,12 +326,12 @@ class TuneConfig(_Section):
 
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
-    task: Literal["lm", "classification"] = Field(
+    task: Literal[tuple(TASK_METRICS)] = Field(  # type: ignore[valid-type]
         "lm", description="lm: next-token loss (classification data trains generatively, the reply is the label); "
                           "classification: a [classes, hidden] head on the last token replaces the LM head")
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    method: Literal["full", "freeze", "lora", "qlora", "adapter", "prefix", "ptuning", "prompt", "ia3"] = "lora"
+    method: Literal[tuple(METHODS)] = Field("lora", description=" | ".join(METHODS))  # type: ignore[valid-type]
     lora: LoraConfig = Field(default_factory=LoraConfig)
     qlora: QloraConfig = Field(default_factory=QloraConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
@@ -317,6 +356,54 @@ class RunConfig(_Section):
         elif self.classify.pooling != "last":
             raise ValueError("classify.pooling needs task=classification (a classification head)")
         return self
+
+    @model_validator(mode="after")
+    def _best_metric_is_computed(self) -> "RunConfig":
+        name, generate = self.train.best_metric, self.train.eval_generate and self.task == "lm"
+        if name in GENERATION_METRICS and self.task == "lm" and not generate:
+            raise ValueError(f"train.best_metric={name!r} needs answers at each evaluation: set train.eval_generate "
+                             f"to the number of validation prompts to answer (e.g. 32)")
+        known = TASK_METRICS[self.task] + (GENERATION_METRICS if generate else ())
+        if name not in known:
+            raise ValueError(f"train.best_metric={name!r} is not computed by the validation of task={self.task}; "
+                             f"choose one of {list(known)}")
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluations(self) -> "RunConfig":
+        rc = self.regularize
+        for key, on in (("regularize.keep_best", rc.keep_best), ("regularize.early_stop_patience",
+                                                                 rc.early_stop_patience)):
+            if on and not self.train.eval_every:
+                raise ValueError(f"{key} needs periodic validation, but train.eval_every is 0 (evaluate only at "
+                                 f"the end): set train.eval_every to a number of steps, e.g. --set train.eval_every=50")
+        return self
+
+    def absolute(self, base: str | Path | None = None) -> "RunConfig":
+        """A copy whose file paths (data files, a local model, ``output``) are absolute, relative paths taken
+        from ``base`` (default: the working directory). A run saves this copy, so its ``config.yaml``
+        reproduces the run from any folder."""
+        data = self.model_dump(mode="json")
+        _absolute_paths(data, Path(base or Path.cwd()), output=True)
+        return RunConfig.model_validate(data)
+
+    def best_metric_sign(self) -> int:
+        """+1 when a lower ``train.best_metric`` is better (loss, ppl), -1 when higher is."""
+        mode = self.train.best_mode
+        if mode == "auto":
+            mode = "min" if self.train.best_metric in ("loss", "ppl") else "max"
+        return 1 if mode == "min" else -1
+
+    def shape_keys(self) -> list[str]:
+        """The dotted keys that decide the shapes of what a checkpoint holds (a resume cannot change them)."""
+        keys = ["model.name", "model.revision", "task", "method", "optim.optimizer"]
+        for section in METHODS[self.method].sections:
+            keys += [f"{section}.{k}" for k in type(getattr(self, section)).model_fields if k not in _SHAPE_FREE]
+        return keys
+
+
+# Method keys that change values, not shapes: a resume may change them like any other recorded change.
+_SHAPE_FREE = {"alpha", "dropout", "init", "use_rslora", "alpha_pattern", "init_text", "compute_dtype"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -368,9 +455,29 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
             lines.append(f"unknown key '{key}'{_closest(key)}")
         else:
             value = e.get("input")
-            shown = "" if isinstance(value, dict) else f" (got {value!r})"
-            lines.append(f"{key or 'config'}: {e['msg']}{shown}")
+            shown = "" if isinstance(value, (dict, BaseModel)) else f" (got {value!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg}{shown}" if key else msg)
     return ConfigError(f"invalid config in {source}:\n  " + "\n  ".join(lines))
+
+
+def _absolute_paths(data: dict, base: Path, output: bool = False) -> None:
+    """Makes the file paths of a config dict absolute against ``base``, in place: data files always; the
+    model when ``base/name`` exists (else it is a hub id or a preset); ``output`` only when asked (a config
+    file's ``output`` stays relative to where dstune runs, like other tools' ``output_dir``)."""
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("train", "validation"):
+            if isinstance(section.get(key), str):
+                section[key] = str((base / os.path.expanduser(section[key])).absolute())
+        for source in section.get("mix") or []:
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                source["path"] = str((base / os.path.expanduser(source["path"])).absolute())
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str) and (base / model["name"]).exists():
+        model["name"] = str((base / model["name"]).absolute())
+    if output and isinstance(data.get("output"), str):
+        data["output"] = str((base / data["output"]).absolute())
 
 
 def parse_value(text: str) -> Any:
@@ -423,6 +530,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
         data = loaded
+        _absolute_paths(data, path.parent)  # a config's files are where the config says, from any folder
     for key, value in (values or {}).items():
         if value is not None:
             apply_override(data, key, value)

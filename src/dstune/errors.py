@@ -14,3 +14,7 @@ class DstuneError(Exception):
 
 class UsageError(DstuneError, ValueError):
     """A bad value given to a command or a library function (an option, a range, a file's content)."""
+
+
+class MissingExtra(DstuneError, ImportError):
+    """An optional dependency the config asks for is not installed; the message names the extra."""

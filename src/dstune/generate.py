@@ -10,6 +10,7 @@ import torch
 
 from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
+from dstune.rundir import NotARunError
 
 
 @dataclass
@@ -34,14 +35,13 @@ def load_for_inference(target: str, *, trust_remote_code: bool = False, revision
         info = json.loads((run / "run.json").read_text(encoding="utf-8"))
         final = run / info.get("final", "final")
         if not final.is_dir():
-            raise FileNotFoundError(f"{run} has no finished model at {final}; did the run end? "
+            raise NotARunError(f"{run} has no finished model at {final}; did the run end? "
                                     f"Resume it with: dstune train {run / 'config.yaml'} --resume")
         tokenizer = load_tokenizer(str(final))
         # Every method's saved form (peft adapter, bottleneck adapters, QLoRA, full model) loads the way
         # it was trained; the run's config says how a QLoRA base was quantised.
         from dstune.config import load_config
         from dstune.methods import load_trained
-
         from dstune.models.classify import read_labels
 
         cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None

@@ -21,9 +21,11 @@ import torch
 import torch.nn as nn
 
 from dstune.config import load_config
+from dstune.errors import UsageError
 from dstune.methods import MERGEABLE, load_trained
 from dstune.models.load import load_model, load_tokenizer
 from dstune.models.templates import resolve_chat_template
+from dstune.rundir import NotARunError
 
 _WHY_NOT = {
     "prefix": "prefix tuning adds learned key/value positions to every layer; no weight matrix can hold them",
@@ -68,7 +70,7 @@ def load_run_for_merge(run_dir: Path) -> tuple[nn.Module, dict, object]:
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     final = run_dir / info.get("final", "final")
     if not final.is_dir():
-        raise FileNotFoundError(f"{run_dir} has no finished model at {final}; did the run end? "
+        raise NotARunError(f"{run_dir} has no finished model at {final}; did the run end? "
                                 f"Resume it with: dstune train {run_dir / 'config.yaml'} --resume")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.method == "qlora":
@@ -93,14 +95,14 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, max_shard_size: str =
         A MergeResult; ``merged`` is False for methods that cannot merge, with the reason.
 
     Raises:
-        FileExistsError: when ``out_dir`` holds files.
-        FileNotFoundError: when ``run_dir`` is not a finished run.
+        UsageError: when ``out_dir`` holds files.
+        NotARunError: when ``run_dir`` is not a finished run.
     """
     run, out = Path(run_dir), Path(out_dir)
     if not (run / "run.json").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no run.json); pass the --output of a dstune train run")
+        raise NotARunError(f"{run} is not a run directory (no run.json); pass the --output of a dstune train run")
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose another --out (nothing was written)")
+        raise UsageError(f"{out} is not empty; choose another --out (nothing was written)")
     method = json.loads((run / "run.json").read_text(encoding="utf-8"))["method"]
     final = run / "final"
     if method not in MERGEABLE:

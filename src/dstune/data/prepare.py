@@ -90,7 +90,8 @@ def token_lengths(examples: list[dict], tokenizer: Any, template: str) -> list[i
         if "text" in ex:
             texts.append((tokenizer.bos_token or "") + ex["text"] + (tokenizer.eos_token or ""))
         else:
-            texts.append(tokenizer.apply_chat_template(ex["messages"], tokenize=False, chat_template=template))
+            texts.append(tokenizer.apply_chat_template(ex["messages"], tokenize=False,
+                                                       chat_template=template))
     lengths = []
     for i in range(0, len(texts), 256):
         lengths += [len(ids) for ids in tokenizer(texts[i:i + 256], add_special_tokens=False)["input_ids"]]
@@ -117,8 +118,8 @@ def _output_format(formats: dict[str, str]) -> str:
     found = {kinds.get(f, f) for f in formats.values()}
     if len(found) > 1:
         listing = ", ".join(f"{path} ({fmt})" for path, fmt in formats.items())
-        raise DataError(f"the inputs hold different kinds of data: {listing}; text, conversations (alpaca and "
-                        "messages mix) and classification rows must be prepared separately")
+        raise DataError(f"the inputs hold different kinds of data: {listing}; text, conversations "
+                        "(alpaca and messages mix) and classification rows must be prepared separately")
     return found.pop()
 
 
@@ -128,7 +129,8 @@ def to_row(example: dict, fmt: str) -> dict:
     if fmt == "text":
         return {"text": example["text"], "source": example["source"]}
     if fmt == "classification":
-        return {"text": example["messages"][-2]["content"], "label": example["label"], "source": example["source"]}
+        return {"text": example["messages"][-2]["content"], "label": example["label"],
+                "source": example["source"]}
     return {"messages": example["messages"], "source": example["source"]}
 
 
@@ -147,7 +149,93 @@ def _split(examples: list[dict], opts: PrepareOptions, classification: bool) -> 
     return out
 
 
-def prepare_files(inputs: list[str | Path], out_dir: str | Path, options: PrepareOptions | None = None) -> dict:
+def _check_options(inputs: list[str | Path], opts: PrepareOptions) -> None:
+    """Raises DataError for no inputs, ``max_tokens`` without a model, or an unknown reasoning policy."""
+    if not inputs:
+        raise DataError("no input files: give one or more data files to prepare")
+    if opts.max_tokens is not None and not opts.model:
+        raise DataError("--max-tokens measures rows with a tokenizer: give --model too "
+                        "(e.g. --model tiny:deepseek-llm)")
+    if opts.reasoning not in ("keep", "strip"):
+        raise DataError(f"unknown reasoning policy {opts.reasoning!r}; accepted: keep, strip")
+
+
+def _read_inputs(inputs: list[str | Path], opts: PrepareOptions, report: dict,
+                 dropped: Counter) -> tuple[list[dict], dict[str, str]]:
+    """Reads the input files in order, noting each in the report; returns the examples and the formats."""
+    examples, formats = [], {}
+    for path in inputs:
+        loaded = load_examples(path, opts.fmt, opts.lenient, opts.max_samples, opts.system,
+                               text_column=opts.text_column, label_column=opts.label_column)
+        formats[loaded.path] = loaded.format
+        dropped.update(loaded.dropped)
+        report["inputs"].append({"path": loaded.path, "format": loaded.format, "rows_read": loaded.rows_read,
+                                 "examples": len(loaded.examples), "dropped": dict(loaded.dropped),
+                                 "first_dropped": dict(loaded.first_dropped)})
+        examples += loaded.examples
+    return examples, formats
+
+
+def _clean(examples: list[dict], opts: PrepareOptions, report: dict, dropped: Counter) -> list[dict]:
+    """Cleans the examples of all inputs together and records what the cleaning did in the report."""
+    cleaned = clean_examples(examples, opts.clean)
+    dropped.update(cleaned.dropped)
+    report["cleaning"] = {"dropped": cleaned.dropped, "first_dropped": cleaned.first_dropped,
+                          "pii_replaced": cleaned.pii, "normalized_rows": cleaned.normalized,
+                          "duplicate_of": dict(list(cleaned.duplicate_of.items())[:50])}
+    return cleaned.examples
+
+
+def _measure_tokens(examples: list[dict], opts: PrepareOptions, report: dict,
+                    dropped: Counter) -> tuple[list[dict], dict[int, int]]:
+    """Measures the examples in tokens (with ``opts.model``) and drops those over ``max_tokens``."""
+    lengths: dict[int, int] = {}  # id(example) -> tokens; sources need not be unique across inputs
+    if opts.model:
+        tokenizer, template = load_tokenizer_for(opts.model)
+        lengths = dict(zip(map(id, examples), token_lengths(examples, tokenizer, template)))
+        if opts.max_tokens is not None:
+            long = [ex for ex in examples if lengths[id(ex)] > opts.max_tokens]
+            if long:
+                dropped["too many tokens"] += len(long)
+                report["cleaning"]["dropped"]["too many tokens"] = len(long)
+                report["cleaning"]["first_dropped"]["too many tokens"] = long[0]["source"]
+            examples = [ex for ex in examples if lengths[id(ex)] <= opts.max_tokens]
+    return examples, lengths
+
+
+def _check_contamination(splits: dict[str, list[dict]], opts: PrepareOptions, report: dict,
+                         dropped: Counter) -> None:
+    """Checks train for n-gram overlap with val, test and the eval files, removing the rows on request."""
+    held = {"val": splits["val"], "test": splits["test"]}
+    for path in opts.eval_files:
+        held[Path(path).name] = load_examples(path, "auto", opts.lenient, None, None,
+                                              text_column=opts.text_column,
+                                              label_column=opts.label_column).examples
+    overlaps = find_overlaps(splits["train"], held, opts.ngram)
+    if opts.decontaminate and overlaps:
+        bad = {hit["index"] for hit in overlaps}
+        splits["train"] = [ex for i, ex in enumerate(splits["train"]) if i not in bad]
+        dropped["contaminated"] += len(bad)
+    report["contamination"] = {"ngram": opts.ngram, "checked_against": {k: len(v) for k, v in held.items()},
+                               "train_rows_overlapping": len(overlaps), "removed": bool(opts.decontaminate),
+                               "rows": overlaps[:50]}
+
+
+def _write_outputs(out_dir: str | Path, splits: dict[str, list[dict]], fmt: str, report: dict) -> None:
+    """Writes the splits as jsonl files, then the report as ``report.json`` and ``report.md``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        with (out / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
+            for ex in rows:
+                fh.write(json.dumps(to_row(ex, fmt), ensure_ascii=False) + "\n")
+    report["files"] = {name: str(out / f"{name}.jsonl") for name in SPLITS}
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / "report.md").write_text(render_report_md(report), encoding="utf-8")
+
+
+def prepare_files(inputs: list[str | Path], out_dir: str | Path,
+                  options: PrepareOptions | None = None) -> dict:
     """Prepares data files for training and writes the splits and a report into ``out_dir``.
 
     Args:
@@ -165,65 +253,24 @@ def prepare_files(inputs: list[str | Path], out_dir: str | Path, options: Prepar
             kinds, ``max_tokens`` without a model, or nothing left after cleaning.
     """
     opts = options or PrepareOptions()
-    if not inputs:
-        raise DataError("no input files: give one or more data files to prepare")
-    if opts.max_tokens is not None and not opts.model:
-        raise DataError("--max-tokens measures rows with a tokenizer: give --model too (e.g. --model tiny:deepseek-llm)")
-    if opts.reasoning not in ("keep", "strip"):
-        raise DataError(f"unknown reasoning policy {opts.reasoning!r}; accepted: keep, strip")
+    _check_options(inputs, opts)
     report: dict[str, Any] = {"inputs": [], "options": _options_report(opts)}
-    examples, formats, dropped = [], {}, Counter()
-    for path in inputs:
-        loaded = load_examples(path, opts.fmt, opts.lenient, opts.max_samples, opts.system,
-                               text_column=opts.text_column, label_column=opts.label_column)
-        formats[loaded.path] = loaded.format
-        dropped.update(loaded.dropped)
-        report["inputs"].append({"path": loaded.path, "format": loaded.format, "rows_read": loaded.rows_read,
-                                 "examples": len(loaded.examples), "dropped": dict(loaded.dropped),
-                                 "first_dropped": dict(loaded.first_dropped)})
-        examples += loaded.examples
+    dropped: Counter = Counter()
+    examples, formats = _read_inputs(inputs, opts, report, dropped)
     fmt = _output_format(formats)
     report["format"] = fmt
     report["reasoning"] = {"policy": opts.reasoning, "rows_with_reasoning": sum(map(has_reasoning, examples))}
     if opts.reasoning == "strip":
         examples = [strip_reasoning(ex) for ex in examples]
-
-    cleaned = clean_examples(examples, opts.clean)
-    dropped.update(cleaned.dropped)
-    report["cleaning"] = {"dropped": cleaned.dropped, "first_dropped": cleaned.first_dropped,
-                          "pii_replaced": cleaned.pii, "normalized_rows": cleaned.normalized,
-                          "duplicate_of": dict(list(cleaned.duplicate_of.items())[:50])}
-    examples = cleaned.examples
-
-    lengths: dict[int, int] = {}  # id(example) -> tokens; sources need not be unique across inputs
-    if opts.model:
-        tokenizer, template = load_tokenizer_for(opts.model)
-        lengths = dict(zip(map(id, examples), token_lengths(examples, tokenizer, template)))
-        if opts.max_tokens is not None:
-            long = [ex for ex in examples if lengths[id(ex)] > opts.max_tokens]
-            if long:
-                dropped["too many tokens"] += len(long)
-                report["cleaning"]["dropped"]["too many tokens"] = len(long)
-                report["cleaning"]["first_dropped"]["too many tokens"] = long[0]["source"]
-            examples = [ex for ex in examples if lengths[id(ex)] <= opts.max_tokens]
+    examples = _clean(examples, opts, report, dropped)
+    examples, lengths = _measure_tokens(examples, opts, report, dropped)
     if not examples:
         why = ", ".join(f"{r}: {n}" for r, n in dropped.items())
         raise DataError(f"nothing left to write after cleaning ({why}); see the cleaning options in "
                         "dstune data prepare --help")
 
     splits = _split(examples, opts, fmt == "classification")
-    held = {"val": splits["val"], "test": splits["test"]}
-    for path in opts.eval_files:
-        held[Path(path).name] = load_examples(path, "auto", opts.lenient, None, None, text_column=opts.text_column,
-                                              label_column=opts.label_column).examples
-    overlaps = find_overlaps(splits["train"], held, opts.ngram)
-    if opts.decontaminate and overlaps:
-        bad = {hit["index"] for hit in overlaps}
-        splits["train"] = [ex for i, ex in enumerate(splits["train"]) if i not in bad]
-        dropped["contaminated"] += len(bad)
-    report["contamination"] = {"ngram": opts.ngram, "checked_against": {k: len(v) for k, v in held.items()},
-                               "train_rows_overlapping": len(overlaps), "removed": bool(opts.decontaminate),
-                               "rows": overlaps[:50]}
+    _check_contamination(splits, opts, report, dropped)
 
     report["dropped"] = dict(dropped)
     report["split"] = {name: len(rows) for name, rows in splits.items()}
@@ -234,15 +281,7 @@ def prepare_files(inputs: list[str | Path], out_dir: str | Path, options: Prepar
     if lengths:
         report["tokens"] = {"model": opts.model, **{name: length_stats([lengths[id(ex)] for ex in rows])
                                                     for name, rows in splits.items()}}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits.items():
-        with (out / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
-            for ex in rows:
-                fh.write(json.dumps(to_row(ex, fmt), ensure_ascii=False) + "\n")
-    report["files"] = {name: str(out / f"{name}.jsonl") for name in SPLITS}
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / "report.md").write_text(render_report_md(report), encoding="utf-8")
+    _write_outputs(out_dir, splits, fmt, report)
     return report
 
 
@@ -258,20 +297,24 @@ def render_report_md(report: dict) -> str:
              "| file | format | rows read | examples | dropped |", "|---|---|---|---|---|"]
     for item in report["inputs"]:
         bad = ", ".join(f"{r}: {n}" for r, n in item["dropped"].items()) or "-"
-        lines.append(f"| {item['path']} | {item['format']} | {item['rows_read']} | {item['examples']} | {bad} |")
+        lines.append(f"| {item['path']} | {item['format']} | {item['rows_read']} | {item['examples']} "
+                     f"| {bad} |")
     lines += ["", "## Dropped", "", "| reason | rows |", "|---|---|"]
     lines += [f"| {r} | {n} |" for r, n in report["dropped"].items()] or ["| (none) | 0 |"]
     pii = report["cleaning"]["pii_replaced"]
-    lines += ["", "Sensitive information replaced: " + (", ".join(f"{k}: {n}" for k, n in pii.items()) or "none"),
+    lines += ["", "Sensitive information replaced: "
+              + (", ".join(f"{k}: {n}" for k, n in pii.items()) or "none"),
               "", "## Splits", "", "| split | rows |", "|---|---|"]
     lines += [f"| {name} | {n} |" for name, n in report["split"].items()]
     if "labels" in report:
         names = report["labels"]["names"]
-        lines += ["", "## Label balance", "", "| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += ["", "## Label balance", "", "| split | " + " | ".join(names) + " |",
+                  "|---" * (len(names) + 1) + "|"]
         for name in SPLITS:
             lines.append(f"| {name} | " + " | ".join(str(report["labels"][name][n]) for n in names) + " |")
     c = report["contamination"]
-    lines += ["", "## Contamination", "", f"{c['train_rows_overlapping']} training rows share a {c['ngram']}-gram with "
+    lines += ["", "## Contamination", "",
+              f"{c['train_rows_overlapping']} training rows share a {c['ngram']}-gram with "
               f"{', '.join(c['checked_against'])}"
               + (" (removed)." if c["removed"] else " (kept; --decontaminate removes them).")]
     for hit in c["rows"][:10]:
@@ -283,8 +326,9 @@ def render_report_md(report: dict) -> str:
         for name in SPLITS:
             t = report["tokens"][name]
             if t["count"]:
-                lines.append(f"| {name} | {t['count']} | {t['min']} | {t['mean']} | {t['p50']} | {t['p90']} | "
-                             f"{t['p99']} | {t['max']} |")
+                lines.append(f"| {name} | {t['count']} | {t['min']} | {t['mean']} | {t['p50']} "
+                             f"| {t['p90']} | {t['p99']} | {t['max']} |")
         hist = report["tokens"]["train"].get("histogram", {})
-        lines += ["", "Train length histogram (tokens: rows): " + ", ".join(f"{b}: {n}" for b, n in hist.items() if n)]
+        lines += ["", "Train length histogram (tokens: rows): "
+                  + ", ".join(f"{b}: {n}" for b, n in hist.items() if n)]
     return "\n".join(lines) + "\n"

@@ -65,7 +65,8 @@ def _text(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not UTF-8 text ({exc.reason}); save the file as UTF-8") from None
+        raise DataError(f"{path}, line {line}: not UTF-8 text ({exc.reason}); "
+                        "save the file as UTF-8") from None
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
@@ -77,8 +78,8 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             try:
                 yield where, json.loads(text), None
             except json.JSONDecodeError as exc:
-                yield where, None, RowError("not valid JSON", f"is not valid JSON ({exc.msg} at column {exc.colno}); "
-                                            "each line must be one JSON object")
+                yield where, None, RowError("not valid JSON", f"is not valid JSON ({exc.msg} at column "
+                                            f"{exc.colno}); each line must be one JSON object")
 
 
 def _read_json(path: Path) -> Iterator[Row]:
@@ -91,8 +92,8 @@ def _read_json(path: Path) -> Iterator[Row]:
         if exc.msg == "Extra data" and _is_object(first):
             yield from _read_jsonl(path)
             return
-        raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); expected a "
-                        "list of objects, or one JSON object per line") from None
+        raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                        "expected a list of objects, or one JSON object per line") from None
     if isinstance(data, dict) and sum(1 for line in text.split("\n") if line.strip()) == 1:
         data = [data]  # a one-line file holding one object is a jsonl file with one row
     if not isinstance(data, list):
@@ -125,13 +126,14 @@ def _read_csv(path: Path) -> Iterator[Row]:
             raise DataError(f"{path}, line 1: the header names {duplicates} more than once")
         last = reader.line_num
         for values in reader:
-            start, last = last + 1, reader.line_num  # a quoted field may span lines: report where the row starts
+            # A quoted field may span lines: report where the row starts.
+            start, last = last + 1, reader.line_num
             where = f"line {start}"
             if not any(v.strip() for v in values):
                 continue
             if len(values) != len(header):
-                yield where, None, RowError("wrong number of columns", f"has {len(values)} fields, the header "
-                                            f"has {len(header)} ({', '.join(header)})")
+                yield where, None, RowError("wrong number of columns", f"has {len(values)} fields, the "
+                                            f"header has {len(header)} ({', '.join(header)})")
             else:
                 yield where, dict(zip(header, values)), None
     except csv.Error as exc:
@@ -167,6 +169,62 @@ READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parq
            ".txt": _read_txt}
 
 
+def _check_input(path: Path, fmt: str) -> None:
+    """Raises DataError for a missing, empty or unknown kind of file, or a format it cannot hold."""
+    if path.suffix.lower() not in READERS:
+        raise DataError(f"{path}: unknown file type '{path.suffix}'; accepted: {', '.join(EXTENSIONS)}")
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{path}: is not a file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    if fmt not in ("auto", *FORMATS):
+        raise DataError(f"unknown data format {fmt!r}; accepted: auto, {', '.join(FORMATS)}")
+    if path.suffix.lower() == ".txt" and fmt not in ("auto", "text"):
+        raise DataError(f"{path}: a .txt file holds plain text, one example per line; data.format must be "
+                        f"text or auto, not {fmt}")
+
+
+def _choose_format(path: Path, fmt: str, head: list[Row], lenient: bool, text_column: str | None,
+                   label_column: str | None) -> str:
+    """The format to read the rows in: ``fmt``, or the one detected from the first rows for "auto"."""
+    if fmt == "auto":
+        kind = "columns" if path.suffix.lower() in (".csv", ".parquet") else "keys"
+        fmt = detect_format([value for _, value, problem in head if problem is None], str(path), kind,
+                            label_column or "label", text_column)
+    if fmt is None:
+        if lenient and len(head) == _DETECT_ROWS:
+            raise DataError(f"{path}: none of the first {len(head)} rows could be parsed; "
+                            "cannot tell the data format")
+        # Nothing parsed, so every row is bad: the loop in _add_rows raises at the first one (strict) or
+        # drops them all and says so (lenient). The format is a placeholder that is never used.
+        fmt = "text"
+    return fmt
+
+
+def _add_rows(loaded: Loaded, path: Path, rows: Iterator[Row], lenient: bool, max_samples: int | None,
+              system: str | None, text_column: str | None, label_column: str | None) -> None:
+    """Adds rows to ``loaded`` as examples up to ``max_samples``; a bad row raises (strict) or is counted."""
+    fmt = loaded.format
+    for where, value, problem in rows:
+        if max_samples is not None and len(loaded.examples) >= max_samples:
+            break
+        loaded.rows_read += 1
+        source = f"{path.name}:{where}"
+        try:
+            if problem is not None:
+                raise problem
+            loaded.examples.append(to_example(value, fmt, source, system, text_column=text_column,
+                                              label_column=label_column or "label"))
+        except RowError as err:
+            if not lenient:
+                raise DataError(f"{path}, {where}: {err.detail} (data.format={fmt}; set data.lenient=true "
+                                "to drop bad rows and count them instead)") from None
+            loaded.dropped[err.reason] = loaded.dropped.get(err.reason, 0) + 1
+            loaded.first_dropped.setdefault(err.reason, where)
+
+
 def load_examples(path: str | Path, fmt: str = "auto", lenient: bool = False, max_samples: int | None = None,
                   system: str | None = None, *, text_column: str | None = None,
                   label_column: str | None = None) -> Loaded:
@@ -193,51 +251,15 @@ def load_examples(path: str | Path, fmt: str = "auto", lenient: bool = False, ma
             (strict mode), an undetectable format, or a file with no usable rows.
     """
     path = Path(path)
-    if path.suffix.lower() not in READERS:
-        raise DataError(f"{path}: unknown file type '{path.suffix}'; accepted: {', '.join(EXTENSIONS)}")
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if not path.is_file():
-        raise DataError(f"{path}: is not a file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
-    if fmt not in ("auto", *FORMATS):
-        raise DataError(f"unknown data format {fmt!r}; accepted: auto, {', '.join(FORMATS)}")
-    suffix = path.suffix.lower()
-    if suffix == ".txt" and fmt not in ("auto", "text"):
-        raise DataError(f"{path}: a .txt file holds plain text, one example per line; data.format must be "
-                        f"text or auto, not {fmt}")
-    rows = READERS[suffix](path)
+    _check_input(path, fmt)
+    rows = READERS[path.suffix.lower()](path)
     head = list(itertools.islice(rows, _DETECT_ROWS))
     if not head:
         raise DataError(f"{path}: the file is empty (no rows)")
-    if fmt == "auto":
-        kind = "columns" if suffix in (".csv", ".parquet") else "keys"
-        fmt = detect_format([value for _, value, problem in head if problem is None], str(path), kind,
-                            label_column or "label", text_column)
-    if fmt is None:
-        if lenient and len(head) == _DETECT_ROWS:
-            raise DataError(f"{path}: none of the first {len(head)} rows could be parsed; cannot tell the data format")
-        # Nothing parsed, so every row is bad: the loop below raises at the first one (strict) or
-        # drops them all and says so (lenient). The format is a placeholder that is never used.
-        fmt = "text"
+    fmt = _choose_format(path, fmt, head, lenient, text_column, label_column)
     loaded = Loaded(examples=[], format=fmt, dropped={}, path=str(path))
-    for where, value, problem in itertools.chain(head, rows):
-        if max_samples is not None and len(loaded.examples) >= max_samples:
-            break
-        loaded.rows_read += 1
-        source = f"{path.name}:{where}"
-        try:
-            if problem is not None:
-                raise problem
-            loaded.examples.append(to_example(value, fmt, source, system, text_column=text_column,
-                                              label_column=label_column or "label"))
-        except RowError as err:
-            if not lenient:
-                raise DataError(f"{path}, {where}: {err.detail} (data.format={fmt}; set data.lenient=true "
-                                "to drop bad rows and count them instead)") from None
-            loaded.dropped[err.reason] = loaded.dropped.get(err.reason, 0) + 1
-            loaded.first_dropped.setdefault(err.reason, where)
+    _add_rows(loaded, path, itertools.chain(head, rows), lenient, max_samples, system, text_column,
+              label_column)
     if not loaded.examples:
         why = ", ".join(f"{reason}: {n}" for reason, n in loaded.dropped.items())
         raise DataError(f"{path}: no usable examples in {loaded.rows_read} rows ({why})")

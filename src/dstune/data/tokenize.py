@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dstune.errors import UsageError
 from dstune.core.loss import IGNORE
+from dstune.errors import UsageError
 from dstune.models.templates import TemplateError, template_name, tokenizer_template
 
 _SENTINEL = "\ue000dstune-reply\ue001"  # private-use characters: no template writes them
@@ -76,7 +76,8 @@ def _common_suffix(a: str, b: str) -> int:
     return i
 
 
-def render_with_spans(tokenizer: Any, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(tokenizer: Any, template: str,
+                      messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """Renders a conversation and finds the character span of each assistant reply.
 
     Args:
@@ -92,12 +93,13 @@ def render_with_spans(tokenizer: Any, template: str, messages: list[dict]) -> tu
             whole, or renders a reply more than once, so no reliable loss mask exists.
     """
     def render(msgs: list[dict], gen: bool = False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template, add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template,
+                                             add_generation_prompt=gen)
 
     def fail(why: str) -> TemplateError:
         return TemplateError(f"cannot mask the loss with {template_name(template, tokenizer)}: {why}; "
-                             "use a template that renders each turn in order (e.g. model.chat_template=deepseek-v3) "
-                             "or data.train_on=all")
+                             "use a template that renders each turn in order "
+                             "(e.g. model.chat_template=deepseek-v3) or data.train_on=all")
 
     full = render(messages)
     spans = []
@@ -152,6 +154,72 @@ def _uses_bos(tokenizer: Any, template: str | None) -> bool:
     return bool(ids and ids[0] == tokenizer.bos_token_id) or bool(template and "bos_token" in template)
 
 
+def _check_options(overflow: str, train_on: str, max_length: int) -> None:
+    """Raises UsageError for a bad ``overflow``, ``train_on`` or ``max_length``."""
+    if overflow not in ("truncate", "drop"):
+        raise UsageError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
+    if train_on not in ("assistant", "all"):
+        raise UsageError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
+    if max_length < 2:
+        raise UsageError(f"max_length must be at least 2, got {max_length}")
+
+
+def _require_template(examples: list[dict], tokenizer: Any, template: str | None) -> None:
+    """Raises TemplateError when the examples hold conversations but there is no chat template."""
+    if template is None and any("messages" in ex for ex in examples):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise TemplateError(f"the data holds conversations but tokenizer {name!r} has no chat template; "
+                            "set model.chat_template (deepseek-v3 or deepseek-r1)")
+
+
+def _count_drop(out: Tokenized, reason: str) -> None:
+    """Counts one row dropped for ``reason``."""
+    out.dropped[reason] = out.dropped.get(reason, 0) + 1
+
+
+def _render_chunk(chunk: list[dict], tokenizer: Any, template: str | None, train_on: str,
+                  control: re.Pattern | None, out: Tokenized) -> tuple[list[str], list, list[dict]]:
+    """Renders examples to strings and reply spans (None: plain text), dropping any with a control token."""
+    texts, spans, kept = [], [], []
+    for ex in chunk:
+        strings = [ex["text"]] if "text" in ex else [m["content"] for m in ex["messages"]]
+        if control is not None and any(control.search(s) for s in strings):
+            _count_drop(out, "contains a control token")
+            continue
+        if "text" in ex:
+            texts.append(ex["text"])
+            spans.append(None)
+        elif train_on == "all":
+            texts.append(tokenizer.apply_chat_template(ex["messages"], tokenize=False,
+                                                       chat_template=template))
+            spans.append([])
+        else:
+            text, found = render_with_spans(tokenizer, template, ex["messages"])
+            texts.append(text)
+            spans.append(found)
+        kept.append(ex)
+    return texts, spans, kept
+
+
+def _ids_and_labels(ids: list[int], offsets: list, found: list | None, train_on: str, bos: list[int],
+                    eos: list[int]) -> tuple[list[int], list[int]]:
+    """The token ids of one rendered example and their labels (IGNORE outside the reply spans)."""
+    if found is None:  # plain text: everything is learned
+        ids = bos + list(ids) + eos
+        return ids, list(ids)
+    if train_on == "all":
+        return ids, list(ids)
+    return ids, [t if any(s <= a < e for s, e in found) else IGNORE for t, (a, _) in zip(ids, offsets)]
+
+
+def _truncate(example: dict, text: str, offsets: list, ids: list[int], labels: list[int],
+              max_length: int) -> tuple[list[int], list[int]]:
+    """Cuts a row to ``max_length`` tokens (a classification row: from the end of its text, not the label)."""
+    if "label" in example:  # classification: cut the text, keep the reply that is the label
+        return _cut_text(example, text, offsets, list(ids), labels, max_length)
+    return ids[:max_length], labels[:max_length]
+
+
 def tokenize_examples(examples: list[dict], tokenizer: Any, chat_template: str | None, max_length: int,
                       overflow: str = "truncate", train_on: str = "assistant") -> Tokenized:
     """Turns examples into token ids and labels.
@@ -177,68 +245,30 @@ def tokenize_examples(examples: list[dict], tokenizer: Any, chat_template: str |
         ValueError: for a bad ``overflow``/``train_on``/``max_length``.
         TemplateError: conversations without a template, or with one that cannot be masked.
     """
-    if overflow not in ("truncate", "drop"):
-        raise UsageError(f"overflow must be 'truncate' or 'drop', got {overflow!r}")
-    if train_on not in ("assistant", "all"):
-        raise UsageError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
-    if max_length < 2:
-        raise UsageError(f"max_length must be at least 2, got {max_length}")
+    _check_options(overflow, train_on, max_length)
     template = chat_template or tokenizer_template(tokenizer)
-    if template is None and any("messages" in ex for ex in examples):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise TemplateError(f"the data holds conversations but tokenizer {name!r} has no chat template; "
-                            "set model.chat_template (deepseek-v3 or deepseek-r1)")
+    _require_template(examples, tokenizer, template)
     control = _control_tokens(tokenizer, template)
     bos = [tokenizer.bos_token_id] if _uses_bos(tokenizer, template) else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = Tokenized(rows=[])
-
-    def drop(reason: str) -> None:
-        out.dropped[reason] = out.dropped.get(reason, 0) + 1
-
     for first in range(0, len(examples), _CHUNK):
-        texts, spans, kept = [], [], []
-        for ex in examples[first:first + _CHUNK]:
-            strings = [ex["text"]] if "text" in ex else [m["content"] for m in ex["messages"]]
-            if control is not None and any(control.search(s) for s in strings):
-                drop("contains a control token")
-                continue
-            if "text" in ex:
-                texts.append(ex["text"])
-                spans.append(None)
-            elif train_on == "all":
-                texts.append(tokenizer.apply_chat_template(ex["messages"], tokenize=False, chat_template=template))
-                spans.append([])
-            else:
-                text, found = render_with_spans(tokenizer, template, ex["messages"])
-                texts.append(text)
-                spans.append(found)
-            kept.append(ex)
+        chunk = examples[first:first + _CHUNK]
+        texts, spans, kept = _render_chunk(chunk, tokenizer, template, train_on, control, out)
         if not kept:
             continue
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         for ex, text, found, ids, offsets in zip(kept, texts, spans, enc["input_ids"], enc["offset_mapping"]):
-            if found is None:  # plain text: everything is learned
-                ids = bos + list(ids) + eos
-                labels = list(ids)
-            elif train_on == "all":
-                labels = list(ids)
-            else:
-                labels = [t if any(s <= a < e for s, e in found) else IGNORE for t, (a, _) in zip(ids, offsets)]
-            if len(ids) > max_length:
+            ids, labels = _ids_and_labels(ids, offsets, found, train_on, bos, eos)
+            truncated = len(ids) > max_length
+            if truncated:
                 if overflow == "drop":
-                    drop("too long")
+                    _count_drop(out, "too long")
                     continue
-                if "label" in ex:  # classification: cut the text, keep the reply that is the label
-                    ids, labels = _cut_text(ex, text, offsets, list(ids), labels, max_length)
-                else:
-                    ids, labels = ids[:max_length], labels[:max_length]
-                truncated = True
-            else:
-                truncated = False
+                ids, labels = _truncate(ex, text, offsets, ids, labels, max_length)
             # Labels are shifted by one in the loss, so a lone trainable first token teaches nothing either.
             if all(t == IGNORE for t in labels[1:]):
-                drop("no trainable tokens")
+                _count_drop(out, "no trainable tokens")
                 continue
             out.truncated += truncated
             out.rows.append({"input_ids": list(ids), "labels": labels, "source": ex["source"]})

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from dstune.config import GENERATION_METRICS  # noqa: F401  (re-exported)
 from dstune.data.tokenize import IGNORE
 from dstune.evaluate import metrics as M
-
-GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")
 
 
 def last_reply_span(labels: list[int]) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from dstune.config import TASK_METRICS
 from dstune.core.collate import eval_batches
 from dstune.core.forward import loss_sum
 from dstune.core.loss import count_loss_tokens
@@ -39,7 +40,7 @@ def evaluate_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, a
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens.item())}
 
 
-CLASSIFICATION_METRICS = ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro")
+CLASSIFICATION_METRICS = TASK_METRICS["classification"]
 
 
 @torch.no_grad()

@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from dstune.config import load_config
+from dstune.core.collate import collate
 from dstune.data import DataError, load_examples
 from dstune.data.formats import strip_reasoning
 from dstune.data.tokenize import IGNORE, tokenize_examples
 from dstune.evaluate import metrics as M
 from dstune.evaluate.answers import answer_text
 from dstune.evaluate.loss import evaluate_loss
-from dstune.core.collate import collate
+from dstune.rundir import NotARunError
 
 _SAMPLES = 20  # examples kept in eval.json for a person to read
 
@@ -148,14 +149,14 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
         The content of ``eval.json``.
 
     Raises:
-        FileNotFoundError: ``run_dir`` is not a finished run.
+        NotARunError: ``run_dir`` is not a finished run.
         DataError: a bad data file or row.
     """
     from dstune.generate import load_for_inference
 
     run = Path(run_dir)
     if not (run / "run.json").is_file() or not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no run.json and config.yaml); give the --output "
+        raise NotARunError(f"{run} is not a run directory (no run.json and config.yaml); give the --output "
                                 "directory of a dstune train run")
     cfg = load_config(run / "config.yaml")
     dc = cfg.data

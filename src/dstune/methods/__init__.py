@@ -2,7 +2,8 @@
 
 A method is a plain function ``(model, cfg) -> model`` that decides which parameters train (and may
 wrap modules, as peft does). The training loop never branches on the method; adding one is a new
-module and one line in ``METHODS``.
+module, one line in ``METHODS`` here and one ``MethodSpec`` line in ``config.METHODS`` (its config
+sections, whether it merges, its help line: ``--help`` and the README table are checked against it).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from dstune.errors import UsageError
+from dstune.config import METHODS as METHOD_SPECS
 from dstune.config import RunConfig
+from dstune.errors import UsageError
 from dstune.methods.adapter import is_adapter_dir, load_adapter, prepare_adapter
 from dstune.methods.freeze import prepare_freeze, prepare_full
 from dstune.methods.lora import prepare_lora
@@ -24,6 +26,8 @@ from dstune.methods.summary import trainable_summary
 
 PrepareFn = Callable[[nn.Module, RunConfig], nn.Module]
 
+# The prepare function of each method in config.METHODS (which holds its config sections, whether it
+# merges and its help line); a test checks that the two name the same methods.
 METHODS: dict[str, PrepareFn] = {
     "full": prepare_full,
     "freeze": prepare_freeze,
@@ -39,7 +43,7 @@ METHODS: dict[str, PrepareFn] = {
 # Methods whose result folds into the base weights (a linear change of Linear layers). The others add
 # computation that no weight matrix can express: prompts/prefixes (extra positions) and bottleneck
 # adapters (a non-linearity).
-MERGEABLE = {"full", "freeze", "lora", "qlora", "ia3"}
+MERGEABLE = {name for name, spec in METHOD_SPECS.items() if spec.merges}
 
 
 def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from dstune.errors import UsageError
 from dstune.config import AdapterConfig, RunConfig
+from dstune.errors import UsageError
 
 WEIGHTS = "bottleneck_adapter.safetensors"
 CONFIG = "bottleneck_adapter.json"

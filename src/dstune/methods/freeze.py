@@ -6,10 +6,9 @@ import re
 
 import torch.nn as nn
 
-from dstune.errors import UsageError
 from dstune.config import RunConfig
-
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+from dstune.core.facts import layer_index
+from dstune.errors import UsageError
 
 
 def prepare_full(model: nn.Module, cfg: RunConfig) -> nn.Module:
@@ -17,12 +16,6 @@ def prepare_full(model: nn.Module, cfg: RunConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
-
-
-def layer_index(name: str) -> int | None:
-    """The decoder-layer index in a parameter name (``model.layers.3.mlp...`` -> 3), or None."""
-    m = _LAYER_INDEX.search(name)
-    return int(m.group(1)) if m else None
 
 
 def first_top_layer(model: nn.Module, top: int, key: str, lowest: int) -> int:

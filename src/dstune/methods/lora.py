@@ -31,9 +31,10 @@ import re
 import peft
 import torch.nn as nn
 
-from dstune.errors import UsageError
 from dstune.config import RunConfig
-from dstune.methods.freeze import first_top_layer, layer_index
+from dstune.core.facts import layer_index
+from dstune.errors import UsageError
+from dstune.methods.freeze import first_top_layer
 from dstune.methods.peft_model import CausalLM, wrap
 from dstune.models.inspect import param_kind
 
@@ -119,8 +120,10 @@ def expert_targets(model: nn.Module, experts: str) -> tuple[list[str], list[str]
 def _rewritten_leaves(model: nn.Module) -> set[str]:
     """Module leaf names that peft's v4-to-v5 MoE conversion would remap on this model (module doc)."""
     try:  # private tables; if peft moves them, fall back to what peft 0.21 does for DeepSeek
-        from peft.utils.transformers_weight_conversion import (_MODEL_TO_CONVERSION_PATTERN,
-                                                               _MOE_TARGET_MODULE_MAPPING)
+        from peft.utils.transformers_weight_conversion import (
+            _MODEL_TO_CONVERSION_PATTERN,
+            _MOE_TARGET_MODULE_MAPPING,
+        )
     except ImportError:
         moe_types = {"deepseek_v2", "deepseek_v3", "deepseek_v32"}
         return {"gate_proj", "up_proj", "down_proj", "gate"} if model.config.model_type in moe_types else set()

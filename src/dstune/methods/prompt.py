@@ -18,8 +18,8 @@ from __future__ import annotations
 import peft
 import torch.nn as nn
 
-from dstune.errors import UsageError
 from dstune.config import RunConfig
+from dstune.errors import UsageError
 from dstune.methods.lora import is_plain_linear
 from dstune.methods.peft_model import CausalLM, is_mla, mla_prefix_width, wrap
 from dstune.models.inspect import param_kind

@@ -25,6 +25,7 @@ import torch.nn as nn
 from rich.console import Console
 
 from dstune.config import QloraConfig, RunConfig
+from dstune.errors import MissingExtra
 from dstune.methods.lora import is_plain_linear, lora_config
 from dstune.methods.peft_model import CausalLM, SequenceClassifier, wrap
 from dstune.models.classify import is_classifier
@@ -37,12 +38,12 @@ def import_bitsandbytes():
     """Imports bitsandbytes, or explains how to install it.
 
     Raises:
-        ImportError: naming the extra (``pip install 'dstune[qlora]'``).
+        MissingExtra: naming the extra (``pip install 'dstune[qlora]'``).
     """
     try:
         import bitsandbytes
     except ImportError:
-        raise ImportError("method=qlora needs bitsandbytes, which is not installed: pip install 'dstune[qlora]' "
+        raise MissingExtra("method=qlora needs bitsandbytes, which is not installed: pip install 'dstune[qlora]' "
                           "(bitsandbytes >= 0.45 runs on CPU and CUDA), or use method=lora") from None
     return bitsandbytes
 
@@ -150,7 +151,7 @@ def prepare_qlora(model: nn.Module, cfg: RunConfig, console: Console | None = No
     """Quantises the frozen base (``qlora.*``) and wraps it with LoRA (``lora.*``).
 
     Raises:
-        ImportError: when bitsandbytes is missing, naming the extra to install.
+        MissingExtra: when bitsandbytes is missing, naming the extra to install.
         ValueError: when a ``lora`` setting cannot apply (see methods/lora.py).
     """
     import_bitsandbytes()

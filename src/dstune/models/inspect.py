@@ -7,13 +7,13 @@ Reports are built from the config alone, on PyTorch's meta device (shapes withou
 from __future__ import annotations
 
 import copy
-import re
 from collections import defaultdict
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from dstune.core.facts import layer_index
 from dstune.models.load import family_of, load_config_only
 
 KINDS = ("attention", "dense_mlp", "experts", "shared_experts", "router", "embeddings", "head", "norm", "other")
@@ -29,7 +29,6 @@ _ATTENTION = {"self_attn", "attention", "attn", "self_attention"}
 _SHARED = {"shared_experts", "shared_expert", "shared_expert_gate"}
 _ROUTER = {"gate", "router"}
 _MLP = {"mlp", "feed_forward", "ffn", "block_sparse_moe"}
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _components(name: str) -> list[str]:
@@ -161,9 +160,9 @@ def architecture_report(config: PretrainedConfig, *, name: str | None = None,
     for pname, param in model.named_parameters():
         kind = param_kind(pname)
         by_kind[kind] += param.numel()
-        match = _LAYER_INDEX.search(pname)
-        if kind == "experts" and match:
-            experts_per_layer[int(match.group(1))] += param.numel()
+        index = layer_index(pname)
+        if kind == "experts" and index is not None:
+            experts_per_layer[index] += param.numel()
     total = sum(by_kind.values())
     layers = config.num_hidden_layers
 

@@ -329,8 +329,13 @@ def _resolve_gguf(path: str, spec: str) -> ResolvedModel:
 def _hub_download(spec: str, revision: str | None, patterns: list[str]) -> str:
     from huggingface_hub import snapshot_download  # noqa: PLC0415
     from huggingface_hub.errors import (  # noqa: PLC0415
-        GatedRepoError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-        RepositoryNotFoundError, RevisionNotFoundError)
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return snapshot_download(spec, revision=revision, allow_patterns=patterns)

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from dstune.rundir import NotARunError
+
 # Columns of the table: (title, how to read it from a run's files). A run that lacks a value shows "-".
 _COLUMNS = [
     ("model", lambda r: r["run"].get("model")),
@@ -35,11 +37,11 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     """The files of a run that the comparison reads: run.json, config.yaml, summary.json, eval.json.
 
     Raises:
-        FileNotFoundError: ``run_dir`` is not a run directory.
+        NotARunError: ``run_dir`` is not a run directory.
     """
     run = Path(run_dir)
     if not (run / "run.json").is_file():
-        raise FileNotFoundError(f"{run} is not a run directory (no run.json); give directories written by dstune train")
+        raise NotARunError(f"{run} is not a run directory (no run.json); give directories written by dstune train")
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) if (run / "config.yaml").is_file() else {}
     return {"name": run.name, "path": str(run), "run": _read_json(run / "run.json"), "config": config or {},
             "summary": _read_json(run / "summary.json"), "eval": _read_json(run / "eval.json")}
@@ -64,7 +66,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     from dstune.report.charts import plot_compare
 
     if not run_dirs:
-        raise FileNotFoundError("no run directories given")
+        raise NotARunError("no run directories given")
     runs = [read_run(r) for r in run_dirs]
     names = [Path(r["path"]).name for r in runs]
     if len(set(names)) < len(names):  # runs/a/run and runs/b/run: name them by their parent too

@@ -12,7 +12,6 @@ file against the manifest and names the one that changed or went missing.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -25,19 +24,15 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from dstune.errors import DstuneError, UsageError
+from dstune.core.facts import file_sha256, restore_trainable, snapshot_trainable
+from dstune.errors import DstuneError
+from dstune.rundir import COMPLETE, RunDir
 
-COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 
 
 class CheckpointError(DstuneError, RuntimeError):
     """A checkpoint that cannot be written or trusted; the message names the file and what to do."""
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters by name, detached and contiguous on the CPU."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _flatten(prefix: str, state: dict, tensors: dict, scalars: dict) -> None:
@@ -100,14 +95,6 @@ def _set_rng_state(tensors: dict, meta: dict) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -117,7 +104,7 @@ def _fsync(path: Path) -> None:
 
 
 def _write_files(tmp: Path, model: nn.Module, optimizer, scheduler, loop_state: dict) -> None:
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    save_file(snapshot_trainable(model, copy=False), str(tmp / "trainable.safetensors"))
     opt_tensors, opt_meta = _optimizer_files(model, optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = _rng_state()
@@ -127,7 +114,7 @@ def _write_files(tmp: Path, model: nn.Module, optimizer, scheduler, loop_state: 
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     for f in files:
         _fsync(f)
-    manifest = {"step": loop_state.get("step"), "files": {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    manifest = {"step": loop_state.get("step"), "files": {f.name: {"sha256": file_sha256(f), "bytes": f.stat().st_size}
                                                         for f in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     _fsync(tmp / MANIFEST)
@@ -187,21 +174,14 @@ def verify_checkpoint(path: Path) -> None:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path}: file {name} listed in the manifest is missing")
-        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+        if f.stat().st_size != entry["bytes"] or file_sha256(f) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path}: file {name} does not match its SHA-256 in the manifest "
                                   f"(changed or corrupted since it was written)")
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run (marker present), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp") and (p / COMPLETE).exists())
-
-
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
-    done = list_checkpoints(run_dir)
-    return done[-1] if done else None
+    return RunDir(run_dir).latest_checkpoint()
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset()) -> list[Path]:
@@ -213,12 +193,18 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep: set[Path] = frozenset
     Returns:
         The deleted directories.
     """
-    done = list_checkpoints(run_dir)
+    done = RunDir(run_dir).list_checkpoints()
     doomed = [p for p in done[:-keep_last] if p not in keep] if keep_last > 0 else []
-    doomed += [p for p in (Path(run_dir) / "checkpoints").glob("step-*.tmp")]
+    doomed += list(RunDir(run_dir).checkpoints.glob("step-*.tmp"))
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
+
+
+def read_loop_state(path: Path) -> dict:
+    """The loop state (``TrainState`` as JSON) of a complete checkpoint, verified against its manifest."""
+    verify_checkpoint(path)
+    return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))["loop"]
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
@@ -229,11 +215,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(params))
     if unknown:
-        raise UsageError(f"{path}: checkpoint has parameters this model lacks, e.g. {unknown[:3]}; "
-                         f"was it made with another model or method?")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+        raise CheckpointError(f"{path}: checkpoint has parameters this model lacks, e.g. {unknown[:3]}; "
+                              f"was it made with another model or method?")
+    wrong = [f"{n}: checkpoint {tuple(v.shape)}, model {tuple(params[n].shape)}"
+             for n, v in weights.items() if v.shape != params[n].shape]
+    if wrong:
+        raise CheckpointError(f"{path}: checkpoint shapes differ from this model's ({wrong[0]}); the setup that "
+                              f"decides them (method, rank, targets, model) changed since it was written")
+    restore_trainable(model, weights)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

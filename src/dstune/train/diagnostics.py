@@ -11,7 +11,6 @@ A layer's gradient norm is compared with the median over layers: a ratio under
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from collections import defaultdict
 
@@ -19,15 +18,14 @@ import torch
 import torch.nn as nn
 
 from dstune.config import StabilityConfig
-
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
+from dstune.core.facts import layer_index
 
 
 def layer_key(name: str, embedding_ids: set[int] | None = None, p: torch.Tensor | None = None) -> str:
     """The group a parameter is reported under: ``layer_03``, ``embeddings``, ``head`` or ``other``."""
-    m = _LAYER.search(name)
-    if m:
-        return f"layer_{int(m.group(1)):02d}"
+    index = layer_index(name)
+    if index is not None:
+        return f"layer_{index:02d}"
     if embedding_ids is not None and p is not None and id(p) in embedding_ids:
         return "embeddings"
     if "lm_head" in name:

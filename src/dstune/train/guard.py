@@ -32,8 +32,9 @@ from collections import deque
 
 import torch
 
-from dstune.errors import UsageError
 from dstune.config import StabilityConfig
+from dstune.core.facts import restore_trainable, snapshot_trainable
+from dstune.errors import UsageError
 
 ENV_INJECT = "DSTUNE_STABILITY_INJECT"
 
@@ -200,7 +201,7 @@ class StabilityGuard:
         """Copies trainable weights and optimizer state to CPU memory (rollback only)."""
         self._snapshot = {
             "step": step,
-            "weights": {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad},
+            "weights": snapshot_trainable(self.model),
             "optimizer": _clone_state(self.optimizer.state_dict()),
         }
 
@@ -211,10 +212,7 @@ class StabilityGuard:
 
     def _rollback(self) -> None:
         self.counts["rollbacks"] += 1
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self._snapshot["weights"].items():
-                params[name].copy_(value)
+        restore_trainable(self.model, self._snapshot["weights"])
         self.optimizer.load_state_dict(_clone_state(self._snapshot["optimizer"]))
         # LambdaLR multiplies base_lrs by the schedule each step; scaling them makes the cut persist,
         # and they are part of the scheduler's saved state, so a resumed run keeps it too.

@@ -1,10 +1,10 @@
 """Learning-rate range test: an exponential sweep of the lr over K steps (Smith 2017, "Cyclical Learning
 Rates for Training Neural Networks", sec. 3.3; the fastai ``lr_find``).
 
-The sweep trains a fresh copy of the model exactly as ``train`` would (same method, parameter groups,
-clipping, regularisation, micro-batches) but with the lr of step i set to
-``start * (end / start) ** (i / (K - 1))``; every parameter group keeps its ratio to ``optim.lr``
-(layer decay, LoRA+). It writes nothing but the optional PNG: no run directory, no checkpoint.
+The sweep trains a fresh copy of the model exactly as ``train`` would (the same ``build``: method,
+kernels, casting, packing, parameter groups, clipping, regularisation, micro-batches) but with the lr of
+step i set to ``start * (end / start) ** (i / (K - 1))``; every parameter group keeps its ratio to
+``optim.lr`` (layer decay, LoRA+). It writes nothing but the optional PNG: no run directory, no checkpoint.
 
 Suggested lr, the rule (fastai's ``minimum``): smooth the losses with a bias-corrected exponential
 moving average, take the lr at the smoothed minimum and divide by 10. At the minimum the loss has
@@ -18,17 +18,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
-
 from dstune.config import RunConfig
-from dstune.methods import prepare_model
-from dstune.models.load import load_tokenizer, resolve_model_dir
-from dstune.models.templates import resolve_chat_template
-from dstune.train.batching import MicroBatches
-from dstune.train.loop import backward_window, task_data, task_model
-from dstune.train.optim import build_optimizer, clip_gradients
-from dstune.train.regularize import apply_regularization
+from dstune.errors import UsageError
+from dstune.train.build import build
+from dstune.train.loop import backward_window
+from dstune.train.optim import clip_gradients
 
 RULE = "lr at the minimum of the smoothed loss / 10"
 
@@ -45,6 +39,7 @@ class LRFindResult:
     rule: str = RULE
     plot: Path | None = None
     stopped_early: bool = field(default=False)
+    descended: bool = True  # False: the smoothed loss was lowest at the start of the sweep
 
 
 def smooth(losses: list[float], beta: float) -> list[float]:
@@ -81,47 +76,26 @@ def lr_find(cfg: RunConfig, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
         plot: write a PNG of loss against lr here (nothing is written without it).
 
     Raises:
-        ValueError: a bad range or too few steps, naming the option.
+        UsageError: a bad range or too few steps, naming the option.
     """
     if not 0 < start_lr < end_lr:
-        raise ValueError(f"lr-find: need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+        raise UsageError(f"lr-find: need 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
     if steps < 5:
-        raise ValueError(f"lr-find: --steps must be at least 5, got {steps}")
-    tc = cfg.train
-    accelerator = Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[tc.precision])
-    # The same preparation as train() (loop.py), in the same seeded order, without its run directory.
-    torch.manual_seed(tc.seed)
-    resolved = resolve_model_dir(cfg.model.name, revision=cfg.model.revision,
-                                 trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(resolved.path)
-    data = task_data(cfg, tokenizer, resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family))
-    if not data.train:
-        raise ValueError(f"no training examples left in {cfg.data.train} after tokenising")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = task_model(cfg, resolved, data.labels, pad_id)
-    torch.manual_seed(tc.seed)
-    model = prepare_model(model, cfg)
-    apply_regularization(model, cfg.regularize)
-    optimizer = build_optimizer(model, cfg.optim, accelerator.device)
-    ratios = [g["lr"] / cfg.optim.lr for g in optimizer.param_groups]
-    model, optimizer = accelerator.prepare(model, optimizer)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    batches = MicroBatches(data.train, tc.micro_batch_size, tc.seed, pad_id,
-                           num_shards=accelerator.num_processes, shard=accelerator.process_index)
-
-    model.train()
+        raise UsageError(f"lr-find: --steps must be at least 5, got {steps}")
+    run = build(cfg)  # exactly what train() trains, without its run directory
+    ratios = [base / cfg.optim.lr for base in run.scheduler.base_lrs]
+    run.model.train()
     lrs, losses, stopped = [], [], False
     for i in range(steps):
         lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
-        for group, ratio in zip(optimizer.param_groups, ratios):
+        for group, ratio in zip(run.optimizer.param_groups, ratios):
             group["lr"] = lr * ratio
-        window = [batches.next()[0] for _ in range(tc.grad_accum)]
-        loss_sum, n_global = backward_window(model, window, accelerator, None, cfg.regularize.label_smoothing,
-                                             tc.chunk_tokens)
-        clip_gradients(trainable, cfg.optim, accelerator)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = (accelerator.reduce(loss_sum, "sum") / n_global).item()
+        window = [run.batches.next()[0] for _ in range(cfg.train.grad_accum)]
+        loss_sum, n_global = backward_window(run.model, window, run.engine, run.objective)
+        clip_gradients(run.params, cfg.optim, run.engine)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        loss = (run.engine.reduce(loss_sum, "sum") / n_global).item()
         if not math.isfinite(loss):
             stopped = True
             break
@@ -132,11 +106,14 @@ def lr_find(cfg: RunConfig, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
             stopped = True
             break
     if len(losses) < 2:
-        raise ValueError(f"lr-find: the loss diverged at once (lr {start_lr:g}); lower --start-lr")
+        raise UsageError(f"lr-find: the loss diverged at once (lr {start_lr:g}); lower --start-lr")
     smoothed = smooth(losses, beta)
     suggestion, steepest = suggest(lrs, smoothed)
     out = plot_sweep(lrs, losses, smoothed, suggestion, Path(plot)) if plot else None
-    return LRFindResult(lrs, losses, smoothed, suggestion, steepest, plot=out, stopped_early=stopped)
+    # A minimum in the sweep's first tenth means the loss never fell: there is no lr to suggest.
+    descended = min(range(len(smoothed)), key=smoothed.__getitem__) >= max(1, len(lrs) // 10)
+    return LRFindResult(lrs, losses, smoothed, suggestion, steepest, plot=out, stopped_early=stopped,
+                        descended=descended)
 
 
 def plot_sweep(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float,

@@ -13,10 +13,11 @@ import torch
 import torch.nn as nn
 
 from dstune.config import OptimConfig
+from dstune.core.facts import layer_index
+from dstune.errors import MissingExtra
 from dstune.models.classify import head_parameters
 from dstune.train.schedules import build_scheduler, lr_factor  # noqa: F401  (re-exported: the loop imports them here)
 
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 _LORA_B = re.compile(r"\.lora_(embedding_)?B\.")
 
 
@@ -54,17 +55,17 @@ def describe_params(model: nn.Module) -> list[tuple[ParamInfo, nn.Parameter]]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        m = _LAYER.search(name)
+        index = layer_index(name)
         if id(p) in embedding_ids:  # tied input/output weights count as the embeddings
             part = "embeddings"
-        elif m:
+        elif index is not None:
             part = "layer"
         elif id(p) in head_ids:
             part = "head"
         else:
             part = "other"
         decay = not (p.ndim < 2 or "norm" in name.lower() or id(p) in embedding_ids)
-        out.append((ParamInfo(name, part, int(m.group(1)) if m and part == "layer" else None, decay,
+        out.append((ParamInfo(name, part, index if part == "layer" else None, decay,
                               bool(_LORA_B.search(name))), p))
     return out
 
@@ -137,7 +138,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | s
         device: where training runs; AdamW uses its fused kernel on CUDA unless ``optim.fused`` says otherwise.
 
     Raises:
-        ImportError: ``adamw8bit`` without bitsandbytes installed, naming the extra to install.
+        MissingExtra: ``adamw8bit`` without bitsandbytes installed, naming the extra to install.
     """
     groups = param_groups(model, cfg)
     if cfg.optimizer == "adamw":
@@ -149,7 +150,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | s
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ImportError("optim.optimizer=adamw8bit needs bitsandbytes: pip install 'dstune[bnb]' "
+            raise MissingExtra("optim.optimizer=adamw8bit needs bitsandbytes: pip install 'dstune[bnb]' "
                               "(or choose optim.optimizer=adamw or adafactor)") from None
         return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     from transformers.optimization import Adafactor
@@ -200,7 +201,8 @@ def clip_gradients(params: list[torch.Tensor], cfg: OptimConfig, accelerator) ->
         norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)  # unscales fp16 gradients first
     else:
         accelerator.unscale_gradients()  # a no-op except under fp16 loss scaling
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        norms = [p.grad.norm() for p in params if p.grad is not None]  # none: every layer was dropped
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
     if cfg.agc_clip is not None:
         adaptive_clip_(params, cfg.agc_clip)
     if cfg.clip_value is not None:

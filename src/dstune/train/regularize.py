@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dstune.errors import UsageError
 from dstune.config import RegularizeConfig
+from dstune.core.facts import restore_trainable, snapshot_trainable
+from dstune.errors import UsageError
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -143,36 +144,38 @@ def apply_regularization(model: nn.Module, cfg: RegularizeConfig) -> str | None:
 
 
 class EarlyStopping:
-    """Stops after ``early_stop_patience`` evaluations without a validation-loss improvement, and keeps
-    the best weights (in CPU memory) when ``keep_best`` is set.
+    """Stops after ``early_stop_patience`` evaluations without a validation improvement, and keeps the best
+    weights (in CPU memory) when ``keep_best`` is set.
 
     The metric is ``train.best_metric`` (validation loss by default; accuracy or F1 for a classifier),
     with ``sign`` +1 when lower is better and -1 when higher is; ``early_stop_min_delta`` is in the
-    metric's units. The count of bad evaluations is not checkpointed: a resumed run starts counting again.
+    metric's units. The counters live in ``counters`` (``TrainState.early``), so a checkpoint saves them
+    and a resumed run goes on counting; the best weights themselves are not checkpointed.
     """
 
-    def __init__(self, cfg: RegularizeConfig, eval_every: int, metric: str = "loss", sign: int = 1):
-        if (cfg.early_stop_patience or cfg.keep_best) and not eval_every:
-            raise UsageError("regularize.early_stop_patience / regularize.keep_best need periodic validation: "
-                             "set train.eval_every to a number of steps (and give validation data)")
+    def __init__(self, cfg: RegularizeConfig, metric: str = "loss", sign: int = 1, counters: dict | None = None):
         self.cfg, self.metric, self.sign = cfg, metric, sign
-        self.best, self.best_step, self.bad, self.stopped_at, self.last_step = math.inf, None, 0, None, None
+        self.counters = counters if counters is not None else {"best": math.inf, "best_step": None, "bad": 0}
+        self.stopped_at, self.last_step = None, None
         self._best_state: dict[str, torch.Tensor] | None = None
 
-    def update(self, step: int, metrics: dict[str, float], model: nn.Module) -> bool:
+    @property
+    def best_step(self) -> int | None:
+        return self.counters["best_step"]
+
+    def update(self, step: int, metrics: dict[str, float], model: nn.Module | None) -> bool:
         """Records one evaluation; returns True when training should stop."""
         value = metrics.get(self.metric) if metrics else None
         if value is None or not math.isfinite(value):
             return False
-        self.last_step = step
-        if self.sign * value < self.best - self.cfg.early_stop_min_delta:  # self.best holds sign x value
-            self.best, self.best_step, self.bad = self.sign * value, step, 0
-            if self.cfg.keep_best:  # a copy: on the CPU, .cpu() would alias the live weights
-                self._best_state = {n: p.detach().to("cpu", copy=True)
-                                    for n, p in model.named_parameters() if p.requires_grad}
+        self.last_step, c = step, self.counters
+        if self.sign * value < c["best"] - self.cfg.early_stop_min_delta:  # c["best"] holds sign x value
+            c.update(best=self.sign * value, best_step=step, bad=0)
+            if self.cfg.keep_best:
+                self._best_state = snapshot_trainable(model)
         else:
-            self.bad += 1
-        if self.cfg.early_stop_patience and self.bad >= self.cfg.early_stop_patience:
+            c["bad"] += 1
+        if self.cfg.early_stop_patience and c["bad"] >= self.cfg.early_stop_patience:
             self.stopped_at = step
             return True
         return False
@@ -186,14 +189,11 @@ class EarlyStopping:
             self.stopped_at = stopped_at
         if not self.cfg.keep_best or self._best_state is None or self.best_step == step:
             return metrics
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in self._best_state.items():
-                params[name].copy_(value)
+        restore_trainable(model, self._best_state)
         return validate()
 
     def summary(self) -> dict:
-        best = None if math.isinf(self.best) else self.sign * self.best
+        best = None if math.isinf(self.counters["best"]) else self.sign * self.counters["best"]
         return {"metric": self.metric, "best": best, "best_val_loss": best if self.metric == "loss" else None,
                 "best_step": self.best_step,
                 "stopped_at": self.stopped_at, "kept_best": bool(self.cfg.keep_best and self._best_state)}

@@ -102,10 +102,51 @@ def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
     return floor + (1.0 - floor) * SCHEDULES[cfg.schedule](progress, step, warmup, total, cfg)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total: int, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` over ``lr_factor``: each parameter group's own lr (layer decay, LoRA+) is scaled
-    by the same factor. Its state is plain numbers, so it saves as JSON."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+def phased_factor(step: int, phases: list[dict], cfg: OptimConfig) -> float:
+    """The lr factor of a run whose length was changed on resume.
+
+    The first phase is the configured schedule over its ``total``. A later phase starts at the step where
+    the run was resumed with another length, from the factor of the last step taken, and decays
+    to the floor (``min_lr_ratio``, or that factor if lower) over the remaining steps: a half cosine for
+    cosine schedules, ``(1 - p)^power`` for polynomial, constant for constant, else linear. So the lr never
+    jumps when a run is extended; this is the rule ``dstune train --resume`` prints when it applies it.
+    """
+    phase = max((p for p in phases if p["start"] <= step), key=lambda p: p["start"])
+    if "factor" not in phase:
+        return lr_factor(step, phase["total"], cfg)
+    start, factor = phase["start"], phase["factor"]
+    progress = min(1.0, (step - start) / max(1, phase["total"] - start))
+    if cfg.schedule == "constant":
+        return factor
+    if cfg.schedule in ("cosine", "cosine_restarts"):
+        shape = (1 + math.cos(math.pi * progress)) / 2
+    elif cfg.schedule == "polynomial":
+        shape = (1 - progress) ** cfg.power
+    else:
+        shape = 1 - progress
+    floor = min(cfg.min_lr_ratio, factor)
+    return floor + (factor - floor) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int | list[dict],
+                    cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` over ``lr_factor`` (or ``phased_factor`` given a list of phases): each parameter
+    group's own lr (layer decay, LoRA+) is scaled by the same factor. Its state is plain numbers, so it
+    saves as JSON."""
+    phases = [{"start": 0, "total": total}] if isinstance(total, int) else total
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: phased_factor(s, phases, cfg))
+
+
+def change_length(phases: list[dict], step: int, total: int, cfg: OptimConfig) -> dict | None:
+    """Adds the phase for a run resumed at ``step`` with a new length ``total``; returns it (None when the
+    length is unchanged). The new phase starts from the lr factor of the last step taken."""
+    if phases[-1]["total"] == total or step == 0:
+        if step == 0:
+            phases[-1]["total"] = total
+        return None
+    phase = {"start": step, "factor": phased_factor(step - 1, phases, cfg), "total": total}
+    phases.append(phase)
+    return phase
 
 
 def current_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: OptimConfig) -> float:

@@ -49,10 +49,10 @@ def _plots(study: optuna.Study, study_dir: Path, importances: dict) -> list[str]
     import matplotlib
 
     matplotlib.use("Agg")
+    import warnings
+
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ov
-
-    import warnings
 
     made = []
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]

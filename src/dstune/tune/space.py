@@ -13,8 +13,8 @@ from typing import Any, Literal
 import optuna
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from dstune.config import ConfigError, RunConfig, _closest, _known_keys
 from dstune.errors import UsageError
-from dstune.config import ConfigError, _closest, _known_keys, RunConfig
 
 DERIVED_KEYS = ("lora.alpha_ratio", "train.batch")
 
@@ -75,7 +75,18 @@ PRESETS: dict[str, dict[str, dict]] = {
         "method": {"type": "categorical", "choices": ["lora", "freeze", "full"]},
         "optim.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
     },
+    "lr": {
+        "optim.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+        "optim.warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2},
+    },
 }
+# The space a search uses when the config names none: the method's obvious one.
+DEFAULT_PRESET = {"lora": "lora-default", "qlora": "lora-default", "full": "full-default", "freeze": "full-default"}
+
+
+def default_preset(method: str) -> str:
+    """The preset searched for ``method`` when ``tune.preset`` and ``tune.space`` are both unset."""
+    return DEFAULT_PRESET.get(method, "lr")
 
 
 def parse_space(space: dict[str, Any], preset: str | None = None) -> dict[str, Domain]:

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from dstune.config import ConfigError, RunConfig, save_config
-from dstune.tune.space import Domain, parse_space, suggest, to_overrides
+from dstune.tune.space import Domain, default_preset, parse_space, suggest, to_overrides
 
 # WAITING trials (enqueued, e.g. by hand) are not counted: the next ask() runs them.
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -311,15 +311,13 @@ class DeliveredMetrics:
     """
 
     def __init__(self, cfg: RunConfig):
-        from dstune.train.loop import checkpoint_metric
         from dstune.train.regularize import EarlyStopping
 
         self.rule = None
         if cfg.regularize.keep_best:
-            metric, sign = checkpoint_metric(cfg)
             # keep_best off in the copy: the rule is only asked which evaluation is best, no weights are kept
             rule_cfg = cfg.regularize.model_copy(update={"keep_best": False, "early_stop_patience": 0})
-            self.rule = EarlyStopping(rule_cfg, cfg.train.eval_every, metric, sign)
+            self.rule = EarlyStopping(rule_cfg, cfg.train.best_metric, cfg.best_metric_sign())
         self.kept: dict[str, float] | None = None
 
     def __call__(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
@@ -412,12 +410,22 @@ def run_tune(cfg: RunConfig, *, console: Console | None = None, trials: int | No
     console = console or Console()
     tc = cfg.tune
     total = trials or tc.trials
-    space = parse_space(tc.space, tc.preset)
+    preset = tc.preset
+    if not preset and not tc.space:
+        preset = default_preset(cfg.method)
+        console.print(f"search space: tune.preset={preset} (the default for method={cfg.method}; set tune.preset "
+                      f"or tune.space to choose)", highlight=False)
+    space = parse_space(tc.space, preset)
     if tc.sampler == "grid" and total > grid_size(space):
         console.print(f"the grid has {grid_size(space)} points: running {grid_size(space)} trials, not {total}")
         total = grid_size(space)
     if tc.pruner != "none" and not cfg.train.eval_every:
-        raise ConfigError("tune.pruner needs intermediate results: set train.eval_every > 0, or tune.pruner=none")
+        # The pruner needs intermediate results: 8 evaluations per trial give ASHA's rungs (a quarter of the
+        # steps, then x reduction_factor) an evaluation at or just after each of them.
+        every = max(1, (tc.max_steps or cfg.train.max_steps or 1000) // 8)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": every})})
+        console.print(f"tune.pruner={tc.pruner} needs evaluations during each trial: train.eval_every={every}",
+                      highlight=False)
     study_dir = Path(tc.output)
     study_dir.mkdir(parents=True, exist_ok=True)
     name = tc.study_name or study_dir.resolve().name

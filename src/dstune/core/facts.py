@@ -1,0 +1,57 @@
+"""Small facts used across the package, each computed in exactly one place.
+
+The pad id of a tokenizer, the decoder-layer index in a parameter name, a file's SHA-256 and a snapshot
+of the trainable parameters: each was once repeated in several modules and drifted between them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+
+# ``model.layers.3.mlp`` and ``base_model.model.model.layers.3.self_attn`` alike; also at the start of a name.
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer number in a parameter or module name, or None outside the decoder layers."""
+    match = LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    """SHA-256 of a file (hex), read in 1 MiB blocks; None when there is no such file."""
+    if not path or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def snapshot_trainable(model: torch.nn.Module, copy: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, detached, contiguous, on the CPU.
+
+    Args:
+        copy: always copy (for a snapshot kept while training goes on: on the CPU ``.cpu()`` would alias
+            the live weights); False lets CPU tensors be shared (for writing them out at once).
+    """
+    return {n: (p.detach().to("cpu", copy=True) if copy else p.detach().cpu()).contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copies a ``snapshot_trainable`` back into the model's parameters, in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

@@ -1,0 +1,27 @@
+"""Quiet by default: library output a dstune user cannot act on stays off unless ``--verbose``.
+
+transformers prints a "Loading weights" bar for every model it loads (several per command) and warns
+that ``is_gradient_checkpointing`` is deprecated from inside its own code; neither is the user's to fix.
+dstune's own progress bars and warnings are unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+
+def quiet_libraries(quiet: bool = True) -> None:
+    """Turns library progress bars, info logs and deprecation warnings off (``quiet``) or back on."""
+    from transformers.utils import logging as hf_logging
+
+    if quiet:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+    else:
+        hf_logging.set_verbosity_warning()
+        hf_logging.enable_progress_bar()
+        warnings.filterwarnings("default", category=FutureWarning)

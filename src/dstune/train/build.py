@@ -1,0 +1,226 @@
+"""``build(cfg) -> Run``: everything a run computes with, made once and in one order.
+
+The engine (accelerate), tokenizer and chat template, the data (tokenised, packed), the model pipeline
+(load, kernels, method, regularisation, frozen-weight casting, gradient checkpointing, compile), the
+objective, the optimizer, the scheduler and the micro-batch stream. ``train``, ``lr_find`` and each
+search trial call it, so they cannot drift apart. It writes nothing; the order of its seeded steps is
+fixed, so a run is reproducible from its config alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+
+from dstune.config import RunConfig
+from dstune.core.facts import pad_id as pad_id_of
+from dstune.data import PreparedData, dropped_rows_warning
+from dstune.data.cache import cached_prepare
+from dstune.data.pack import pack_rows, padding_share
+from dstune.errors import UsageError
+from dstune.methods import prepare_model, trainable_summary
+from dstune.methods.summary import render_summary
+from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
+from dstune.models.templates import resolve_chat_template
+from dstune.train.accel import (
+    apply_attention,
+    apply_experts,
+    apply_liger,
+    compile_layers,
+    describe,
+    fused_ce_loss,
+    plan_liger,
+)
+from dstune.train.batching import MicroBatches
+from dstune.train.engine import Engine, make_engine
+from dstune.train.objective import Objective, SupervisedObjective
+from dstune.train.optim import build_optimizer, build_scheduler, render_groups
+from dstune.train.regularize import apply_regularization
+
+_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PADDING_HINT = 0.3  # padding share above which a run without packing is told about train.packing
+
+
+@dataclass
+class Run:
+    """What ``build`` made: the run's objects, prepared by its engine, and what it says about them."""
+
+    cfg: RunConfig
+    engine: Engine
+    resolved: object  # models.load.Resolved: the model's local path and family
+    tokenizer: object
+    template: str | None
+    data: PreparedData
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    batches: MicroBatches
+    steps: int
+    pad_id: int
+    speed: dict
+    trainable: dict
+    notes: list[str] = field(default_factory=list)  # printed once before training, by the main process
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.engine.unwrap_model(self.model)
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def total_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, else ``epochs`` over the data."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * micro_batches_per_epoch / cfg.train.grad_accum))
+
+
+def chunk_size(chunk_tokens: int | str, vocab: int) -> int:
+    """``train.chunk_tokens``; ``auto``: the largest power of two whose fp32 logits stay within 512 MB
+    (2^27 values), at least 256 tokens: 1,024 for DeepSeek's 129,280-token vocabulary."""
+    if chunk_tokens != "auto":
+        return int(chunk_tokens)
+    size = 256
+    while size * 2 * vocab <= 1 << 27:
+        size *= 2
+    return size
+
+
+def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] | None = None) -> Run:
+    """Builds a run from its config, in the fixed, seeded order; writes nothing.
+
+    Args:
+        cfg: the validated run config.
+        console: where the main process prints the data, model and optimizer summaries (None: silent).
+        schedule: the lr schedule's phases (``TrainState.schedule``); None: one phase over the whole run.
+    """
+    tc = cfg.train
+    engine = make_engine(cfg)
+    torch.manual_seed(tc.seed)
+    resolved = resolve_model_dir(cfg.model.name, revision=cfg.model.revision,
+                                 trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(resolved.path)
+    template = resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family)
+    data, notes = build_data(cfg, tokenizer, template)
+    pad = pad_id_of(tokenizer)
+    model, speed, objective, regularization = build_model(cfg, resolved, data.labels, pad, engine.device)
+    trainable = trainable_summary(model)
+    is_moe = bool(getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None))
+    notes = [f"{cfg.method} on {cfg.model.name} ({resolved.family}); {len(data.train)} train / "
+             f"{len(data.val)} val examples", *notes, render_summary(trainable, is_moe)]
+    batches = MicroBatches(data.train, tc.micro_batch_size, tc.seed, pad, num_shards=engine.num_processes,
+                           shard=engine.process_index, group_by_length=tc.group_by_length)
+    steps = total_steps(cfg, batches.per_epoch)
+    optimizer = build_optimizer(model, cfg.optim, engine.device)
+    schedule = schedule if schedule is not None else []
+    if not schedule:  # a new run: one phase over the whole run (the list is the caller's TrainState.schedule)
+        schedule.append({"start": 0, "total": steps})
+    scheduler = build_scheduler(optimizer, schedule, cfg.optim)
+    notes.append(render_groups(optimizer) + (f"\n{regularization}" if regularization else ""))
+    notes.append(f"speed: {speed}")
+    model, optimizer = engine.prepare(model, optimizer)
+    run = Run(cfg, engine, resolved, tokenizer, template, data, model, objective, optimizer, scheduler, batches,
+              steps, pad, speed, trainable, notes)
+    if console is not None and engine.is_main_process:
+        for note in notes:
+            console.print(note, markup=False, highlight=False)
+    return run
+
+
+def build_data(cfg: RunConfig, tokenizer, template: str | None) -> tuple[PreparedData, list[str]]:
+    """The run's data (packed when asked) and the lines that describe it (format, drops, warnings)."""
+    tc = cfg.train
+    if cfg.task == "classification":  # head rows (data/classify.py); the token cache does not key on the task
+        from dstune.data import prepare_data
+
+        data = prepare_data(cfg.data, tokenizer, template, tc.seed, task=cfg.task,
+                            class_weights=cfg.classify.class_weights)
+    else:
+        data = cached_prepare(cfg.data, tokenizer, template, tc.seed)  # tokenised once, then from the cache
+    share = round(padding_share(data.train, tc.micro_batch_size), 4) if data.train else 0.0
+    data.report["padding_share"] = share
+    notes = [data_line(data.report)]
+    if warning := dropped_rows_warning(data.report, cfg.data.max_length):
+        data.report["warning"] = warning  # in data_report.json too: tune says it for its quiet trials
+        notes.append(warning)
+    if tc.packing:  # validation stays unpacked: its loss is comparable across runs with and without packing
+        data.train = pack_rows(data.train, cfg.data.max_length, tc.seed)
+        data.report["packed"] = {"rows": len(data.train),
+                                 "padding_share": round(padding_share(data.train, tc.micro_batch_size), 4)}
+    elif share > PADDING_HINT and cfg.task == "lm":
+        notes.append(f"hint: {share:.0%} of the tokens in these micro-batches are padding; "
+                     f"--set train.packing=true packs several examples per row and computes none of them")
+    if not data.train:
+        raise UsageError(f"data.train: no training examples left in {cfg.data.train or 'data.mix'} after "
+                         f"tokenising; see data_report.json and `dstune data inspect`")
+    return data, notes
+
+
+def data_line(report: dict) -> str:
+    """One line on what was read: the detected format, rows read and the rows dropped (lenient mode)."""
+    reads = report.get("read") or {"train": report}
+    parts = []
+    for name, r in reads.items():
+        if not isinstance(r, dict) or "format" not in r:
+            continue
+        dropped = sum(r.get("dropped", {}).values())
+        why = f" ({', '.join(f'{k}: {n}' for k, n in r['dropped'].items())})" if dropped else ""
+        parts.append(f"{name}: {r['format']} format, {r['rows_read']} rows read, {dropped} dropped{why}")
+    return "data: " + ("; ".join(parts) or f"{report.get('format', '?')} format")
+
+
+def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: torch.device):
+    """The model pipeline: load, kernels, method, regularisation, casting, checkpointing, compile.
+
+    Returns:
+        The trainable model, the speed settings in use, the objective that computes its loss, and the
+        regularisation in use (a line of text, or None).
+    """
+    tc = cfg.train
+    model = base_model(cfg, resolved, labels, pad)
+    # Kernels are chosen on the plain model, before adapters wrap its modules (see train/accel.py).
+    attention = apply_attention(model, tc.attention, device.type, tc.precision)
+    experts = apply_experts(model, tc.experts_implementation)
+    liger = apply_liger(model, plan_liger(tc.liger, model.config.model_type, device.type == "cuda"),
+                        strict=tc.liger == "on")
+    fused_ce = fused_ce_loss(cfg.regularize.label_smoothing) if liger.fused_ce else None
+    torch.manual_seed(tc.seed)  # adapter initialisation is seeded, independent of what loading consumed
+    model = prepare_model(model, cfg)
+    regularization = apply_regularization(model, cfg.regularize)
+    cast_frozen(model, tc.precision)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    speed = describe(device, attention, liger, compile_layers(model, tc.compile), experts)
+    chunk = chunk_size(tc.chunk_tokens, model.get_output_embeddings().weight.shape[0]) \
+        if cfg.task == "lm" else 0
+    speed["chunk_tokens"] = chunk
+    objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce)
+    return model, speed, objective, regularization
+
+
+def base_model(cfg: RunConfig, resolved, labels: list[str], pad: int) -> torch.nn.Module:
+    """The base model for the task: the causal LM, or for ``task: classification`` the decoder with a
+    ``[classes, hidden]`` head in place of the LM head (models/classify.py)."""
+    if cfg.task == "classification":
+        from dstune.models.classify import load_classifier
+
+        return load_classifier(resolved.path, labels, pad, trust_remote_code=cfg.model.trust_remote_code,
+                               pooling=cfg.classify.pooling)
+    return load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+                      revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
+
+
+def cast_frozen(model: torch.nn.Module, precision: str) -> None:
+    """Keeps frozen weights in the compute dtype under bf16/fp16: they get no updates, so fp32 copies
+    only cost memory. Trainable weights stay fp32 (master weights) for stable optimizer updates."""
+    if precision == "fp32":
+        return
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(_DTYPE[precision])

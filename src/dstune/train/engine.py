@@ -1,0 +1,56 @@
+"""The engine seam: what the loop asks of the thing that places, wraps and synchronises the model.
+
+Today's engine is accelerate's ``Accelerator`` (one process, or DDP under ``torchrun``): it already has
+exactly this interface, so it is used as it is. A sharded engine (DeepSpeed ZeRO, torch FSDP2) is another
+``make_engine`` branch returning an object with the same methods; the loop does not change.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+import torch
+
+from dstune.config import RunConfig
+
+_MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class Engine(Protocol):
+    """The methods of ``accelerate.Accelerator`` the loop, evaluation and checkpoints use."""
+
+    device: torch.device
+    is_main_process: bool
+    num_processes: int
+    process_index: int
+
+    def prepare(self, *objects): ...
+    def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def no_sync(self, model: torch.nn.Module) -> AbstractContextManager: ...
+    def autocast(self) -> AbstractContextManager: ...
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor: ...
+    def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor: ...
+    def unscale_gradients(self) -> None: ...
+    def wait_for_everyone(self) -> None: ...
+
+
+def make_engine(cfg: RunConfig) -> Engine:
+    """An ``Accelerator`` for this run's precision.
+
+    accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision
+    ("AcceleratorState has already been initialized"), which would stop a search whose trials differ in
+    precision, or any program that calls ``train`` twice. Only the precision part of that state is reset;
+    the process group (``PartialState``) stays, so this is safe under DDP.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    precision = _MIXED[cfg.train.precision]
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    # Without a GPU, accelerate only forms a multi-process (gloo) group when told the run is on the CPU;
+    # otherwise every rank of `torchrun --nproc-per-node 2` would train alone and write the same run dir.
+    on_cpu = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
+    return Accelerator(mixed_precision=precision, cpu=on_cpu)

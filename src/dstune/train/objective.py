@@ -1,0 +1,47 @@
+"""The objective seam: what the loop asks of a training loss.
+
+An objective turns one collated micro-batch into a summed loss and says how many units (labelled tokens,
+or rows for a classification head) that sum is over; the loop divides by the units of the whole
+accumulation window on every process, so accumulation and data parallelism give the gradient of one big
+batch. Supervised fine-tuning is the objective today; preference and reward objectives (DPO, GRPO) are
+further classes with the same two methods, chosen by ``build``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from dstune.core.forward import loss_sum
+from dstune.core.loss import count_loss_tokens
+
+
+class Objective(Protocol):
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed training loss of one micro-batch (a scalar tensor on the model's device)."""
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many units ``loss_sum`` sums over (the normaliser of the window)."""
+
+
+@dataclass
+class SupervisedObjective:
+    """Next-token cross-entropy on the labelled tokens (or the class cross-entropy of a head).
+
+    Args:
+        label_smoothing: training only; validation loss is plain cross-entropy.
+        chunk_tokens: compute the output layer this many labelled tokens at a time (0: all at once).
+        fused_ce: liger's fused linear cross-entropy on CUDA, used instead of the chunks.
+    """
+
+    label_smoothing: float = 0.0
+    chunk_tokens: int = 0
+    fused_ce: Callable | None = None
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_sum(model, batch, self.label_smoothing, self.chunk_tokens, self.fused_ce)
+
+    def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return count_loss_tokens(batch["labels"])
