@@ -1,5 +1,5 @@
-"""PNG charts for evaluation reports: a run's curves (loss, learning rate, gradient norm, validation
-metrics), a confusion matrix, and several runs' loss curves in one figure."""
+"""PNG charts of runs: a run's curves (loss, learning rate, gradient norm, validation metrics; its
+``loss.png``), a confusion matrix, and several runs' loss curves in one figure."""
 
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ def _series(rows: list[dict], split: str, key: str) -> list[tuple[int, float]]:
     return [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))]
 
 
-def plot_run_curves(run_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+def plot_run_curves(run_dir: str | Path, out_dir: str | Path, only: Sequence[str] | None = None) -> dict[str, Path]:
     """Writes ``loss.png`` (train and validation), ``lr.png``, ``grad_norm.png`` and, when the run
     logged validation metrics other than loss, ``val_metrics.png`` from the run's ``metrics.jsonl``.
+
+    Args:
+        only: write just these charts (e.g. ``("loss",)``); None writes them all.
 
     Returns:
         name -> path of each chart written (a chart with no data is skipped).
@@ -43,6 +46,8 @@ def plot_run_curves(run_dir: str | Path, out_dir: str | Path) -> dict[str, Path]
         "val_metrics": ("validation metrics", [("val", k, k) for k in val_keys]),
     }
     for name, (ylabel, lines) in charts.items():
+        if only is not None and name not in only:
+            continue
         data = [(label, _series(rows, split, key)) for split, key, label in lines]
         data = [(label, points) for label, points in data if points]
         if not data:
@@ -62,6 +67,11 @@ def plot_run_curves(run_dir: str | Path, out_dir: str | Path) -> dict[str, Path]
         plt.close(fig)
         written[name] = path
     return written
+
+
+def plot_loss(run_dir: str | Path) -> Path | None:
+    """The run's training and validation loss against optimizer step, as ``loss.png`` in the run directory."""
+    return plot_run_curves(run_dir, run_dir, only=("loss",)).get("loss")
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path) -> Path:

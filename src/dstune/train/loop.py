@@ -20,7 +20,7 @@ from rich.console import Console
 from dstune.config import RunConfig, save_config
 from dstune.core.facts import file_sha256
 from dstune.errors import DstuneError
-from dstune.report.plots import plot_loss
+from dstune.report.charts import plot_loss
 from dstune.rundir import RunDir
 from dstune.train.build import Run, build
 from dstune.train.checkpoint import load_checkpoint, read_loop_state
