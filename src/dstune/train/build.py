@@ -18,12 +18,11 @@ from rich.console import Console
 from dstune.config import RunConfig
 from dstune.core.facts import pad_id as pad_id_of
 from dstune.data import PreparedData, dropped_rows_warning
-from dstune.data.cache import cached_prepare
 from dstune.data.pack import pack_rows, padding_share
 from dstune.errors import UsageError
 from dstune.methods import prepare_model, trainable_summary
 from dstune.methods.summary import render_summary
-from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
+from dstune.models.load import load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
 from dstune.train.accel import (
     apply_attention,
@@ -39,6 +38,7 @@ from dstune.train.engine import Engine, make_engine
 from dstune.train.objective import Objective, SupervisedObjective
 from dstune.train.optim import build_optimizer, build_scheduler, render_groups
 from dstune.train.regularize import apply_regularization
+from dstune.train.tasks import TASKS
 
 _DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PADDING_HINT = 0.3  # padding share above which a run without packing is told about train.packing
@@ -135,14 +135,8 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
 
 def build_data(cfg: RunConfig, tokenizer, template: str | None) -> tuple[PreparedData, list[str]]:
     """The run's data (packed when asked) and the lines that describe it (format, drops, warnings)."""
-    tc = cfg.train
-    if cfg.task == "classification":  # head rows (data/classify.py); the token cache does not key on the task
-        from dstune.data import prepare_data
-
-        data = prepare_data(cfg.data, tokenizer, template, tc.seed, task=cfg.task,
-                            class_weights=cfg.classify.class_weights)
-    else:
-        data = cached_prepare(cfg.data, tokenizer, template, tc.seed)  # tokenised once, then from the cache
+    tc, task = cfg.train, TASKS[cfg.task]
+    data = task.data(cfg, tokenizer, template)
     share = round(padding_share(data.train, tc.micro_batch_size), 4) if data.train else 0.0
     data.report["padding_share"] = share
     notes = [data_line(data.report)]
@@ -153,7 +147,7 @@ def build_data(cfg: RunConfig, tokenizer, template: str | None) -> tuple[Prepare
         data.train = pack_rows(data.train, cfg.data.max_length, tc.seed)
         data.report["packed"] = {"rows": len(data.train),
                                  "padding_share": round(padding_share(data.train, tc.micro_batch_size), 4)}
-    elif share > PADDING_HINT and cfg.task == "lm":
+    elif share > PADDING_HINT and task.tokens_per_row:
         notes.append(f"hint: {share:.0%} of the tokens in these micro-batches are padding; "
                      f"--set train.packing=true packs several examples per row and computes none of them")
     if not data.train:
@@ -183,7 +177,7 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
         regularisation in use (a line of text, or None).
     """
     tc = cfg.train
-    model = base_model(cfg, resolved, labels, pad)
+    model = TASKS[cfg.task].model(cfg, resolved, labels, pad)
     # Kernels are chosen on the plain model, before adapters wrap its modules (see train/accel.py).
     attention = apply_attention(model, tc.attention, device.type, tc.precision)
     experts = apply_experts(model, tc.experts_implementation)
@@ -198,22 +192,10 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     speed = describe(device, attention, liger, compile_layers(model, tc.compile), experts)
     chunk = chunk_size(tc.chunk_tokens, model.get_output_embeddings().weight.shape[0]) \
-        if cfg.task == "lm" else 0
+        if TASKS[cfg.task].tokens_per_row else 0
     speed["chunk_tokens"] = chunk
     objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce)
     return model, speed, objective, regularization
-
-
-def base_model(cfg: RunConfig, resolved, labels: list[str], pad: int) -> torch.nn.Module:
-    """The base model for the task: the causal LM, or for ``task: classification`` the decoder with a
-    ``[classes, hidden]`` head in place of the LM head (models/classify.py)."""
-    if cfg.task == "classification":
-        from dstune.models.classify import load_classifier
-
-        return load_classifier(resolved.path, labels, pad, trust_remote_code=cfg.model.trust_remote_code,
-                               pooling=cfg.classify.pooling)
-    return load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-                      revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
 
 
 def cast_frozen(model: torch.nn.Module, precision: str) -> None:

@@ -17,8 +17,6 @@ from typing import Callable
 import torch
 from rich.console import Console
 
-from dstune.evaluate.answers import evaluate_answers
-from dstune.evaluate.loss import evaluate_classifier, evaluate_loss
 from dstune.report.logger import MetricsLogger
 from dstune.rundir import RunDir
 from dstune.train.batching import Prefetcher
@@ -31,6 +29,7 @@ from dstune.train.regularize import EarlyStopping
 from dstune.train.schedules import current_lr
 from dstune.train.signals import StopRequest, TrainingInterrupted
 from dstune.train.state import TrainState
+from dstune.train.tasks import TASKS
 
 
 def free_memory(engine) -> None:
@@ -158,7 +157,7 @@ class Hooks:
         while True:
             try:
                 self.faults.oom("eval", step)
-                metrics = self._evaluate(micro)
+                metrics = TASKS[run.cfg.task].validate(run, micro)
                 break
             except torch.OutOfMemoryError:
                 if micro == 1:
@@ -172,18 +171,6 @@ class Hooks:
             self.val_seen.update(step=step, loss=metrics["loss"], value=metrics[self.metric])
             if self.on_eval is not None:
                 self.on_eval(step, metrics)
-        return metrics
-
-    def _evaluate(self, micro: int) -> dict[str, float]:
-        run, tc = self.run, self.run.cfg.train
-        if run.cfg.task == "classification":
-            return evaluate_classifier(run.model, run.data.val, micro, run.pad_id, run.engine, tc.eval_batches)
-        metrics = evaluate_loss(run.model, run.data.val, micro, run.pad_id, run.engine, tc.eval_batches,
-                                run.objective.chunk_tokens)
-        # Answers are generated one row at a time, so halving the batch above would not help them.
-        if metrics and tc.eval_generate:
-            metrics.update(evaluate_answers(run.unwrapped, run.data.val, run.tokenizer, tc.eval_generate,
-                                            tc.eval_max_new_tokens))
         return metrics
 
     # ------------------------------------------------------------------ checkpoints

@@ -30,6 +30,7 @@ from dstune.train.objective import Objective, SupervisedObjective
 from dstune.train.optim import clip_gradients
 from dstune.train.schedules import change_length, phased_factor
 from dstune.train.state import TrainState
+from dstune.train.tasks import TASKS
 
 
 @dataclass
@@ -162,10 +163,8 @@ def start_files(run: Run, run_dir: RunDir, changes: list[dict], step: int, conso
         "base_model": run.resolved.path, "model": cfg.model.name, "family": run.resolved.family,
         "method": cfg.method, "final": RunDir.FINAL, "data_sha256": file_sha256(cfg.data.train),
         "validation_sha256": file_sha256(cfg.data.validation), "task": cfg.task})
-    if cfg.task == "classification":
-        from dstune.models.classify import save_labels
-
-        save_labels(run_dir.path, run.data.labels)
+    if (save := TASKS[cfg.task].save) is not None:
+        save(run_dir.path, run.data.labels)
 
 
 def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks) -> RunResult:
