@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from dstune.config import GENERATION_METRICS  # noqa: F401  (re-exported)
+from dstune.core.facts import pad_id
 from dstune.data.tokenize import IGNORE
 from dstune.evaluate import metrics as M
 
@@ -50,7 +51,7 @@ def answer_rows(model, rows: list[dict], tokenizer, max_new_tokens: int) -> tupl
     model.eval()
     device = next(model.parameters()).device
     special = set(tokenizer.all_special_ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     hyps, refs = [], []
     for row in rows:
         start, end = last_reply_span(row["labels"])

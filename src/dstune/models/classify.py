@@ -35,8 +35,9 @@ from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from transformers.utils import logging as hf_logging
 
 from dstune.errors import UsageError
+from dstune.rundir import RunDir
 
-LABELS_FILE = "labels.json"
+LABELS_FILE = RunDir.LABELS
 POOLINGS = ("last", "mean")
 _HEAD = "score."  # the head's parameter names in GenericForSequenceClassification
 # model_type -> (module, prefix of the PreTrainedModel class) for architectures without a transformers head.
