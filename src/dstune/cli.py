@@ -287,7 +287,7 @@ def _dashboard(cfg, port: int) -> None:
 def eval_(
     run: Path = typer.Argument(..., help="run directory written by dstune train"),
     data: Path = typer.Option(..., "--data", help="data file to evaluate on (any format dstune reads)"),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="answer/classify at most N examples (loss uses all)"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="use only the first N rows for every metric, loss included (default: all rows)"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="tokens generated per answer (greedy)"),
     batch_size: int = typer.Option(4, "--batch-size", help="rows per forward pass for the loss"),
     positive_label: Optional[str] = typer.Option(None, "--positive-label", help="binary tasks: the positive class (default: last label sorted)"),
