@@ -311,22 +311,18 @@ def eval_(
 
 @app.command("report")
 def report(
-    runs: list[Path] = typer.Argument(..., help="run directories to compare"),
+    runs: list[Path] = typer.Argument(..., help="run directories to compare, or study directories (their trials)"),
     out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="directory for report.md and compare.png"),
 ) -> None:
     """Compare runs side by side: one table (losses, eval metrics) and one plot of their loss curves."""
-    from rich.table import Table
-
-    from dstune.report.compare import compare_runs
+    from dstune.report.compare import compare_runs, console_tables
 
     try:
         result = compare_runs(runs, out)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    table = Table(*result["columns"])
-    for row in result["rows"]:
-        table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-    console.print(table)
+    for part in console_tables(result, console):  # split to the terminal's width: no cell cut short
+        console.print(part, highlight=False)
     console.print(f"wrote {result['markdown']}" + (f" and {result['plot']}" if result["plot"] else ""), highlight=False)
 
 
