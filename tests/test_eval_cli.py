@@ -172,6 +172,6 @@ def test_eval_help_and_report_say_the_max_samples_rule(cls_run):
     assert "loss uses all" not in out and "every metric, loss included" in out
     res = runner.invoke(app, ["eval", str(cls.run_dir), "--data", str(test), "--max-samples", "3"])
     assert res.exit_code == 0, res.output
-    assert "8 rows, the first 3 scored (--max-samples)" in (cls.run_dir / "eval.md").read_text(encoding="utf-8")
+    assert "8 rows, the first 3 used (--max-samples), 3 scored for loss" in (cls.run_dir / "eval.md").read_text(encoding="utf-8")
     res = runner.invoke(app, ["eval", str(cls.run_dir), "--data", str(test), "--max-samples", "0"])
     assert res.exit_code == 2 and "--max-samples must be at least 1" in " ".join(res.output.split())

@@ -16,7 +16,7 @@ What is measured follows the data:
   head's softmax gives the class probabilities directly, with the same metrics and thresholds; the loss
   is the head's cross-entropy (no perplexity).
 
-``max_samples`` (``--max-samples N``) is one rule for every run and metric: only the first N rows are read,
+``max_samples`` (``--max-samples N``) is one rule for every run and metric: only the first N rows are used,
 loss and perplexity included, as if the file held only them; without it every row is used.
 """
 
@@ -237,7 +237,7 @@ def _f(x: float | None, digits: int = 4) -> str:
 
 def render_eval_md(result: dict, charts: dict[str, Path]) -> str:
     """The evaluation as a Markdown report linking the charts (paths relative to the run directory)."""
-    limited = f"the first {result['max_samples']} scored (--max-samples), " \
+    limited = f"the first {result['max_samples']} used (--max-samples), " \
         if result.get("max_samples") and result["max_samples"] < result["rows"] else ""
     lines = [f"# Evaluation of {Path(result['run']).name}", "", f"Data: `{result['data']}` ({result['format']}, "
              f"{result['rows']} rows, {limited}{result['scored_rows']} scored for loss)", "",
