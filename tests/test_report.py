@@ -103,8 +103,8 @@ def test_a_study_directory_is_expanded_into_its_trials(study, tmp_path):
 def test_a_resumed_run_shows_its_wall_time_over_both_sessions(resumed, tmp_path):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    first, _ = sorted((resumed / "tb").glob("events.out.tfevents.*"), key=lambda p: int(p.name.split(".")[3]))
-    events = list(EventFileLoader(str(first)).Load())
+    files = [list(EventFileLoader(str(f)).Load()) for f in (resumed / "tb").glob("events.out.tfevents.*")]
+    events, _ = sorted(files, key=lambda evs: evs[0].wall_time)  # session 1's file first
     earlier = events[-1].wall_time - events[0].wall_time  # session 1, from its first to its last event
     last = json.loads((resumed / "summary.json").read_text(encoding="utf-8"))["wall_s"]  # session 2 only
     assert earlier > 0
