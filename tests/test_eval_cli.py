@@ -57,14 +57,15 @@ def cls_run(tmp_path_factory):
 
 def test_eval_generation_run(gen_run):
     result, data = gen_run
-    out = evaluate_run(result.run_dir, data, max_samples=2, max_new_tokens=4)
-    # The loss is computed as in training: the reloaded peft adapter gives the loop's validation loss.
+    out = evaluate_run(result.run_dir, data, max_new_tokens=4)
+    # The loss is computed as in training: the reloaded peft adapter gives the loop's validation loss
+    # (on the whole file: --max-samples would limit the loss too).
     assert out["task"] == "generation" and out["rows"] == 8
     assert out["loss"] == pytest.approx(result.val["loss"], rel=1e-5)
     assert out["ppl"] == pytest.approx(torch.exp(torch.tensor(out["loss"], dtype=torch.float64)).item())
     g = out["generation"]
-    assert g["examples"] == 2 and 0 <= g["bleu"]["bleu"] <= 100 and 0 <= g["rouge"]["rougeL"] <= 1
-    assert len(out["samples"]) == 2 and out["samples"][0]["source"] == "small.jsonl:line 1"
+    assert g["examples"] == 8 and 0 <= g["bleu"]["bleu"] <= 100 and 0 <= g["rouge"]["rougeL"] <= 1
+    assert len(out["samples"]) == 8 and out["samples"][0]["source"] == "small.jsonl:line 1"
     run = result.run_dir
     assert json.loads((run / "eval.json").read_text(encoding="utf-8"))["loss"] == out["loss"]
     md = (run / "eval.md").read_text(encoding="utf-8")
@@ -133,3 +134,44 @@ def test_cli_eval_and_report_errors(gen_run, tmp_path):
     assert res.exit_code == 2 and "is not a run directory" in " ".join(res.output.split())
     out = runner.invoke(app, ["--help"]).output
     assert "eval" in out and "report" in out and "data" in out
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory):
+    """A 2-step LoRA run with a classification head (task: classification) on 24 ChnSentiCorp reviews."""
+    d = tmp_path_factory.mktemp("head")
+    cfg = _cfg(SHARED_DATA / "chnsenticorp_htl.csv", d / "run", max_samples=24, max_length=64, split=(1.0, 0.0, 0.0))
+    return train(cfg.model_copy(update={"task": "classification"}))
+
+
+def _first_rows(src, dst, n: int):
+    """The first ``n`` rows of a data file in a new file of the same format (a header line kept for CSV)."""
+    lines = src.read_text(encoding="utf-8").splitlines()
+    dst.write_text("\n".join(lines[:n + 1] if src.suffix == ".csv" else lines[:n]), encoding="utf-8")
+    return dst
+
+
+def test_max_samples_limits_every_metric_loss_included(gen_run, cls_run, head_run, tmp_path):
+    """One rule for every kind of run: --max-samples N scores the first N rows only, loss included, as if the
+    file held only those rows; without it every row is used."""
+    gen, data = gen_run
+    cls, test = cls_run
+    for run, file, n in ((gen.run_dir, data, 2), (cls.run_dir, test, 3), (head_run.run_dir, test, 3)):
+        full = evaluate_run(run, file, max_new_tokens=2, write=False)
+        assert full["scored_rows"] == full["rows"] == 8, run
+        limited = evaluate_run(run, file, max_samples=n, max_new_tokens=2, write=False)
+        alone = evaluate_run(run, _first_rows(file, tmp_path / f"first{n}{file.suffix}", n), max_new_tokens=2,
+                             write=False)
+        assert limited["rows"] == 8 and limited["scored_rows"] == n, (run, limited["scored_rows"])
+        assert limited["loss"] == pytest.approx(alone["loss"], rel=1e-6) and limited["loss"] != full["loss"], run
+
+
+def test_eval_help_and_report_say_the_max_samples_rule(cls_run):
+    cls, test = cls_run
+    out = " ".join(runner.invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "loss uses all" not in out and "every metric, loss included" in out
+    res = runner.invoke(app, ["eval", str(cls.run_dir), "--data", str(test), "--max-samples", "3"])
+    assert res.exit_code == 0, res.output
+    assert "8 rows, the first 3 used (--max-samples), 3 scored for loss" in (cls.run_dir / "eval.md").read_text(encoding="utf-8")
+    res = runner.invoke(app, ["eval", str(cls.run_dir), "--data", str(test), "--max-samples", "0"])
+    assert res.exit_code == 2 and "--max-samples must be at least 1" in " ".join(res.output.split())

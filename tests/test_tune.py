@@ -402,12 +402,25 @@ def test_ctrl_c_stops_the_search_and_a_rerun_finishes_it_exactly(tmp_path, zh_fi
     assert [t.state for t in trials] == [FAIL, COMPLETE, COMPLETE, COMPLETE]  # 3 counted, as asked
 
 
+def test_startup_trials_is_documented_as_what_it_controls():
+    """tune.startup_trials is optuna's n_startup_trials of TPE, GP, CMA-ES and the median pruner. ASHA and
+    Hyperband have no such setting and do not wait for it (the next test: trial 1 pruned with 4 start-up
+    trials). The README's config table and the field's description said "trials before pruning" of every pruner."""
+    from dstune.config import TuneConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `tune.startup_trials`"))
+    for text in (TuneConfig.model_fields["startup_trials"].description, row):
+        assert "median" in text and "do not wait" in text and "trials before pruning" not in text, text
+
+
 def test_asha_prunes_the_second_trial_when_it_is_worse_than_the_first(tmp_path, data_file):
     # With optuna's min_resource="auto" the first trial recorded no rung values (auto is only known once
     # a trial has finished), so the second trial had no competitor and always ran to the end.
+    # tune.startup_trials does not hold ASHA back (README): 4 start-up trials, and trial 1 is pruned all the same.
     space = {"optim.lr": {"type": "categorical", "choices": [3e-2, 1e-7]}}
     cfg = load_config(base_yaml(tmp_path, data_file, {"trials": 2, "sampler": "random", "pruner": "asha",
-                                                      "space": space}, max_steps=6, eval_every=2))
+                                                      "startup_trials": 4, "space": space}, max_steps=6, eval_every=2))
     _enqueued(cfg, {"optim.lr": 3e-2}, {"optim.lr": 1e-7})
     trials = run_tune(cfg, console=Console(quiet=True)).study.trials
     assert [t.state for t in trials] == [COMPLETE, PRUNED]

@@ -343,7 +343,7 @@ def _dashboard(cfg, port: int) -> None:
 def eval_(
     run: Path = typer.Argument(..., help="run directory written by dstune train"),
     data: Path = typer.Option(..., "--data", help="data file to evaluate on (any format dstune reads)"),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="answer/classify at most N examples (loss uses all)"),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="use only the first N rows for every metric, loss included (default: all rows)"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="tokens generated per answer (greedy)"),
     batch_size: int = typer.Option(4, "--batch-size", help="rows per forward pass for the loss"),
     positive_label: Optional[str] = typer.Option(None, "--positive-label", help="binary tasks: the positive class (default: last label sorted)"),
@@ -366,22 +366,18 @@ def eval_(
 
 @app.command("report")
 def report(
-    runs: list[Path] = typer.Argument(..., help="run directories to compare"),
+    runs: list[Path] = typer.Argument(..., help="run directories to compare, or study directories (their trials)"),
     out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="directory for report.md and compare.png"),
 ) -> None:
     """Compare runs side by side: one table (losses, eval metrics) and one plot of their loss curves."""
-    from rich.table import Table
-
-    from dstune.report.compare import compare_runs
+    from dstune.report.compare import compare_runs, console_tables
 
     try:
         result = compare_runs(runs, out)
     except DstuneError as exc:
         _fail(str(exc))
-    table = Table(*result["columns"])
-    for row in result["rows"]:
-        table.add_row(*("-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-    console.print(table)
+    for part in console_tables(result, console):  # split to the terminal's width: no cell cut short
+        console.print(part, highlight=False)
     console.print(f"wrote {result['markdown']}" + (f" and {result['plot']}" if result["plot"] else ""), highlight=False)
 
 

@@ -309,7 +309,9 @@ class TuneConfig(_Section):
     study_name: str | None = Field(None, description="null: the study directory's name")
     output: str = Field("studies/study", description="study directory (trial run directories, tables, plots)")
     retrain: bool = Field(False, description="retrain the best configuration on train+val at the end")
-    startup_trials: int = Field(3, ge=0, description="trials before the pruner and model-based samplers act")
+    startup_trials: int = Field(3, ge=0, description="tpe, gp, cmaes: trials drawn at random before the model "
+                                "proposes; median pruner: finished trials before it prunes. asha and hyperband do "
+                                "not wait for them: they may stop the second trial")
     random_fraction: float = Field(
         0.0, ge=0, le=1, description="tpe: this share of the trials after the start-up ones is drawn at random, "
                                      "evenly spaced (BOHB's random fraction is 1/3); 0: off")

@@ -15,6 +15,9 @@ What is measured follows the data:
 - a run trained with a classification head (``task: classification``, ``labels.json`` in the run): the
   head's softmax gives the class probabilities directly, with the same metrics and thresholds; the loss
   is the head's cross-entropy (no perplexity).
+
+``max_samples`` (``--max-samples N``) is one rule for every run and metric: only the first N rows are used,
+loss and perplexity included, as if the file held only them; without it every row is used.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dstune.core.collate import collate
 from dstune.data import DataError, load_examples
 from dstune.data.formats import strip_reasoning
 from dstune.data.tokenize import IGNORE, tokenize_examples
+from dstune.errors import UsageError
 from dstune.evaluate import metrics as M
 from dstune.evaluate.answers import answer_text
 from dstune.evaluate.loss import evaluate_loss
@@ -134,8 +138,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
         run_dir: a directory written by ``dstune train``.
         data: a data file in any format dstune reads; the run's ``data.*`` options (format, columns,
             system prompt, reasoning policy) apply.
-        max_samples: generate answers for (or classify) at most this many examples, the first ones;
-            loss and perplexity always use every row.
+        max_samples: use only the first this many examples of ``data`` for every metric, loss and
+            perplexity included (as if the file held only them); None uses every row.
         max_new_tokens: tokens generated per answer.
         batch_size: rows per forward pass for the loss.
         positive_label: the positive class of a binary task (default: the last label in sorted order,
@@ -162,7 +166,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
     dc = cfg.data
     loaded_data = load_examples(data, dc.format, dc.lenient, None, dc.system, text_column=text_column or dc.text_column,
                                 label_column=label_column or dc.label_column)
-    examples = loaded_data.examples
+    total, examples = len(loaded_data.examples), _first(loaded_data.examples, max_samples)
     if dc.reasoning == "strip":
         examples = [strip_reasoning(ex) for ex in examples]
     loaded = load_for_inference(str(run))
@@ -177,12 +181,11 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
         unknown = sorted({ex["label"] for ex in examples} - set(head_labels))
         if unknown:
             raise DataError(f"{data}: labels {unknown} are not among the run's labels {head_labels} (labels.json)")
-        picked = examples[:max_samples] if max_samples else examples
-        probs, loss, scored = _head_probabilities(loaded, picked, head_labels, dc.max_length, batch_size)
+        probs, loss, scored = _head_probabilities(loaded, examples, head_labels, dc.max_length, batch_size)
         result = {"run": str(run), "data": str(data), "format": "classification", "task": "classification",
-                  "head": "sequence classification", "rows": len(examples), "scored_rows": scored, "dropped": {},
-                  "loss": loss, "ppl": None, "tokens": 0, "labels": head_labels}
-        result.update(_classification(loaded, picked, head_labels, positive_label, target_recall, probs))
+                  "head": "sequence classification", "rows": total, "max_samples": max_samples,
+                  "scored_rows": scored, "dropped": {}, "loss": loss, "ppl": None, "tokens": 0, "labels": head_labels}
+        result.update(_classification(loaded, examples, head_labels, positive_label, target_recall, probs))
         return _write_eval(run, result) if write else result
     rows = tokenize_examples(examples, tok, loaded.chat_template, dc.max_length, dc.overflow, dc.train_on)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -190,20 +193,27 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
     task = ("classification" if loaded_data.format == "classification"
             else "text" if loaded_data.format == "text" else "generation")
     result: dict[str, Any] = {"run": str(run), "data": str(data), "format": loaded_data.format, "task": task,
-                              "rows": len(examples), "scored_rows": len(rows.rows), "dropped": rows.dropped,
+                              "rows": total, "max_samples": max_samples, "scored_rows": len(rows.rows),
+                              "dropped": rows.dropped,
                               "loss": loss.get("loss"), "ppl": M.perplexity(loss["loss"]) if loss else None,
                               "tokens": loss.get("tokens", 0)}
-    picked = examples[:max_samples] if max_samples else examples
     if task == "classification":
         report_file = run / "data_report.json"
         info = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
         trained = info.get("read", {}).get("train", {}).get("labels")
         labels = sorted(set(trained or []) | {ex["label"] for ex in examples})
         result["labels"] = labels
-        result.update(_classification(loaded, picked, labels, positive_label, target_recall))
+        result.update(_classification(loaded, examples, labels, positive_label, target_recall))
     elif task == "generation":
-        result.update(_generation(loaded, picked, max_new_tokens))
+        result.update(_generation(loaded, examples, max_new_tokens))
     return _write_eval(run, result) if write else result
+
+
+def _first(examples: list[dict], max_samples: int | None) -> list[dict]:
+    """The examples every metric uses: the first ``max_samples`` ones, or all of them."""
+    if max_samples is not None and max_samples < 1:
+        raise UsageError(f"--max-samples must be at least 1, got {max_samples}; leave it out to use every row")
+    return examples[:max_samples] if max_samples else examples
 
 
 def _write_eval(run: Path, result: dict) -> dict:
@@ -229,8 +239,10 @@ def _f(x: float | None, digits: int = 4) -> str:
 
 def render_eval_md(result: dict, charts: dict[str, Path]) -> str:
     """The evaluation as a Markdown report linking the charts (paths relative to the run directory)."""
+    limited = f"the first {result['max_samples']} used (--max-samples), " \
+        if result.get("max_samples") and result["max_samples"] < result["rows"] else ""
     lines = [f"# Evaluation of {Path(result['run']).name}", "", f"Data: `{result['data']}` ({result['format']}, "
-             f"{result['rows']} rows, {result['scored_rows']} scored for loss)", "",
+             f"{result['rows']} rows, {limited}{result['scored_rows']} scored for loss)", "",
              "| metric | value |", "|---|---|", f"| loss | {_f(result['loss'])} |",
              f"| perplexity | {_f(result['ppl'], 2)} |"]
     if "generation" in result:
