@@ -1,17 +1,14 @@
 """One forward pass to a summed token loss, with the output layer computed in chunks when asked.
 
-With DeepSeek's 129,280-token vocabulary the logits dominate a small model's memory: a batch of
-8 x 512 tokens holds 2.1 GB of fp32 logits, and the cross-entropy's softmax as much again (measured in
-DESIGN.md). The chunked path asks the model for its final hidden states only (``logits_to_keep=1``),
-keeps the labelled positions, and computes logits and cross-entropy a chunk of tokens at a time, so at
-most ``chunk x vocab`` logits exist at once. In training each chunk's gradient is computed right away in the
-forward pass (``LinearCrossEntropy``), the way liger's kernel does it: the logits are used once and freed,
-with no recomputation and no separate softmax backward (measured on 2 CPU cores, tiny DeepSeek-V3, 2,044
-tokens: 6.1 s a step with checkpointed chunks, 5.0 s with full logits; see docs/benchmarks.md for this
-version). The result equals the plain loss (tested to float tolerance on every family):
-``head(hidden_states[-1])`` is exactly the model's logits for Llama, Qwen2 and DeepSeek V2/V3/V3.2/V4 in
-transformers 5.23 (checked). Liger-kernel's fused linear cross-entropy does the same on GPUs with a
-Triton kernel; this is the portable version for CPUs and for architectures liger does not cover.
+The chunked path asks the model for its final hidden states only (``logits_to_keep=1``), keeps the
+labelled positions and computes logits and cross-entropy a chunk of tokens at a time, so at most
+``chunk x vocab`` logits exist at once. In training each chunk's gradient is computed in the forward pass
+(``LinearCrossEntropy``, as liger's fused linear cross-entropy does in Triton on GPUs): the logits are used
+once and freed, with no recomputation and no separate softmax backward; this is the portable version for
+CPUs and for architectures liger does not cover. Invariant: the result equals the plain loss (tested to
+float tolerance on every family), which relies on ``head(hidden_states[-1])`` being exactly the model's
+logits, as it is for Llama, Qwen2 and DeepSeek V2/V3/V3.2/V4 in transformers 5.23 (checked).
+Measured figures: docs/benchmarks.md, 'forward.py'.
 """
 
 from __future__ import annotations

@@ -1,15 +1,13 @@
 """Tokenised data cached on disk, so a second run of the same data starts without tokenising.
 
-The key is a SHA-256 over everything the token rows depend on: the contents of every data file, the
-tokenizer (its full serialised definition, special tokens and chat template), the resolved chat
-template, the data options (``max_length``, ``overflow``, ``train_on``, ``split``, ...), the split seed and
-the source of the data package itself, so a change to any of them is a miss, never a stale hit.
-
-An entry is a directory ``$DSTUNE_CACHE/tokenized/<key>/`` holding, per split, flat int32 ``.npy`` arrays
-(``<split>.input_ids.npy``, ``<split>.labels.npy``, ``<split>.offsets.npy``; written and read with
-``allow_pickle=False``, loaded memory-mapped) and ``index.json`` (row sources and the data report). It is
-written into a temporary directory and renamed into place, so an interrupted write leaves no entry a
-later run could read; ``index.json`` is written last and an entry without it is ignored.
+The key is a SHA-256 over everything the token rows depend on: every data file's contents, the tokenizer
+(full serialised definition, special tokens, chat template), the resolved chat template, the data options
+(``max_length``, ``overflow``, ``train_on``, ``split``, ...), the split seed and the data package's source,
+so any change is a miss, never a stale hit. An entry ``$DSTUNE_CACHE/tokenized/<key>/`` holds, per split, flat
+int32 ``.npy`` arrays (``<split>.input_ids.npy``, ``.labels.npy``, ``.offsets.npy``; ``allow_pickle=False``,
+loaded memory-mapped) and ``index.json`` (row sources, data report). Invariant: an entry is written into a
+temporary directory and renamed into place, ``index.json`` last, and one without it is ignored, so an
+interrupted write never leaves an entry a later run could read.
 """
 
 from __future__ import annotations

@@ -1,18 +1,14 @@
 """The three data formats, how to tell them apart, and how each row becomes one example.
 
-Every example leaves this module in one of three shapes::
+Every example leaves this module in one of three shapes, each with a ``source`` such as ``"f.json:row 3"``::
 
-    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...], "source": "f.json:row 3"}
-    {"text": str, "source": "f.txt:line 7"}
-    {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": label}],
-     "label": label, "source": "f.csv:line 2"}                                   # classification
+    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+    {"text": str}
+    {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": label}], "label": label}
 
-A classification example is a conversation whose reply is the label name, so the one training loop
-fine-tunes it as generative classification unchanged, and ``label`` keeps the class for splitting,
-label balance and metrics.
-
-Rows are untrusted: every field is type-checked, and each problem is a ``RowError`` with a short,
-stable ``reason`` (the key lenient mode counts under) and a ``detail`` for the person reading it.
+The third (classification) replies with the label name: the one training loop fine-tunes it as generative
+classification, and ``label`` keeps the class for splitting, balance and metrics. Rows are untrusted: fields
+are type-checked; a problem is a ``RowError``: a stable ``reason`` (lenient mode's count key), a ``detail``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,13 @@
 """Bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP").
 
-Each adapter is down-projection -> non-linearity -> up-projection with a residual connection, placed
-on the output of a decoder layer's attention and/or MLP block, before the block's own residual add
-(Houlsby et al., fig. 2). ``adapter.where=mlp`` is the single-adapter placement of Pfeiffer et al. 2021
-(AdapterFusion, sec. 4). The bottleneck is ``hidden_size / adapter.reduction`` wide.
-
-peft has no such method, so it is written here, in peft's style: the adapted block is wrapped
-(``base_layer`` holds the original module; nothing is copied), the up-projection starts at zero so the
-adapted model starts exactly as the base model, and only the adapters are saved, as safetensors with
-a small JSON config (``bottleneck_adapter.safetensors``, ``bottleneck_adapter.json``). The
-non-linearity makes an adapter impossible to fold into the base weights: it cannot be merged.
+Each adapter is down-projection -> non-linearity -> up-projection with a residual connection, on the output
+of a decoder layer's attention and/or MLP block, before the block's own residual add (Houlsby et al.,
+fig. 2); ``adapter.where=mlp`` is Pfeiffer et al. 2021's single-adapter placement (AdapterFusion, sec. 4).
+The bottleneck is ``hidden_size / adapter.reduction`` wide. peft has no such method, so it is written here in
+peft's style: the block is wrapped (``base_layer`` holds the original; nothing copied), and only the adapters
+are saved (``bottleneck_adapter.safetensors`` + ``bottleneck_adapter.json``). Invariant: the up-projection
+starts at zero, so the adapted model starts exactly as the base model. The non-linearity means an adapter
+cannot be folded into the base weights: it cannot be merged.
 """
 
 from __future__ import annotations

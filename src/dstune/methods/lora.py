@@ -1,27 +1,14 @@
 """LoRA through peft: target presets that know DeepSeek's module names, the variants (DoRA, rsLoRA,
 PiSSA/OLoRA initialisation, per-module rank and alpha) and LoRA on MoE experts.
 
-Presets are computed from the model's own module tree, so MLA projections (q_a_proj, q_b_proj,
-kv_a_proj_with_mqa, kv_b_proj) are found on V2/V3 and q/k/v/o on Llama and Qwen2:
-
-- ``attention``: every Linear inside ``self_attn``;
-- ``mlp``: the dense MLPs (on MoE models the dense first layers; shared experts are ``lora.experts``);
-- ``all-linear``: both, plus any other Linear except the output head and the experts.
-
-Experts (``lora.experts``) are a separate, explicit choice because on V2/V3 they are easy to get wrong:
-the routed experts are fused 3-D parameters (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj``
-[E, H, I]), not ``nn.Linear``, so ``all-linear`` never reaches them; they are adapted with peft's
-``target_parameters`` (one LoRA per expert, peft's ``ParamWrapper``).
-
-A second trap: peft 0.21 on transformers 5 rewrites any *module* target ending in
-``gate_proj``/``up_proj``/``down_proj``/``gate`` of a V2/V3 model into LoRA on the fused routed experts
-(its v4-to-v5 checkpoint conversion, peft/utils/transformers_weight_conversion.py), at creation and
-again in ``PeftModel.from_pretrained``, so the dense MLP and shared experts would silently be swapped
-for the routed experts. Those Linear layers are therefore targeted by their *weight parameter*
-(``...mlp.gate_proj.weight``): peft leaves ``target_parameters`` alone in that conversion, so the
-adapter trains what was asked and plain peft reloads it unchanged (checked: logits equal after
-``PeftModel.from_pretrained``). ``ParamWrapper`` has no dropout and no DoRA; those combinations are
-refused with the keys to change.
+Presets come from the model's module tree (MLA's q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj on V2/V3;
+q/k/v/o on Llama, Qwen2): ``attention`` is every Linear in ``self_attn``; ``mlp`` the dense MLPs (dense first
+layers on MoE models); ``all-linear`` both, plus any other Linear but the output head and the experts. Experts
+(routed, shared) are the explicit ``lora.experts``: V2/V3's routed experts are fused 3-D parameters, adapted
+with peft's ``target_parameters`` (one LoRA per expert, ``ParamWrapper``: no dropout, no DoRA; refused).
+Invariant: the adapter trains exactly what was asked and plain peft reloads it unchanged, so V2/V3's dense
+MLP and shared-expert Linears are targeted by weight parameter (``...mlp.gate_proj.weight``): peft 0.21 on
+transformers 5 rewrites such module targets into the routed experts. Details: docs/benchmarks.md, 'lora.py'.
 """
 
 from __future__ import annotations

@@ -1,26 +1,14 @@
 """peft's causal-LM wrapper, with the three fixes DeepSeek models and dstune's loop need.
 
-Every peft method (LoRA and its variants, QLoRA, IA3, prefix, P-tuning, prompt tuning) is wrapped in
-``CausalLM``, a subclass of ``peft.PeftModelForCausalLM``. The saved files are peft's own
-(``adapter_config.json`` + ``adapter_model.safetensors``), so plain peft loads every method except MLA
-prefix tuning (below). What the subclass changes:
-
-1. Logits line up with the input. Prompt tuning and P-tuning prepend virtual-token embeddings, so peft
-   returns ``num_virtual_tokens`` extra logit positions in front; the training loop and the evaluator
-   compare logits with labels position by position, so the virtual positions are dropped here.
-2. Prefix tuning on MLA (DeepSeek-V2/V3). peft builds per-head keys and values of one size, but MLA's
-   keys (nope + rope dims) and values differ in size, and transformers 5 does not even cache keys and
-   values for MLA: it caches the compressed latent (``kv_nope``, ``kv_lora_rank`` wide) and the shared
-   rotary key (``k_rot``, ``qk_rope_head_dim`` wide), then expands both through ``kv_b_proj``
-   (modeling_deepseek_v3.py, ``DeepseekV3Attention.forward``). peft's prefix fails with "Sizes of tensors
-   must match". Here the prefix is learned in that latent space: per layer and virtual token,
-   ``kv_lora_rank + qk_rope_head_dim`` numbers (512 + 64 = 576 on V3, against 128 heads x (192 + 128) =
-   40,960 for a per-head key/value prefix), written into the cache before the prompt, so prefix keys and
-   values pass through the same up-projection (``kv_b_proj``) as real tokens. It is stored in peft's PREFIX_TUNING format with ``num_attention_heads=1``
-   and ``token_dim`` half the latent width, which plain peft loads but cannot run: load it with
-   ``dstune.methods.load_trained``.
-3. PiSSA / OLoRA adapters are saved converted to plain LoRA on the original base weights (peft's
-   ``path_initial_model_for_weight_conversion``), so the saved adapter loads on the unmodified base.
+Every peft method (LoRA and variants, QLoRA, IA3, prefix, P-tuning, prompt tuning) is wrapped in ``CausalLM``
+(a ``peft.PeftModelForCausalLM``), saved in peft's ``adapter_config.json`` + ``adapter_model.safetensors``.
+1. Logits line up with the input: the ``num_virtual_tokens`` positions prompt tuning and P-tuning prepend are
+   dropped, since the loop and the evaluator compare logits with labels position by position.
+2. Prefix tuning on MLA (V2/V3), where peft's per-head prefix fails, is learned in the latent the model caches
+   (``kv_lora_rank + qk_rope_head_dim`` per layer and virtual token, passing through ``kv_b_proj`` like real
+   tokens); saved as PREFIX_TUNING that plain peft loads but cannot run: use ``dstune.methods.load_trained``.
+3. PiSSA / OLoRA adapters are saved as plain LoRA on the original base weights (loadable on the bare base).
+Why MLA breaks peft's prefix, the saved format and the sizes: docs/benchmarks.md, 'peft_model.py'.
 """
 
 from __future__ import annotations

@@ -1,15 +1,13 @@
 """Prompt-based methods through peft: prefix tuning, P-tuning, prompt tuning; and IA3.
 
-- ``prefix`` (Li & Liang 2021): learned keys and values in front of every layer's attention. On MLA
-  (DeepSeek-V2/V3) the prefix is learned in the compressed KV latent the model caches (see
-  methods/peft_model.py), because peft's per-head prefix fails there.
-- ``ptuning`` (Liu et al. 2021, "GPT Understands, Too"): virtual-token embeddings produced by a small
-  prompt encoder (MLP or LSTM), prepended to the input.
-- ``prompt`` (Lester et al. 2021): the virtual-token embeddings themselves, optionally initialised from
-  the embeddings of a text (``prompt.init_text``), which the paper found to beat random init (sec. 3.2).
+- ``prefix`` (Li & Liang 2021): learned keys and values in front of every layer's attention; on MLA
+  (DeepSeek-V2/V3) learned in the compressed KV latent the model caches (methods/peft_model.py).
+- ``ptuning`` (Liu et al. 2021, "GPT Understands, Too"): virtual-token embeddings from a small prompt
+  encoder (MLP or LSTM), prepended to the input.
+- ``prompt`` (Lester et al. 2021): the virtual-token embeddings themselves, optionally initialised from a
+  text's embeddings (``prompt.init_text``), which the paper found beats random init (sec. 3.2).
 - ``ia3`` (Liu et al. 2022, "Few-Shot PEFT is Better and Cheaper"): learned vectors rescaling the keys,
   values and the MLP's inner activations.
-
 Prompt-based methods cannot be merged into the weights; IA3 can.
 """
 

@@ -1,19 +1,14 @@
 """QLoRA: the frozen base weights in 4-bit NF4 with double quantisation (or 8-bit), LoRA on top.
 
-Dettmers et al. 2023 (QLoRA): NF4 is the information-theoretically optimal 4-bit type for normally
-distributed weights (sec. 3), double quantisation quantises the per-block scales as well (0.37 bit per
-parameter saved, sec. 3), and LoRA adapters train in 16/32-bit on top of the de-quantised weights.
-bitsandbytes does the quantisation and the matmuls; since 0.45 it has a CPU backend, so the same code
-runs on a CPU (slowly) and on CUDA.
-
-Only ``nn.Linear`` layers are quantised (bitsandbytes has no 3-D kernel). What stays in higher precision
-is reported before training: the embeddings and the output head (quantising them costs the most quality
-for the least memory; QLoRA keeps them in 16-bit too), norms, MoE routers (a few numbers deciding every
-token's experts), the fused routed experts of V2/V3 (3-D parameters), and any Linear that LoRA reaches
-through ``target_parameters`` (see methods/lora.py), plus ``qlora.keep``.
-
-The model is loaded in full precision and quantised in place here, so peak host memory during loading
-is the fp32 model's; the device then only ever holds the quantised weights.
+Follows Dettmers et al. 2023 (QLoRA, sec. 3): NF4 for normally distributed weights, the per-block scales
+quantised too, LoRA adapters in 16/32-bit on the de-quantised weights. bitsandbytes (>= 0.45, which has a
+CPU backend) does the quantisation and the matmuls, so the same code runs on a CPU (slowly) and on CUDA.
+Only ``nn.Linear`` layers are quantised (bitsandbytes has no 3-D kernel); what stays in higher precision is
+reported before training: embeddings and output head (as in QLoRA), norms, MoE routers, V2/V3's fused routed
+experts, any Linear LoRA reaches through ``target_parameters`` (methods/lora.py), and ``qlora.keep``.
+The model is loaded in full precision and quantised in place, so peak host memory while loading is the fp32
+model's; the device only ever holds the quantised weights.
+Paper figures and why those layers are kept: docs/benchmarks.md, 'qlora.py'.
 """
 
 from __future__ import annotations

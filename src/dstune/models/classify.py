@@ -1,23 +1,14 @@
 """Sequence-classification models: the decoder with a ``[num_classes, hidden]`` head instead of the LM head.
 
-The head (``score``, no bias) reads the hidden state of the last token that is not padding, as
-transformers' ``GenericForSequenceClassification`` does for Llama, Qwen2 and DeepSeek-V2/V3
-(``AutoModelForSequenceClassification``). Transformers 5.24 has no such class for DeepSeek-V3.2 and V4
-(checked: no ``DeepseekV32ForSequenceClassification`` / ``DeepseekV4ForSequenceClassification``), so for
-those the same generic class is put on top of their base model here: it is the class transformers would
-define (``class XForSequenceClassification(GenericForSequenceClassification, XPreTrainedModel): pass``).
-
-Classification batches are padded on the left (``train.batching``), so the last position is always a
-real token: this holds even where the pooling cannot see token ids (prompt tuning and P-tuning pass
-``inputs_embeds``, and transformers then pools the last position). RoPE attention depends only on the
-distance between positions, so the constant shift left padding gives a row does not change its result
-(tested to float tolerance).
-
-``classify.pooling: mean`` makes the head read the mean of the hidden states of the real tokens instead
-(``_MeanPooling``). transformers' classifiers pool only the last token; on ChnSentiCorp a logistic
-regression on frozen SmolLM2 features scored 0.63-0.66 accuracy from the last token and 0.76-0.77 from
-the mean (400 train / 300 test reviews, ``benchmarks/probe_pooling.py``), so small data sets learn faster from the
-mean. The choice is saved in the model config (``classifier_pooling``) and in the run's config.
+The head (``score``, no bias) reads the hidden state of the last non-padding token, as transformers'
+``GenericForSequenceClassification`` does for Llama, Qwen2 and DeepSeek-V2/V3. Transformers 5.24 has no such
+class for DeepSeek-V3.2 and V4, so the generic class is put on their base model here, as transformers would.
+Invariant: classification batches are padded on the left (``train.batching``), so the last position is always
+a real token, also where pooling cannot see token ids (prompt/P-tuning pass ``inputs_embeds``); RoPE depends
+only on distances, so the shift does not change a row's result (tested to float tolerance).
+``classify.pooling: mean`` reads the mean over the real tokens instead (``_MeanPooling``), which helps small
+data sets; it is saved in the model config (``classifier_pooling``) and in the run's config.
+Measured figures: docs/benchmarks.md, 'classify.py'.
 """
 
 from __future__ import annotations

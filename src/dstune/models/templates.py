@@ -1,22 +1,14 @@
 """DeepSeek chat templates, and the choice between them and a tokenizer's own.
 
-The templates follow the ``chat_template`` in DeepSeek's own ``tokenizer_config.json`` files,
-simplified to the roles fine-tuning data has (system, user, assistant; no tool calls):
-
-- V2/V3: https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/tokenizer_config.json
-  (V3-0324 and V3.1 join several system messages with a blank line; we do the same).
-- R1: https://huggingface.co/deepseek-ai/DeepSeek-R1/blob/main/tokenizer_config.json
-  (the 2025-02 revision, whose generation prompt ends in ``<think>\\n``).
-
-The rendered layout is::
+They follow the ``chat_template`` in DeepSeek's ``tokenizer_config.json``, for system/user/assistant only:
+V2/V3 https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/tokenizer_config.json (system messages
+joined by a blank line as V3-0324 and V3.1 do); R1 (2025-02 revision; generation prompt ends ``<think>\\n``):
+https://huggingface.co/deepseek-ai/DeepSeek-R1/blob/main/tokenizer_config.json. Layout::
 
     <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{reply}<｜end▁of▁sentence｜><｜User｜>...
 
-The official R1 template strips ``...</think>`` from *every* assistant message, the last one
-included, so fine-tuning on reasoning traces through it silently trains on answers alone (a trap
-many projects patch by deleting that line of the template). Ours strips only earlier turns, which
-is what the model sees at inference, and keeps the reasoning of the final reply, whether it is
-written inline (``<think>...</think>`` in ``content``) or given as ``reasoning_content``.
+Invariant: only earlier assistant turns lose ``...</think>``; the final reply keeps its reasoning, inline
+or as ``reasoning_content`` (the official R1 template strips every turn: docs/benchmarks.md, 'templates.py').
 """
 
 from __future__ import annotations

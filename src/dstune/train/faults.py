@@ -1,14 +1,12 @@
 """Fault injection for tests of crash safety: kill the process, or raise out-of-memory, at a named point.
 
-Set ``DSTUNE_FAULTS`` to a comma-separated list of ``KIND@POINT:N``:
-
+``DSTUNE_FAULTS`` is a comma-separated list of ``KIND@POINT:N``:
 - ``kill@step:N``   SIGKILL right after optimizer step N (between steps)
 - ``kill@micro:N``  SIGKILL after the N-th micro-batch's backward pass (inside an accumulation window)
 - ``kill@save:N``   SIGKILL while writing the checkpoint of step N (files written, not yet renamed)
 - ``oom@step:N``    raise ``torch.OutOfMemoryError`` in the first forward pass of step N (once)
 - ``oom@eval:N``    raise it in the first evaluation forward pass after step N (once)
-
-Real faults (a killed node, an exhausted GPU) cannot be produced on demand in CI; these hooks put the
+Real faults (a killed node, an exhausted GPU) cannot be produced on demand in CI; each hook leaves the
 process in exactly the state such a fault would, at the point where it matters.
 """
 

@@ -1,25 +1,14 @@
 """The stability guard: every step, look for a broken update before it reaches the weights.
 
-Detection, on each optimizer step, after the backward pass and before ``optimizer.step()``:
-
-- non-finite: the loss or the global gradient norm is NaN or infinite;
-- spike: once ``stability.spike_window`` accepted steps are recorded, a value ``x`` (the loss, or the
-  gradient norm before clipping) is a spike when ``x > median + k * 1.4826 * MAD`` **and**
-  ``x > ratio * median`` over that window. Median and MAD (median absolute deviation, scaled by 1.4826
-  to estimate a standard deviation) are the outlier rule of Leys et al. 2013: one earlier spike does not
-  inflate them as it would a mean and standard deviation. The ratio test keeps a window of nearly equal
-  values (MAD ~ 0) from flagging ordinary noise.
-
-Policies (``stability.policy``): ``skip`` drops the update and keeps the optimizer state; ``rollback``
-restores the last in-memory snapshot of trainable weights and optimizer state and multiplies the
-learning rate by ``rollback_lr_factor``; ``halt`` stops the run with a diagnostic naming the step, the
-parameter with the largest gradient and the data rows of the batch (the weights are those of the step
-before). Under fp16 a non-finite gradient with a finite loss is the loss scaler's business (it skips
-the step and lowers the scale), so it is counted as ``fp16_overflow`` and not treated as a fault.
-
-Fault injection, for tests (``stability.inject`` or the env var ``DSTUNE_STABILITY_INJECT``, comma
-separated): ``nan_loss@K`` makes step K's loss and gradients NaN, as a NaN loss would;
-``grad_scale@K:F`` multiplies step K's gradients by F.
+Checked after backward, before ``optimizer.step()``: non-finite (loss or global gradient norm NaN/inf), and
+spike: after ``stability.spike_window`` accepted steps, ``x`` (loss, or gradient norm before clipping) spikes
+if ``x > median + k * 1.4826 * MAD`` and ``x > ratio * median`` over the window (Leys et al. 2013).
+``stability.policy``: ``skip`` drops the update, keeps the optimizer state; ``rollback`` restores the last
+in-memory snapshot of trainable weights and optimizer state, lr times ``rollback_lr_factor``; ``halt`` stops
+with a diagnostic (step, parameter with the largest gradient, the batch's data rows; weights of the step
+before). Under fp16 a non-finite gradient with a finite loss is the scaler's: ``fp16_overflow``, not a fault.
+Injection (``stability.inject`` / env ``DSTUNE_STABILITY_INJECT``, comma separated): ``nan_loss@K`` makes step
+K's loss and gradients NaN; ``grad_scale@K:F`` scales its gradients by F. See docs/benchmarks.md, 'guard.py'.
 """
 
 from __future__ import annotations

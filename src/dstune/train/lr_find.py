@@ -1,15 +1,13 @@
-"""Learning-rate range test: an exponential sweep of the lr over K steps (Smith 2017, "Cyclical Learning
-Rates for Training Neural Networks", sec. 3.3; the fastai ``lr_find``).
+"""Learning-rate range test: an exponential lr sweep over K steps (Smith 2017, "Cyclical Learning Rates for
+Training Neural Networks", sec. 3.3; the fastai ``lr_find``).
 
-The sweep trains a fresh copy of the model exactly as ``train`` would (the same ``build``: method,
-kernels, casting, packing, parameter groups, clipping, regularisation, micro-batches) but with the lr of
-step i set to ``start * (end / start) ** (i / (K - 1))``; every parameter group keeps its ratio to
-``optim.lr`` (layer decay, LoRA+). It writes nothing but the optional PNG: no run directory, no checkpoint.
-
-Suggested lr, the rule (fastai's ``minimum``): smooth the losses with a bias-corrected exponential
-moving average, take the lr at the smoothed minimum and divide by 10. At the minimum the loss has
-stopped falling and is about to diverge; a tenth of it is still on the steep, stable part of the curve.
-The steepest-descent lr (most negative slope of the smoothed loss against log lr) is reported too.
+A fresh copy of the model trains exactly as ``train`` would (the same ``build``: method, kernels, casting,
+packing, parameter groups, clipping, regularisation, micro-batches), with step i's lr
+``start * (end / start) ** (i / (K - 1))``; each parameter group keeps its ratio to ``optim.lr`` (layer decay,
+LoRA+). It writes nothing but the optional PNG: no run directory, no checkpoint. Suggested lr (fastai's
+``minimum``): the lr at the minimum of the bias-corrected EMA-smoothed loss, divided by 10: at the minimum the
+loss is about to diverge, a tenth is still on the steep, stable part. The steepest-descent lr (most negative
+slope of smoothed loss against log lr) is reported too.
 """
 
 from __future__ import annotations

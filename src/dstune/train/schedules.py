@@ -1,27 +1,19 @@
 """Learning-rate schedules: a factor of ``optim.lr`` for each optimizer step, with warmup and a floor.
 
-Every schedule is a pure function of (step, total, config), wrapped in a ``LambdaLR`` whose state is
-plain numbers, so checkpoints stay JSON and a resumed run gets the same learning rates.
+Each is a pure function of (step, total, config) in a ``LambdaLR`` of plain numbers: checkpoints stay JSON, a
+resumed run gets the same rates. s: 0-based step; W, T: warmup, total steps; m: ``optim.min_lr_ratio``. Warmup
+(s + 1) / (W + 1) for s < W (never 0: step 0 moves the weights), then, with p = (s - W) / (T - W) in [0, 1):
 
-Conventions, shared by all schedules (``s`` is the 0-based optimizer step, ``W`` the warmup steps,
-``T`` the run's total steps, ``m`` = ``optim.min_lr_ratio``):
-
-- warmup: factor ``(s + 1) / (W + 1)`` for ``s < W`` (never 0, so the first step moves the weights);
-- after warmup, ``p = (s - W) / (T - W)`` is the progress in [0, 1) and each schedule decays from 1
-  towards ``m``:
-
-======================  ======================================================================
-constant                1 (the floor does not apply)
-linear                  m + (1 - m) (1 - p)
-cosine                  m + (1 - m) (1 + cos(pi p)) / 2
-cosine_restarts         cosine within each cycle; cycle i lasts T_0 * T_mult^i steps (SGDR,
-                        Loshchilov & Hutter 2017, eq. 5), T_0 = restart_steps, T_mult = restart_mult
-polynomial              m + (1 - m) (1 - p)^power (transformers' polynomial decay)
-wsd                     warmup-stable-decay: 1 until the last ``decay_ratio`` of the post-warmup
-                        steps, then linear to m over D = decay_ratio (T - W) steps
-                        (Hu et al. 2024, MiniCPM, sec. 4; Hägele et al. 2024 show a linear
-                        cool-down matches cosine)
-======================  ======================================================================
+===============  ==========================================================================================
+constant         1 (the floor does not apply)
+linear           m + (1 - m) (1 - p)
+cosine           m + (1 - m) (1 + cos(pi p)) / 2
+cosine_restarts  cosine per cycle; cycle i lasts restart_steps * restart_mult^i steps
+                 (SGDR, Loshchilov & Hutter 2017, eq. 5)
+polynomial       m + (1 - m) (1 - p)^power (transformers' polynomial decay)
+wsd              1, then linear to m over the last D = decay_ratio (T - W) steps (warmup-stable-decay: Hu
+                 et al. 2024, MiniCPM, sec. 4; Hägele et al. 2024 show a linear cool-down matches cosine)
+===============  ==========================================================================================
 """
 
 from __future__ import annotations
