@@ -353,6 +353,7 @@ def eval_(
 ) -> None:
     """Perplexity, BLEU/ROUGE/exact match or accuracy/F1 of a run; writes eval.json, eval.md and plots into it."""
     from dstune.evaluate.run import evaluate_run
+    from dstune.rundir import RunDir
 
     try:
         result = evaluate_run(run, data, max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -360,8 +361,9 @@ def eval_(
                               label_column=label_column)
     except DstuneError as exc:
         _fail(str(exc))
-    console.print((run / "eval.md").read_text(encoding="utf-8"), markup=False, highlight=False)
-    console.print(f"wrote {run / 'eval.json'}, {run / 'eval.md'} and {run / 'plots'}/ ({result['task']})", highlight=False)
+    rd = RunDir(run)
+    console.print(rd.eval_md.read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(f"wrote {rd.eval_json}, {rd.eval_md} and {rd.plots}/ ({result['task']})", highlight=False)
 
 
 @app.command("report")

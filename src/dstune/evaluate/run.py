@@ -39,7 +39,7 @@ from dstune.errors import UsageError
 from dstune.evaluate import metrics as M
 from dstune.evaluate.answers import answer_text
 from dstune.evaluate.loss import evaluate_loss
-from dstune.rundir import NotARunError
+from dstune.rundir import NotARunError, RunDir
 
 _SAMPLES = 20  # examples kept in eval.json for a person to read
 
@@ -159,10 +159,10 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
     from dstune.generate import load_for_inference
 
     run = Path(run_dir)
-    if not (run / "run.json").is_file() or not (run / "config.yaml").is_file():
+    if not RunDir(run).run_json.is_file() or not RunDir(run).config.is_file():
         raise NotARunError(f"{run} is not a run directory (no run.json and config.yaml); give the --output "
                                 "directory of a dstune train run")
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(RunDir(run).config)
     dc = cfg.data
     loaded_data = load_examples(data, dc.format, dc.lenient, None, dc.system, text_column=text_column or dc.text_column,
                                 label_column=label_column or dc.label_column)
@@ -198,7 +198,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
                               "loss": loss.get("loss"), "ppl": M.perplexity(loss["loss"]) if loss else None,
                               "tokens": loss.get("tokens", 0)}
     if task == "classification":
-        report_file = run / "data_report.json"
+        report_file = RunDir(run).data_report
         info = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
         trained = info.get("read", {}).get("train", {}).get("labels")
         labels = sorted(set(trained or []) | {ex["label"] for ex in examples})
@@ -220,12 +220,12 @@ def _write_eval(run: Path, result: dict) -> dict:
     """Writes ``eval.json``, the charts and ``eval.md`` into the run directory; returns ``result``."""
     from dstune.report.charts import plot_confusion, plot_run_curves
 
-    (run / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False, default=_json_number), "utf-8")
-    charts = plot_run_curves(run, run / "plots")
+    RunDir(run).eval_json.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=_json_number), "utf-8")
+    charts = plot_run_curves(run, RunDir(run).plots)
     if "classification" in result:
         c = result["classification"]
-        charts["confusion"] = plot_confusion(c["confusion_matrix"], c["labels"], run / "plots" / "confusion.png")
-    (run / "eval.md").write_text(render_eval_md(result, {k: p.relative_to(run) for k, p in charts.items()}), "utf-8")
+        charts["confusion"] = plot_confusion(c["confusion_matrix"], c["labels"], RunDir(run).plots / "confusion.png")
+    RunDir(run).eval_md.write_text(render_eval_md(result, {k: p.relative_to(run) for k, p in charts.items()}), "utf-8")
     return result
 
 

@@ -51,10 +51,10 @@ def expand_runs(paths: list[str | Path]) -> list[Path]:
     """
     runs: list[Path] = []
     for path in map(Path, paths):
-        if (path / "run.json").is_file():
+        if RunDir(path).run_json.is_file():
             runs.append(path)
         elif (path / "base.yaml").is_file() or any(path.glob("trial-[0-9]*")):  # what run_tune writes first
-            trials = sorted(d for d in path.glob("trial-[0-9]*") if (d / "run.json").is_file())
+            trials = sorted(d for d in path.glob("trial-[0-9]*") if RunDir(d).run_json.is_file())
             if not trials:
                 raise NotARunError(f"{path} is a study directory but holds no trial run directories yet "
                                         "(trial-NNNN/ with run.json); run dstune tune first")
@@ -112,14 +112,15 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         NotARunError: ``run_dir`` is not a run directory.
     """
     run = Path(run_dir)
-    if not (run / "run.json").is_file():
+    rd = RunDir(run)
+    if not rd.run_json.is_file():
         raise NotARunError(f"{run} is not a run directory (no run.json); give directories written by dstune train")
-    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) if (run / "config.yaml").is_file() else {}
-    summary = _read_json(run / "summary.json")
+    config = yaml.safe_load(rd.config.read_text(encoding="utf-8")) if rd.config.is_file() else {}
+    summary = rd.read_json(RunDir.SUMMARY)
     state = _trial_state(run) or ("finished" if summary else "unfinished")
     wall_s, sessions = wall_time(run, summary)
-    return {"name": run.name, "path": str(run), "run": _read_json(run / "run.json"), "config": config or {},
-            "summary": summary or _from_metrics(read_metrics(run)), "eval": _read_json(run / "eval.json"),
+    return {"name": run.name, "path": str(run), "run": rd.read_json(RunDir.RUN), "config": config or {},
+            "summary": summary or _from_metrics(read_metrics(run)), "eval": rd.read_json(RunDir.EVAL_JSON),
             "state": state, "wall_s": wall_s, "sessions": sessions}
 
 

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from dstune.config import RunConfig, load_config, save_config
+from dstune.rundir import RunDir
 
 
 def trial_rows(study: optuna.Study) -> list[dict]:
@@ -98,7 +99,7 @@ def write_outputs(study: optuna.Study, base: RunConfig, study_dir: Path, console
     best_path = None
     if complete:
         best = study.best_trial
-        cfg = load_config(Path(best.user_attrs["run_dir"]) / "config.yaml")
+        cfg = load_config(RunDir(best.user_attrs["run_dir"]).config)
         cfg = cfg.model_copy(update={"output": str(study_dir / "best")})
         best_path = study_dir / "best.yaml"
         save_config(cfg, best_path)

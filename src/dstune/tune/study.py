@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from dstune.config import ConfigError, RunConfig, save_config
+from dstune.rundir import RunDir
 from dstune.tune.space import Domain, default_preset, parse_space, suggest, to_overrides
 
 # WAITING trials (enqueued, e.g. by hand) are not counted: the next ask() runs them.
@@ -280,7 +281,7 @@ def _claim(study: optuna.Study, url: str, name: str, total: int) -> optuna.Trial
 
 
 def _steps_done(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return 0
     steps = [json.loads(line)["step"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -388,8 +389,8 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
         trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     trial.set_user_attr("steps", _steps_done(run_dir))
     trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
-    if (run_dir / "data_report.json").is_file():  # trials train quietly: their data warning is said here
-        warning = json.loads((run_dir / "data_report.json").read_text(encoding="utf-8")).get("warning")
+    if RunDir(run_dir).data_report.is_file():  # trials train quietly: their data warning is said here
+        warning = RunDir(run_dir).read_json(RunDir.DATA_REPORT).get("warning")
         if warning:
             trial.set_user_attr("data_warning", warning)
     trial.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
