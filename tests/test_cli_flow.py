@@ -12,7 +12,6 @@ import pytest
 from typer.testing import CliRunner
 
 from dstune.cli import app
-from dstune.errors import UsageError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = ["--set", "data.max_length=64", "--set", "data.max_samples=24", "--set", "train.progress=false"]
@@ -49,6 +48,7 @@ def test_train_output_is_quiet_and_says_what_was_read(lenient_file, tmp_path):
 
 def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
     import dstune.train.loop as loop
+    from dstune.errors import UsageError
 
     def refuse(*a, **k):
         raise UsageError("lora.r: must be positive")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from dstune.config import load_config
 from dstune.core.collate import collate
+from dstune.core.facts import pad_id
 from dstune.data import DataError, load_examples
 from dstune.data.formats import strip_reasoning
 from dstune.data.tokenize import IGNORE, tokenize_examples
@@ -57,7 +58,7 @@ def score_labels(model, tokenizer, template: str, example: dict, labels: list[st
     tok = tokenize_examples(candidates, tokenizer, template, max_length=10**9)
     if len(tok.rows) != len(labels):
         raise DataError(f"{example['source']}: cannot score every label ({tok.dropped})")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     batch = collate(tok.rows, pad)
     device = next(model.parameters()).device
     logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
@@ -76,7 +77,7 @@ def _head_probabilities(loaded, examples: list[dict], labels: list[str], max_len
     if len(rows) != len(examples):
         raise DataError(f"{len(examples) - len(rows)} rows contain a control token and cannot be classified")
     tok = loaded.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     _, probs, total = classifier_outputs(loaded.model, rows, batch_size, pad)
     return probs, total / max(len(rows), 1), len(rows)
 
@@ -188,7 +189,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
         result.update(_classification(loaded, examples, head_labels, positive_label, target_recall, probs))
         return _write_eval(run, result) if write else result
     rows = tokenize_examples(examples, tok, loaded.chat_template, dc.max_length, dc.overflow, dc.train_on)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     loss = evaluate_loss(loaded.model, rows.rows, batch_size, pad)
     task = ("classification" if loaded_data.format == "classification"
             else "text" if loaded_data.format == "text" else "generation")
