@@ -35,16 +35,25 @@ def demo_config(output: str, max_steps: int | None = None) -> RunConfig:
     layers, with the same 5/5. Rows of similar length are batched together and the output layer is
     computed only on the answer tokens (``chunk_tokens``; a step of 8 rows went from 10 s to 7.6 s)."""
     train_file, _ = demo_paths()
-    return RunConfig.model_validate({
-        "model": {"name": DEMO_MODEL},
-        "data": {"train": str(train_file), "split": [0.9, 0.1, 0.0], "max_length": 128},
-        "method": "lora",
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear", "top_layers": 10},
-        "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5},
-        "train": {"micro_batch_size": 4, "max_steps": max_steps or 40, "log_every": 5, "eval_every": 20, "seed": 0,
-                  "chunk_tokens": 1024, "group_by_length": True},
-        "output": output,
-    })
+    return RunConfig.model_validate(
+        {
+            "model": {"name": DEMO_MODEL},
+            "data": {"train": str(train_file), "split": [0.9, 0.1, 0.0], "max_length": 128},
+            "method": "lora",
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": "all-linear", "top_layers": 10},
+            "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 5},
+            "train": {
+                "micro_batch_size": 4,
+                "max_steps": max_steps or 40,
+                "log_every": 5,
+                "eval_every": 20,
+                "seed": 0,
+                "chunk_tokens": 1024,
+                "group_by_length": True,
+            },
+            "output": output,
+        }
+    )
 
 
 def carries_identity(heldout: dict):
@@ -56,8 +65,9 @@ def carries_identity(heldout: dict):
 
 def answers(target: str, questions: list[str]) -> list[str]:
     """Greedy answers of a model or run to each question (one batched generate call)."""
-    return generate_replies(load_for_inference(target), [[{"role": "user", "content": q}] for q in questions],
-                            max_new_tokens=48)
+    return generate_replies(
+        load_for_inference(target), [[{"role": "user", "content": q}] for q in questions], max_new_tokens=48
+    )
 
 
 def run_demo(output: str = "runs/demo", console: Console | None = None, max_steps: int | None = None) -> dict:
@@ -83,8 +93,10 @@ def run_demo(output: str = "runs/demo", console: Console | None = None, max_step
     console.print("answers of the fine-tuned model ...")
     after = answers(str(result.run_dir), questions)
 
-    table = Table(title=f"Held-out identity questions (new identity: {heldout['name']}, by {heldout['maker']})",
-                  show_lines=True)
+    table = Table(
+        title=f"Held-out identity questions (new identity: {heldout['name']}, by {heldout['maker']})",
+        show_lines=True,
+    )
     for column in ("question", "before", "after"):
         table.add_column(column, overflow="fold")
     for q, b, a in zip(questions, before, after):
@@ -92,14 +104,27 @@ def run_demo(output: str = "runs/demo", console: Console | None = None, max_step
     console.print(table)
     hits = sum(map(carries_identity(heldout), after))
     wall = time.perf_counter() - t0
-    report = {"questions": questions, "before": before, "after": after, "run_dir": str(result.run_dir),
-              "identity_after": hits, "identity_before": sum(map(carries_identity(heldout), before)),
-              "val": result.val, "wall_s": round(wall, 1)}
-    (result.run_dir / "demo.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    console.print(f"\n{hits}/{len(questions)} answers after fine-tuning name '{heldout['name']}' or its maker "
-                  f"(before: {report['identity_before']}/{len(questions)}); wall time {wall:.0f} s")
-    console.print(f"run directory: {result.run_dir}\n  adapter (peft format): {result.final_dir}\n"
-                  f"  loss curve: {result.run_dir / 'loss.png'}\n  metrics: {result.run_dir / 'metrics.jsonl'}\n"
-                  f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}\n"
-                  f"  try it: dstune generate {result.run_dir} --prompt 'Who are you?'")
+    report = {
+        "questions": questions,
+        "before": before,
+        "after": after,
+        "run_dir": str(result.run_dir),
+        "identity_after": hits,
+        "identity_before": sum(map(carries_identity(heldout), before)),
+        "val": result.val,
+        "wall_s": round(wall, 1),
+    }
+    (result.run_dir / "demo.json").write_text(
+        json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8"
+    )
+    console.print(
+        f"\n{hits}/{len(questions)} answers after fine-tuning name '{heldout['name']}' or its maker "
+        f"(before: {report['identity_before']}/{len(questions)}); wall time {wall:.0f} s"
+    )
+    console.print(
+        f"run directory: {result.run_dir}\n  adapter (peft format): {result.final_dir}\n"
+        f"  loss curve: {result.run_dir / 'loss.png'}\n  metrics: {result.run_dir / 'metrics.jsonl'}\n"
+        f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}\n"
+        f"  try it: dstune generate {result.run_dir} --prompt 'Who are you?'"
+    )
     return report

@@ -75,8 +75,11 @@ class RunDir:
 
     def list_checkpoints(self) -> list[Path]:
         """Complete checkpoints (marker present), oldest first."""
-        return sorted(p for p in self.checkpoints.glob("step-*")
-                      if not p.name.endswith(".tmp") and (p / COMPLETE).exists())
+        return sorted(
+            p
+            for p in self.checkpoints.glob("step-*")
+            if not p.name.endswith(".tmp") and (p / COMPLETE).exists()
+        )
 
     def latest_checkpoint(self) -> Path | None:
         done = self.list_checkpoints()
@@ -93,7 +96,9 @@ class RunDir:
 
     def write_json(self, name: str, value: Any) -> Path:
         """Writes a JSON file atomically (temporary file, then rename): a crash leaves the old one whole."""
-        return write_text_atomic(self.path / name, json.dumps(value, indent=2, ensure_ascii=False, default=str))
+        return write_text_atomic(
+            self.path / name, json.dumps(value, indent=2, ensure_ascii=False, default=str)
+        )
 
     def append_jsonl(self, name: str, row: dict) -> None:
         with (self.path / name).open("a", encoding="utf-8") as fh:

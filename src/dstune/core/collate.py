@@ -47,8 +47,8 @@ def collate_classes(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        ids[i, width - n:] = torch.tensor(r["input_ids"])
-        mask[i, width - n:] = 1
+        ids[i, width - n :] = torch.tensor(r["input_ids"])
+        mask[i, width - n :] = 1
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["labels"] for r in rows])}
     if "weight" in rows[0]:
         batch["weights"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
@@ -60,4 +60,4 @@ def eval_batches(rows: list[dict], micro_batch_size: int, pad_id: int, limit: in
     for n, start in enumerate(range(0, len(rows), micro_batch_size)):
         if limit is not None and n >= limit:
             return
-        yield collate(rows[start:start + micro_batch_size], pad_id)
+        yield collate(rows[start : start + micro_batch_size], pad_id)

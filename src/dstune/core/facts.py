@@ -45,8 +45,11 @@ def snapshot_trainable(model: torch.nn.Module, copy: bool = True) -> dict[str, t
         copy: always copy (for a snapshot kept while training goes on: on the CPU ``.cpu()`` would alias
             the live weights); False lets CPU tensors be shared (for writing them out at once).
     """
-    return {n: (p.detach().to("cpu", copy=True) if copy else p.detach().cpu()).contiguous()
-            for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: (p.detach().to("cpu", copy=True) if copy else p.detach().cpu()).contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def restore_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -34,8 +34,13 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     return inputs
 
 
-def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-              label_smoothing: float) -> torch.Tensor:
+def _chunk_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    label_smoothing: float,
+) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias).float()
     return F.cross_entropy(logits, target, reduction="sum", label_smoothing=label_smoothing)
 
@@ -60,7 +65,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         eps, vocab = label_smoothing, weight.shape[0]
         for start in range(0, target.numel(), chunk):
-            h, y = hidden[start:start + chunk], target[start:start + chunk]
+            h, y = hidden[start : start + chunk], target[start : start + chunk]
             logits = F.linear(h, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
             nll = lse - logits.gather(1, y[:, None]).squeeze(1)
@@ -69,7 +74,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(y), device=y.device), y] -= 1 - eps
             if eps:
                 probs -= eps / vocab
-            grad_h[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_h[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
                 grad_w += probs.t() @ h.float()
             if need_b:
@@ -82,12 +87,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         g = grad_out.to(torch.float32)
-        return (grad_h * g.to(grad_h.dtype), None if grad_w is None else (grad_w * g).to(ctx.dtypes[0]),
-                None if grad_b is None else (grad_b * g).to(ctx.dtypes[1]), None, None, None)
+        return (
+            grad_h * g.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * g).to(ctx.dtypes[0]),
+            None if grad_b is None else (grad_b * g).to(ctx.dtypes[1]),
+            None,
+            None,
+            None,
+        )
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
-             chunk_tokens: int = 0, fused_ce=None) -> torch.Tensor:
+def loss_sum(
+    model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0, chunk_tokens: int = 0, fused_ce=None
+) -> torch.Tensor:
     """Summed next-token cross-entropy of ``batch`` (labels shifted inside).
 
     Args:
@@ -100,12 +112,14 @@ def loss_sum(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
     """
     labels = batch["labels"]
     if labels.dim() == 1:
-        return class_loss_sum(model(**model_inputs(batch)).logits, labels, batch.get("weights"), label_smoothing)
+        return class_loss_sum(
+            model(**model_inputs(batch)).logits, labels, batch.get("weights"), label_smoothing
+        )
     if not chunk_tokens and fused_ce is None:
         return token_loss_sum(model(**model_inputs(batch)).logits, labels, label_smoothing)
     out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
     # Prompt-learning methods prepend virtual tokens: the last T positions are the real ones.
-    hidden = out.hidden_states[-1][:, -labels.shape[1]:]
+    hidden = out.hidden_states[-1][:, -labels.shape[1] :]
     keep = labels[:, 1:] != IGNORE
     h = hidden[:, :-1][keep]
     y = labels[:, 1:][keep]
@@ -116,13 +130,22 @@ def loss_sum(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0
         return LinearCrossEntropy.apply(h, head.weight, head.bias, y, label_smoothing, chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, y.numel(), chunk_tokens):
-        total = total + _chunk_ce(h[start:start + chunk_tokens], head.weight, head.bias,
-                                  y[start:start + chunk_tokens], label_smoothing)
+        total = total + _chunk_ce(
+            h[start : start + chunk_tokens],
+            head.weight,
+            head.bias,
+            y[start : start + chunk_tokens],
+            label_smoothing,
+        )
     return total
 
 
-def class_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
-                   label_smoothing: float = 0.0) -> torch.Tensor:
+def class_loss_sum(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Summed cross-entropy of a classification head's logits ``(batch, classes)``, in fp32.
 
     With class weights each row's loss is multiplied by its class's weight (``weights``, one per row),

@@ -1,9 +1,9 @@
 """The data path: read a file, normalise its rows, split, tokenize with a loss mask.
 
-    from dstune.data import prepare_data
-    data = prepare_data(cfg.data, tokenizer, chat_template, seed=cfg.train.seed)
-    data.train[0]  # {"input_ids": [...], "labels": [...], "source": "my.jsonl:line 1"}
-    data.report    # what was read, dropped, truncated, and how many tokens carry loss
+from dstune.data import prepare_data
+data = prepare_data(cfg.data, tokenizer, chat_template, seed=cfg.train.seed)
+data.train[0]  # {"input_ids": [...], "labels": [...], "source": "my.jsonl:line 1"}
+data.report    # what was read, dropped, truncated, and how many tokens carry loss
 """
 
 from __future__ import annotations
@@ -16,8 +16,17 @@ from dstune.data.read import Loaded, load_examples
 from dstune.data.split import split_examples
 from dstune.data.tokenize import IGNORE, Tokenized, tokenize_examples
 
-__all__ = ["DataError", "IGNORE", "Loaded", "PreparedData", "Tokenized", "load_examples", "prepare_data",
-           "split_examples", "tokenize_examples"]
+__all__ = [
+    "DataError",
+    "IGNORE",
+    "Loaded",
+    "PreparedData",
+    "Tokenized",
+    "load_examples",
+    "prepare_data",
+    "split_examples",
+    "tokenize_examples",
+]
 
 
 @dataclass
@@ -38,10 +47,15 @@ class PreparedData:
 
 
 def _read_report(loaded: Loaded) -> dict:
-    report = {"path": loaded.path, "format": loaded.format, "rows_read": loaded.rows_read,
-              "examples": len(loaded.examples), "dropped": dict(loaded.dropped),
-              "first_dropped": dict(loaded.first_dropped),
-              "with_reasoning": sum(map(has_reasoning, loaded.examples))}
+    report = {
+        "path": loaded.path,
+        "format": loaded.format,
+        "rows_read": loaded.rows_read,
+        "examples": len(loaded.examples),
+        "dropped": dict(loaded.dropped),
+        "first_dropped": dict(loaded.first_dropped),
+        "with_reasoning": sum(map(has_reasoning, loaded.examples)),
+    }
     if loaded.format == "classification":  # the label names a classification run was trained with
         report["labels"] = sorted({ex["label"] for ex in loaded.examples})
     return report
@@ -49,16 +63,28 @@ def _read_report(loaded: Loaded) -> dict:
 
 def _load(cfg: Any, path: str, max_samples: int | None) -> Loaded:
     """Reads one file with the options of ``cfg`` and applies its reasoning policy."""
-    loaded = load_examples(path, cfg.format, cfg.lenient, max_samples, cfg.system,
-                           text_column=getattr(cfg, "text_column", None), label_column=getattr(cfg, "label_column", None))
+    loaded = load_examples(
+        path,
+        cfg.format,
+        cfg.lenient,
+        max_samples,
+        cfg.system,
+        text_column=getattr(cfg, "text_column", None),
+        label_column=getattr(cfg, "label_column", None),
+    )
     if getattr(cfg, "reasoning", "keep") == "strip":
         loaded.examples = [strip_reasoning(ex) for ex in loaded.examples]
     return loaded
 
 
 def _token_report(tok: Tokenized) -> dict:
-    return {"rows": len(tok.rows), "dropped": dict(tok.dropped), "truncated": tok.truncated,
-            "tokens": tok.tokens, "trainable_tokens": tok.trainable_tokens}
+    return {
+        "rows": len(tok.rows),
+        "dropped": dict(tok.dropped),
+        "truncated": tok.truncated,
+        "tokens": tok.tokens,
+        "trainable_tokens": tok.trainable_tokens,
+    }
 
 
 def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
@@ -67,26 +93,48 @@ def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
         from dstune.data.mix import mix_examples
 
         if cfg.max_samples:
-            raise DataError("data.max_samples applies to data.train; with data.mix, subsample each file instead")
+            raise DataError(
+                "data.max_samples applies to data.train; with data.mix, subsample each file instead"
+            )
         reads = [_load(cfg, source.path, None) for source in cfg.mix]
         held = _load(cfg, cfg.validation, None) if cfg.validation else None
-        parts = [(r.examples, [], []) if held else split_examples(r.examples, tuple(cfg.split), seed) for r in reads]
+        parts = [
+            (r.examples, [], []) if held else split_examples(r.examples, tuple(cfg.split), seed)
+            for r in reads
+        ]
         for i, (part, r) in enumerate(zip(parts, reads)):
             if not part[0]:
                 raise DataError(f"data.mix[{i}] ({r.path}) has no training rows; remove it or fix the file")
         train, counts = mix_examples([p[0] for p in parts], [s.weight for s in cfg.mix], seed)
-        report.update(format=reads[0].format if len({r.format for r in reads}) == 1 else "mixed",
-                      files={"mix": [s.path for s in cfg.mix], "validation": cfg.validation})
+        report.update(
+            format=reads[0].format if len({r.format for r in reads}) == 1 else "mixed",
+            files={"mix": [s.path for s in cfg.mix], "validation": cfg.validation},
+        )
         report["read"] = {f"mix[{i}]": _read_report(r) for i, r in enumerate(reads)}
-        report["mix"] = [{"path": s.path, "weight": s.weight, "train_rows": len(p[0]), "sampled": n,
-                          "share": round(n / max(len(train), 1), 4)} for s, p, n in zip(cfg.mix, parts, counts)]
+        report["mix"] = [
+            {
+                "path": s.path,
+                "weight": s.weight,
+                "train_rows": len(p[0]),
+                "sampled": n,
+                "share": round(n / max(len(train), 1), 4),
+            }
+            for s, p, n in zip(cfg.mix, parts, counts)
+        ]
         if held:
             report["read"]["validation"] = _read_report(held)
             return {"train": train, "val": held.examples, "test": []}
-        return {"train": train, "val": [e for p in parts for e in p[1]], "test": [e for p in parts for e in p[2]]}
+        return {
+            "train": train,
+            "val": [e for p in parts for e in p[1]],
+            "test": [e for p in parts for e in p[2]],
+        }
     loaded = _load(cfg, cfg.train, cfg.max_samples)
-    report.update(format=loaded.format, files={"train": loaded.path, "validation": cfg.validation},
-                  read={"train": _read_report(loaded)})
+    report.update(
+        format=loaded.format,
+        files={"train": loaded.path, "validation": cfg.validation},
+        read={"train": _read_report(loaded)},
+    )
     if cfg.validation:
         held = _load(cfg, cfg.validation, None)
         report["read"]["validation"] = _read_report(held)
@@ -112,13 +160,26 @@ def dropped_rows_warning(report: dict, max_length: int) -> str | None:
     if not lost:
         return None
     val = report["tokenized"].get("val")
-    left = f"; {val['rows']} validation rows with {val['trainable_tokens']} trainable tokens are left" if val else ""
-    return (f"data: tokenizing dropped {', '.join(lost)}{left}. Rows whose answer data.max_length={max_length} "
-            f"cuts off entirely carry no loss: raise data.max_length (data inspect shows the rows as tokenized)")
+    left = (
+        f"; {val['rows']} validation rows with {val['trainable_tokens']} trainable tokens are left"
+        if val
+        else ""
+    )
+    return (
+        f"data: tokenizing dropped {', '.join(lost)}{left}. Rows whose answer data.max_length={max_length} "
+        f"cuts off entirely carry no loss: raise data.max_length (data inspect shows the rows as tokenized)"
+    )
 
 
-def prepare_data(cfg: Any, tokenizer: Any, chat_template: str | None, seed: int, *, task: str = "lm",
-                 class_weights: str | dict = "none") -> PreparedData:
+def prepare_data(
+    cfg: Any,
+    tokenizer: Any,
+    chat_template: str | None,
+    seed: int,
+    *,
+    task: str = "lm",
+    class_weights: str | dict = "none",
+) -> PreparedData:
     """Reads, splits and tokenizes the data a run trains on.
 
     With ``cfg.validation`` set, validation comes from that file and test is empty; otherwise the
@@ -143,8 +204,10 @@ def prepare_data(cfg: Any, tokenizer: Any, chat_template: str | None, seed: int,
         DataError: no train file set, a bad file or row, or no trainable rows left in train.
     """
     if not cfg.train and not cfg.mix:
-        raise DataError("no training data: set data.train to a .json, .jsonl, .csv, .parquet or .txt file "
-                        "(or data.mix to several, with weights)")
+        raise DataError(
+            "no training data: set data.train to a .json, .jsonl, .csv, .parquet or .txt file "
+            "(or data.mix to several, with weights)"
+        )
     report: dict = {}
     splits = _read_splits(cfg, seed, report)
     report["split"] = {name: len(rows) for name, rows in splits.items()}
@@ -155,19 +218,33 @@ def prepare_data(cfg: Any, tokenizer: Any, chat_template: str | None, seed: int,
 
         labels = label_list(splits["train"] + splits["val"] + splits["test"])
         weights = weights_of(class_weights, labels, splits["train"]) if labels else None
-        tokenized = {name: tokenize_classification(rows, tokenizer, labels, cfg.max_length,
-                                                   weights if name == "train" else None)
-                     for name, rows in splits.items()}
+        tokenized = {
+            name: tokenize_classification(
+                rows, tokenizer, labels, cfg.max_length, weights if name == "train" else None
+            )
+            for name, rows in splits.items()
+        }
         report["labels"] = labels
         report["class_weights"] = weights
     else:
-        tokenized = {name: tokenize_examples(rows, tokenizer, chat_template, cfg.max_length, cfg.overflow,
-                                             cfg.train_on) for name, rows in splits.items()}
+        tokenized = {
+            name: tokenize_examples(
+                rows, tokenizer, chat_template, cfg.max_length, cfg.overflow, cfg.train_on
+            )
+            for name, rows in splits.items()
+        }
     report["tokenized"] = {name: _token_report(tok) for name, tok in tokenized.items()}
     report["trainable_tokens"] = tokenized["train"].trainable_tokens
     if not tokenized["train"].rows:
         why = ", ".join(f"{r}: {n}" for r, n in tokenized["train"].dropped.items())
-        raise DataError(f"{cfg.train or 'data.mix'}: no training rows left after tokenizing ({why}); raise "
-                        f"data.max_length (now {cfg.max_length}), or set data.overflow=truncate if it is drop")
-    return PreparedData(train=tokenized["train"].rows, val=tokenized["val"].rows, test=tokenized["test"].rows,
-                        report=report, labels=labels)
+        raise DataError(
+            f"{cfg.train or 'data.mix'}: no training rows left after tokenizing ({why}); raise "
+            f"data.max_length (now {cfg.max_length}), or set data.overflow=truncate if it is drop"
+        )
+    return PreparedData(
+        train=tokenized["train"].rows,
+        val=tokenized["val"].rows,
+        test=tokenized["test"].rows,
+        report=report,
+        labels=labels,
+    )

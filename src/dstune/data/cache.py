@@ -38,9 +38,17 @@ def tokenizer_identity(tokenizer: Any) -> str:
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
-    h.update(json.dumps({"special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
-                         "ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
-                         "template": getattr(tokenizer, "chat_template", None)}, sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {
+                "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+                "ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+                "template": getattr(tokenizer, "chat_template", None),
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -71,7 +79,9 @@ def cache_key(cfg: Any, tokenizer: Any, chat_template: str | None, seed: int) ->
     h = hashlib.sha256(f"dstune-tokenized-{FORMAT}".encode())
     options = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else dict(vars(cfg))
     options.pop("cache", None)
-    h.update(json.dumps({"options": options, "seed": seed, "template": chat_template}, sort_keys=True).encode())
+    h.update(
+        json.dumps({"options": options, "seed": seed, "template": chat_template}, sort_keys=True).encode()
+    )
     for f in data_files(cfg):
         h.update(str(Path(f).name).encode())
         _file_digest(f, h)
@@ -95,14 +105,22 @@ def _write_split(out: Path, name: str, rows: list[dict]) -> dict:
 
 
 def _read_split(entry: Path, name: str, meta: dict) -> list[dict]:
-    arrays = {kind: np.load(entry / f"{name}.{kind}.npy", mmap_mode="r", allow_pickle=False)
-              for kind in ("input_ids", "labels", "offsets")}
+    arrays = {
+        kind: np.load(entry / f"{name}.{kind}.npy", mmap_mode="r", allow_pickle=False)
+        for kind in ("input_ids", "labels", "offsets")
+    }
     off = arrays["offsets"]
     ids, labels = arrays["input_ids"], arrays["labels"]
     # Rows become Python lists again, exactly as tokenising makes them, so everything downstream
     # (packing, collation, resume fingerprints) sees the same objects as on a fresh run.
-    rows = [{"input_ids": ids[off[i]:off[i + 1]].tolist(), "labels": labels[off[i]:off[i + 1]].tolist(),
-             "source": src} for i, src in enumerate(meta["sources"])]
+    rows = [
+        {
+            "input_ids": ids[off[i] : off[i + 1]].tolist(),
+            "labels": labels[off[i] : off[i + 1]].tolist(),
+            "source": src,
+        }
+        for i, src in enumerate(meta["sources"])
+    ]
     for row, extra in zip(rows, meta.get("extra", [])):
         row.update(extra)
     return rows
@@ -125,8 +143,11 @@ def save_entry(entry: Path, data) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
-        meta = {"format": FORMAT, "splits": {name: _write_split(tmp, name, getattr(data, name)) for name in _SPLITS},
-                "report": data.report}
+        meta = {
+            "format": FORMAT,
+            "splits": {name: _write_split(tmp, name, getattr(data, name)) for name in _SPLITS},
+            "report": data.report,
+        }
         (tmp / "index.json").write_text(json.dumps(meta, ensure_ascii=False), "utf-8")
         if entry.exists() and not (entry / "index.json").is_file():
             # Not an entry (complete ones appear with index.json in one rename): debris, e.g. a partial copy.
@@ -140,8 +161,9 @@ def save_entry(entry: Path, data) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cached_prepare(cfg: Any, tokenizer: Any, chat_template: str | None, seed: int,
-                   prepare: Callable | None = None):
+def cached_prepare(
+    cfg: Any, tokenizer: Any, chat_template: str | None, seed: int, prepare: Callable | None = None
+):
     """``prepare_data`` through the on-disk cache when ``cfg.cache`` is set.
 
     Args:
@@ -165,8 +187,11 @@ def cached_prepare(cfg: Any, tokenizer: Any, chat_template: str | None, seed: in
         data.report["cache"] = {"status": "hit", "entry": str(entry)}
         return data
     data = prepare(cfg, tokenizer, chat_template, seed)
-    if not all(isinstance(r["input_ids"], list) and isinstance(r["labels"], list)
-               for name in _SPLITS for r in getattr(data, name)):
+    if not all(
+        isinstance(r["input_ids"], list) and isinstance(r["labels"], list)
+        for name in _SPLITS
+        for r in getattr(data, name)
+    ):
         data.report["cache"] = {"status": "skipped: rows are not token sequences"}
         return data
     save_entry(entry, data)

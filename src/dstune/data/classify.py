@@ -24,7 +24,9 @@ def label_list(examples: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: (0, int(n), n) if n.lstrip("-").isdigit() else (1, 0, n))
 
 
-def class_weights(setting: str | dict[str, float], labels: list[str], train: list[dict]) -> list[float] | None:
+def class_weights(
+    setting: str | dict[str, float], labels: list[str], train: list[dict]
+) -> list[float] | None:
     """Loss weight of each class, or None for plain cross-entropy.
 
     Args:
@@ -47,16 +49,23 @@ def class_weights(setting: str | dict[str, float], labels: list[str], train: lis
     unknown = sorted(set(setting) - set(labels))
     missing = [name for name in labels if name not in setting]
     if unknown or missing:
-        raise DataError(f"classify.class_weights names {unknown or 'no unknown labels'} and misses {missing or 'none'}; "
-                        f"give one positive weight for each of the labels {labels}")
+        raise DataError(
+            f"classify.class_weights names {unknown or 'no unknown labels'} and misses {missing or 'none'}; "
+            f"give one positive weight for each of the labels {labels}"
+        )
     bad = {k: v for k, v in setting.items() if not v > 0}
     if bad:
         raise DataError(f"classify.class_weights must be positive, got {bad}")
     return [float(setting[name]) for name in labels]
 
 
-def tokenize_classification(examples: list[dict], tokenizer: Any, labels: list[str], max_length: int,
-                            weights: list[float] | None = None) -> Tokenized:
+def tokenize_classification(
+    examples: list[dict],
+    tokenizer: Any,
+    labels: list[str],
+    max_length: int,
+    weights: list[float] | None = None,
+) -> Tokenized:
     """Turns classification examples into head rows (module doc).
 
     Args:
@@ -75,12 +84,16 @@ def tokenize_classification(examples: list[dict], tokenizer: Any, labels: list[s
     out = Tokenized(rows=[])
     for first in range(0, len(examples), _CHUNK):
         chunk, texts = [], []
-        for ex in examples[first:first + _CHUNK]:
+        for ex in examples[first : first + _CHUNK]:
             if "label" not in ex:
-                raise DataError(f"{ex.get('source', '?')}: task=classification needs classification rows (a text "
-                                "and a label column); this row has none. Set data.format=classification")
+                raise DataError(
+                    f"{ex.get('source', '?')}: task=classification needs classification rows (a text "
+                    "and a label column); this row has none. Set data.format=classification"
+                )
             if ex["label"] not in index:
-                raise DataError(f"{ex['source']}: label {ex['label']!r} is not one of the run's labels {labels}")
+                raise DataError(
+                    f"{ex['source']}: label {ex['label']!r} is not one of the run's labels {labels}"
+                )
             text = ex["messages"][-2]["content"]
             if control is not None and control.search(text):
                 out.dropped["contains a control token"] = out.dropped.get("contains a control token", 0) + 1

@@ -23,7 +23,8 @@ FORMATS = ("text", "alpaca", "messages", "classification")
 FORMAT_KEYS = {
     "text": "'text'",
     "alpaca": "'instruction' and 'output' (optional 'input', 'system', 'history')",
-    "messages": "'messages' or 'conversations': a list of {'role', 'content'} or ShareGPT {'from', 'value'} turns",
+    "messages": "'messages' or 'conversations': a list of {'role', 'content'} or ShareGPT "
+    "{'from', 'value'} turns",
     "classification": "'label' and a text column (text, review, sentence, content, comment, document)",
 }
 
@@ -51,8 +52,13 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def detect_format(rows: list[Any], path: str, kind: str = "keys", label_column: str = "label",
-                  text_column: str | None = None) -> str | None:
+def detect_format(
+    rows: list[Any],
+    path: str,
+    kind: str = "keys",
+    label_column: str = "label",
+    text_column: str | None = None,
+) -> str | None:
     """Names the format of a file from the keys of its first rows.
 
     Args:
@@ -81,7 +87,9 @@ def detect_format(rows: list[Any], path: str, kind: str = "keys", label_column: 
             return "messages"
         if "instruction" in keys and "output" in keys:
             return "alpaca"
-        if label_column in keys and (text_column in keys if text_column else any(c in keys for c in TEXT_COLUMNS)):
+        if label_column in keys and (
+            text_column in keys if text_column else any(c in keys for c in TEXT_COLUMNS)
+        ):
             return "classification"
         if "text" in keys:
             return "text"
@@ -89,20 +97,26 @@ def detect_format(rows: list[Any], path: str, kind: str = "keys", label_column: 
     if n == 0:
         return None
     needs = "; ".join(f"{name}: {keys}" for name, keys in FORMAT_KEYS.items())
-    raise DataError(f"{path}: cannot tell the data format: the first {n} row(s) have the {kind} {sorted(seen)}. "
-                    f"Each format needs these {kind}: {needs}. Rename the {kind}, or set data.format.")
+    raise DataError(
+        f"{path}: cannot tell the data format: the first {n} row(s) have the {kind} {sorted(seen)}. "
+        f"Each format needs these {kind}: {needs}. Rename the {kind}, or set data.format."
+    )
 
 
 def _string(row: dict, key: str, *, required: bool, where: str = "") -> str | None:
     """Returns ``row[key]`` as a string, None for an absent optional field, or raises RowError."""
     if key not in row or (row[key] is None and not required):
         if required:
-            raise RowError(f"missing field '{key}'", f"missing field '{key}'{where}; found {sorted(map(str, row))}")
+            raise RowError(
+                f"missing field '{key}'", f"missing field '{key}'{where}; found {sorted(map(str, row))}"
+            )
         return None
     value = row[key]
     if not isinstance(value, str):
-        raise RowError(f"field '{key}' is not a string",
-                       f"field '{key}'{where} is {_type_name(value)} {value!r:.60}, expected a string")
+        raise RowError(
+            f"field '{key}' is not a string",
+            f"field '{key}'{where} is {_type_name(value)} {value!r:.60}, expected a string",
+        )
     return value
 
 
@@ -112,8 +126,11 @@ def _check_turns(messages: list[dict]) -> None:
     body = roles[1:] if roles and roles[0] == "system" else roles
     expected = ["user", "assistant"] * (len(body) // 2)
     if not body or body != expected or len(body) % 2:
-        raise RowError("bad turn order", f"turns are {roles}; expected an optional system turn, then user and "
-                       "assistant turns alternating, starting with user and ending with the assistant's reply")
+        raise RowError(
+            "bad turn order",
+            f"turns are {roles}; expected an optional system turn, then user and "
+            "assistant turns alternating, starting with user and ending with the assistant's reply",
+        )
     for j, m in enumerate(messages):
         if not m["content"].strip():
             kind = "empty assistant reply" if m["role"] == "assistant" else f"empty {m['role']} message"
@@ -132,12 +149,18 @@ def _alpaca(row: dict) -> list[dict]:
     history = row.get("history")
     if history is not None:
         if not isinstance(history, list):
-            raise RowError("bad history", f"field 'history' is {_type_name(history)}, expected a list of "
-                           "[user, assistant] pairs")
+            raise RowError(
+                "bad history",
+                f"field 'history' is {_type_name(history)}, expected a list of [user, assistant] pairs",
+            )
         for j, pair in enumerate(history):
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-                raise RowError("bad history", f"history item {j} is {pair!r:.60}; expected a [user, assistant] "
-                               "pair of strings")
+            if not (
+                isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)
+            ):
+                raise RowError(
+                    "bad history",
+                    f"history item {j} is {pair!r:.60}; expected a [user, assistant] pair of strings",
+                )
             messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     reply = {"role": "assistant", "content": output}
     # R1-distilled sets in alpaca layout carry the reasoning trace beside the answer.
@@ -152,11 +175,14 @@ def _conversation(row: dict) -> list[dict]:
     key = "messages" if "messages" in row else "conversations"
     turns = row.get(key)
     if key not in row:
-        raise RowError("missing field 'messages'", f"missing field 'messages' (or 'conversations'); "
-                       f"found {sorted(map(str, row))}")
+        raise RowError(
+            "missing field 'messages'",
+            f"missing field 'messages' (or 'conversations'); found {sorted(map(str, row))}",
+        )
     if not isinstance(turns, list):
-        raise RowError(f"field '{key}' is not a list",
-                       f"field '{key}' is {_type_name(turns)}, expected a list of turns")
+        raise RowError(
+            f"field '{key}' is not a list", f"field '{key}' is {_type_name(turns)}, expected a list of turns"
+        )
     messages = []
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict):
@@ -165,14 +191,18 @@ def _conversation(row: dict) -> list[dict]:
         role_key, content_key = ("role", "content") if "role" in turn else ("from", "value")
         role = turn.get(role_key)
         if role not in ROLES:
-            raise RowError("unknown role", f"{key}[{j}] has {role_key}={role!r}; accepted: {', '.join(ROLES)}")
+            raise RowError(
+                "unknown role", f"{key}[{j}] has {role_key}={role!r}; accepted: {', '.join(ROLES)}"
+            )
         content = _string(turn, content_key, required=True, where=f" in {key}[{j}]")
         message = {"role": ROLES[role], "content": content}
         reasoning = _string(turn, "reasoning_content", required=False, where=f" in {key}[{j}]")
         if reasoning and message["role"] == "assistant":
             message["reasoning_content"] = reasoning
         messages.append(message)
-    system = _string(row, "system", required=False)  # ShareGPT files may carry the system prompt beside the turns
+    system = _string(
+        row, "system", required=False
+    )  # ShareGPT files may carry the system prompt beside the turns
     if system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     return messages
@@ -183,16 +213,24 @@ def _classification(row: dict, text_column: str | None, label_column: str) -> tu
     column = text_column or next((c for c in TEXT_COLUMNS if c in row), None)
     if column is None or column not in row:
         want = f"text column '{text_column}'" if text_column else f"a text column ({', '.join(TEXT_COLUMNS)})"
-        raise RowError("missing text column", f"has no {want}; found {sorted(map(str, row))}; "
-                       "name it with --text-column (data.text_column)")
+        raise RowError(
+            "missing text column",
+            f"has no {want}; found {sorted(map(str, row))}; name it with --text-column (data.text_column)",
+        )
     text = _string(row, column, required=True)
     if label_column not in row:
-        raise RowError("missing label column", f"has no label column '{label_column}'; found "
-                       f"{sorted(map(str, row))}; name it with --label-column (data.label_column)")
+        raise RowError(
+            "missing label column",
+            f"has no label column '{label_column}'; found "
+            f"{sorted(map(str, row))}; name it with --label-column (data.label_column)",
+        )
     label = row[label_column]
     if isinstance(label, bool) or not isinstance(label, (str, int)):
-        raise RowError("bad label", f"label '{label_column}' is {_type_name(label)} {label!r:.60}; expected a "
-                       "string or an integer class")
+        raise RowError(
+            "bad label",
+            f"label '{label_column}' is {_type_name(label)} {label!r:.60}; expected a "
+            "string or an integer class",
+        )
     label = str(label).strip()
     if not text.strip():
         raise RowError("empty text", f"column '{column}' is empty")
@@ -221,12 +259,21 @@ def strip_reasoning(example: dict) -> dict:
 
 def has_reasoning(example: dict) -> bool:
     """Whether an example carries a reasoning trace (``reasoning_content`` or a ``</think>`` block)."""
-    return any(m.get("reasoning_content") or (m["role"] == "assistant" and "</think>" in m["content"])
-               for m in example.get("messages", ()))
+    return any(
+        m.get("reasoning_content") or (m["role"] == "assistant" and "</think>" in m["content"])
+        for m in example.get("messages", ())
+    )
 
 
-def to_example(row: Any, fmt: str, source: str, system: str | None = None, *, text_column: str | None = None,
-               label_column: str = "label") -> dict:
+def to_example(
+    row: Any,
+    fmt: str,
+    source: str,
+    system: str | None = None,
+    *,
+    text_column: str | None = None,
+    label_column: str = "label",
+) -> dict:
     """Turns one parsed row into an example of the given format.
 
     Args:
@@ -245,7 +292,9 @@ def to_example(row: Any, fmt: str, source: str, system: str | None = None, *, te
         RowError: naming what is wrong with the row.
     """
     if not isinstance(row, dict):
-        raise RowError("not an object", f"is {_type_name(row)}, expected an object with the fields of a {fmt} example")
+        raise RowError(
+            "not an object", f"is {_type_name(row)}, expected an object with the fields of a {fmt} example"
+        )
     if fmt == "text":
         text = _string(row, "text", required=True)
         if not text.strip():

@@ -22,7 +22,11 @@ _SHOW_CHARS = 2000  # a rendered example is cut here: one wiki_demo.txt line is 
 
 
 def _cut(text: str) -> str:
-    return text if len(text) <= _SHOW_CHARS else f"{text[:_SHOW_CHARS]}... ({len(text) - _SHOW_CHARS} more characters)"
+    return (
+        text
+        if len(text) <= _SHOW_CHARS
+        else f"{text[:_SHOW_CHARS]}... ({len(text) - _SHOW_CHARS} more characters)"
+    )
 
 
 def render_mask(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
@@ -40,9 +44,17 @@ def render_mask(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
     return "".join(out)
 
 
-def inspect_file(path: str | Path, *, model: str | None = None, fmt: str = "auto", text_column: str | None = None,
-                 label_column: str | None = None, examples: int = 3, max_length: int = 512,
-                 train_on: str = "assistant") -> dict:
+def inspect_file(
+    path: str | Path,
+    *,
+    model: str | None = None,
+    fmt: str = "auto",
+    text_column: str | None = None,
+    label_column: str | None = None,
+    examples: int = 3,
+    max_length: int = 512,
+    train_on: str = "assistant",
+) -> dict:
     """Reads a data file leniently and describes it.
 
     Args:
@@ -63,10 +75,15 @@ def inspect_file(path: str | Path, *, model: str | None = None, fmt: str = "auto
     """
     loaded = load_examples(path, fmt, True, None, None, text_column=text_column, label_column=label_column)
     rows = loaded.examples
-    report: dict[str, Any] = {"path": loaded.path, "format": loaded.format, "rows_read": loaded.rows_read,
-                              "examples": len(rows), "dropped": loaded.dropped,
-                              "first_dropped": loaded.first_dropped,
-                              "with_reasoning": sum(map(has_reasoning, rows))}
+    report: dict[str, Any] = {
+        "path": loaded.path,
+        "format": loaded.format,
+        "rows_read": loaded.rows_read,
+        "examples": len(rows),
+        "dropped": loaded.dropped,
+        "first_dropped": loaded.first_dropped,
+        "with_reasoning": sum(map(has_reasoning, rows)),
+    }
     if loaded.format == "classification":
         report["labels"] = dict(sorted(Counter(ex["label"] for ex in rows).items()))
     chars = [len(content(ex)) for ex in rows]
@@ -79,9 +96,15 @@ def inspect_file(path: str | Path, *, model: str | None = None, fmt: str = "auto
     report["model"] = model
     report["tokens"] = length_stats(token_lengths(rows, tokenizer, template))
     tok = tokenize_examples(shown, tokenizer, template, max_length, "truncate", train_on)
-    report["rendered"] = [{"source": r["source"], "tokens": len(r["input_ids"]),
-                           "trained_tokens": sum(t != IGNORE for t in r["labels"]),
-                           "text": _cut(render_mask(tokenizer, r["input_ids"], r["labels"]))} for r in tok.rows]
+    report["rendered"] = [
+        {
+            "source": r["source"],
+            "tokens": len(r["input_ids"]),
+            "trained_tokens": sum(t != IGNORE for t in r["labels"]),
+            "text": _cut(render_mask(tokenizer, r["input_ids"], r["labels"])),
+        }
+        for r in tok.rows
+    ]
     report["render_dropped"] = tok.dropped
     return report
 
@@ -94,22 +117,30 @@ def _plain(ex: dict) -> str:
 
 def render_inspection(report: dict) -> str:
     """The inspection as text for a terminal."""
-    lines = [f"{report['path']}: format {report['format']}, {report['rows_read']} rows read, "
-             f"{report['examples']} usable examples"]
+    lines = [
+        f"{report['path']}: format {report['format']}, {report['rows_read']} rows read, "
+        f"{report['examples']} usable examples"
+    ]
     for reason, n in report["dropped"].items():
         lines.append(f"  dropped {n} ({reason}), first at {report['first_dropped'][reason]}")
     if "labels" in report:
         total = sum(report["labels"].values())
-        lines.append("labels: " + ", ".join(f"{k}: {n} ({100 * n / total:.1f}%)" for k, n in report["labels"].items()))
+        lines.append(
+            "labels: " + ", ".join(f"{k}: {n} ({100 * n / total:.1f}%)" for k, n in report["labels"].items())
+        )
     if report["with_reasoning"]:
         lines.append(f"reasoning traces: {report['with_reasoning']} examples")
     c = report["chars"]
-    lines.append(f"characters of text per example: min {c['min']}, mean {c['mean']}, p50 {c['p50']}, "
-                 f"p90 {c['p90']}, max {c['max']}")
+    lines.append(
+        f"characters of text per example: min {c['min']}, mean {c['mean']}, p50 {c['p50']}, "
+        f"p90 {c['p90']}, max {c['max']}"
+    )
     if "tokens" in report:
         t = report["tokens"]
-        lines.append(f"tokens per example ({report['model']}): min {t['min']}, mean {t['mean']}, p50 {t['p50']}, "
-                     f"p90 {t['p90']}, p99 {t['p99']}, max {t['max']}")
+        lines.append(
+            f"tokens per example ({report['model']}): min {t['min']}, mean {t['mean']}, p50 {t['p50']}, "
+            f"p90 {t['p90']}, p99 {t['p99']}, max {t['max']}"
+        )
         lines.append("  histogram: " + ", ".join(f"{b}: {n}" for b, n in t["histogram"].items() if n))
         lines.append(f"\nexamples as tokenized; tokens that carry loss are between {OPEN} and {CLOSE}:")
     for item in report["rendered"]:

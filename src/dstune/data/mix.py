@@ -33,7 +33,7 @@ def quotas(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
     exact = [total * w / norm for w in weights]
     counts = [math.floor(x) for x in exact]
     by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
-    for i in by_remainder[:total - sum(counts)]:
+    for i in by_remainder[: total - sum(counts)]:
         counts[i] += 1
     return counts
 
@@ -46,7 +46,7 @@ def sample(rows: list, count: int, rng: random.Random) -> list:
     while len(out) < count:
         order = list(range(len(rows)))
         rng.shuffle(order)
-        out.extend(rows[i] for i in order[:count - len(out)])
+        out.extend(rows[i] for i in order[: count - len(out)])
     return out
 
 

@@ -48,7 +48,7 @@ def ngrams(text: str, n: int = DEFAULT_N) -> set[str]:
     joined = "".join(parts)
     if len(found) <= n:
         return {joined}
-    return {joined[starts[i]:ends[i + n - 1]] for i in range(len(found) - n + 1)}
+    return {joined[starts[i] : ends[i + n - 1]] for i in range(len(found) - n + 1)}
 
 
 def find_overlaps(train: list[dict], held_out: dict[str, list[dict]], n: int = DEFAULT_N) -> list[dict]:
@@ -74,7 +74,14 @@ def find_overlaps(train: list[dict], held_out: dict[str, list[dict]], n: int = D
         grams = ngrams(content(ex), n)
         shared = sorted(g for g in grams if g in index)
         if shared:
-            hits.append({"index": i, "source": ex["source"], "matches": index[shared[0]],
-                         "shared_ngrams": len(shared), "fraction": round(len(shared) / len(grams), 4),
-                         "ngram": shared[0]})
+            hits.append(
+                {
+                    "index": i,
+                    "source": ex["source"],
+                    "matches": index[shared[0]],
+                    "shared_ngrams": len(shared),
+                    "fraction": round(len(shared) / len(grams), 4),
+                    "ngram": shared[0],
+                }
+            )
     return hits

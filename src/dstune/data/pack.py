@@ -39,7 +39,9 @@ def pack_rows(rows: list[dict], max_length: int, seed: int) -> list[dict]:
     for i in order:
         n = len(rows[i]["input_ids"])
         if n > max_length:
-            raise ValueError(f"row {rows[i].get('source', i)} has {n} tokens, more than the packing length {max_length}")
+            raise ValueError(
+                f"row {rows[i].get('source', i)} has {n} tokens, more than the packing length {max_length}"
+            )
         for b, free in enumerate(room):
             if n <= free:
                 bins[b].append(i)
@@ -65,7 +67,7 @@ def padding_share(rows: list[dict], micro_batch_size: int) -> float:
     """Share of padding tokens when ``rows`` are batched in order and padded to each batch's longest row."""
     real = padded = 0
     for start in range(0, len(rows), micro_batch_size):
-        chunk = rows[start:start + micro_batch_size]
+        chunk = rows[start : start + micro_batch_size]
         width = max(len(r["input_ids"]) for r in chunk)
         real += sum(len(r["input_ids"]) for r in chunk)
         padded += width * len(chunk)

@@ -90,11 +90,12 @@ def token_lengths(examples: list[dict], tokenizer: Any, template: str) -> list[i
         if "text" in ex:
             texts.append((tokenizer.bos_token or "") + ex["text"] + (tokenizer.eos_token or ""))
         else:
-            texts.append(tokenizer.apply_chat_template(ex["messages"], tokenize=False,
-                                                       chat_template=template))
+            texts.append(
+                tokenizer.apply_chat_template(ex["messages"], tokenize=False, chat_template=template)
+            )
     lengths = []
     for i in range(0, len(texts), 256):
-        lengths += [len(ids) for ids in tokenizer(texts[i:i + 256], add_special_tokens=False)["input_ids"]]
+        lengths += [len(ids) for ids in tokenizer(texts[i : i + 256], add_special_tokens=False)["input_ids"]]
     return lengths
 
 
@@ -109,8 +110,16 @@ def length_stats(lengths: list[int]) -> dict:
 
     bins = [f"<{_EDGES[0]}"] + [f"{a}-{b - 1}" for a, b in zip(_EDGES, _EDGES[1:])] + [f">={_EDGES[-1]}"]
     counts = Counter(bins[sum(n >= e for e in _EDGES)] for n in s)
-    return {"count": len(s), "min": s[0], "mean": round(sum(s) / len(s), 1), "p50": pct(50), "p90": pct(90),
-            "p99": pct(99), "max": s[-1], "histogram": {b: counts.get(b, 0) for b in bins}}
+    return {
+        "count": len(s),
+        "min": s[0],
+        "mean": round(sum(s) / len(s), 1),
+        "p50": pct(50),
+        "p90": pct(90),
+        "p99": pct(99),
+        "max": s[-1],
+        "histogram": {b: counts.get(b, 0) for b in bins},
+    }
 
 
 def _output_format(formats: dict[str, str]) -> str:
@@ -118,8 +127,10 @@ def _output_format(formats: dict[str, str]) -> str:
     found = {kinds.get(f, f) for f in formats.values()}
     if len(found) > 1:
         listing = ", ".join(f"{path} ({fmt})" for path, fmt in formats.items())
-        raise DataError(f"the inputs hold different kinds of data: {listing}; text, conversations "
-                        "(alpaca and messages mix) and classification rows must be prepared separately")
+        raise DataError(
+            f"the inputs hold different kinds of data: {listing}; text, conversations "
+            "(alpaca and messages mix) and classification rows must be prepared separately"
+        )
     return found.pop()
 
 
@@ -129,8 +140,11 @@ def to_row(example: dict, fmt: str) -> dict:
     if fmt == "text":
         return {"text": example["text"], "source": example["source"]}
     if fmt == "classification":
-        return {"text": example["messages"][-2]["content"], "label": example["label"],
-                "source": example["source"]}
+        return {
+            "text": example["messages"][-2]["content"],
+            "label": example["label"],
+            "source": example["source"],
+        }
     return {"messages": example["messages"], "source": example["source"]}
 
 
@@ -154,24 +168,40 @@ def _check_options(inputs: list[str | Path], opts: PrepareOptions) -> None:
     if not inputs:
         raise DataError("no input files: give one or more data files to prepare")
     if opts.max_tokens is not None and not opts.model:
-        raise DataError("--max-tokens measures rows with a tokenizer: give --model too "
-                        "(e.g. --model tiny:deepseek-llm)")
+        raise DataError(
+            "--max-tokens measures rows with a tokenizer: give --model too (e.g. --model tiny:deepseek-llm)"
+        )
     if opts.reasoning not in ("keep", "strip"):
         raise DataError(f"unknown reasoning policy {opts.reasoning!r}; accepted: keep, strip")
 
 
-def _read_inputs(inputs: list[str | Path], opts: PrepareOptions, report: dict,
-                 dropped: Counter) -> tuple[list[dict], dict[str, str]]:
+def _read_inputs(
+    inputs: list[str | Path], opts: PrepareOptions, report: dict, dropped: Counter
+) -> tuple[list[dict], dict[str, str]]:
     """Reads the input files in order, noting each in the report; returns the examples and the formats."""
     examples, formats = [], {}
     for path in inputs:
-        loaded = load_examples(path, opts.fmt, opts.lenient, opts.max_samples, opts.system,
-                               text_column=opts.text_column, label_column=opts.label_column)
+        loaded = load_examples(
+            path,
+            opts.fmt,
+            opts.lenient,
+            opts.max_samples,
+            opts.system,
+            text_column=opts.text_column,
+            label_column=opts.label_column,
+        )
         formats[loaded.path] = loaded.format
         dropped.update(loaded.dropped)
-        report["inputs"].append({"path": loaded.path, "format": loaded.format, "rows_read": loaded.rows_read,
-                                 "examples": len(loaded.examples), "dropped": dict(loaded.dropped),
-                                 "first_dropped": dict(loaded.first_dropped)})
+        report["inputs"].append(
+            {
+                "path": loaded.path,
+                "format": loaded.format,
+                "rows_read": loaded.rows_read,
+                "examples": len(loaded.examples),
+                "dropped": dict(loaded.dropped),
+                "first_dropped": dict(loaded.first_dropped),
+            }
+        )
         examples += loaded.examples
     return examples, formats
 
@@ -180,14 +210,19 @@ def _clean(examples: list[dict], opts: PrepareOptions, report: dict, dropped: Co
     """Cleans the examples of all inputs together and records what the cleaning did in the report."""
     cleaned = clean_examples(examples, opts.clean)
     dropped.update(cleaned.dropped)
-    report["cleaning"] = {"dropped": cleaned.dropped, "first_dropped": cleaned.first_dropped,
-                          "pii_replaced": cleaned.pii, "normalized_rows": cleaned.normalized,
-                          "duplicate_of": dict(list(cleaned.duplicate_of.items())[:50])}
+    report["cleaning"] = {
+        "dropped": cleaned.dropped,
+        "first_dropped": cleaned.first_dropped,
+        "pii_replaced": cleaned.pii,
+        "normalized_rows": cleaned.normalized,
+        "duplicate_of": dict(list(cleaned.duplicate_of.items())[:50]),
+    }
     return cleaned.examples
 
 
-def _measure_tokens(examples: list[dict], opts: PrepareOptions, report: dict,
-                    dropped: Counter) -> tuple[list[dict], dict[int, int]]:
+def _measure_tokens(
+    examples: list[dict], opts: PrepareOptions, report: dict, dropped: Counter
+) -> tuple[list[dict], dict[int, int]]:
     """Measures the examples in tokens (with ``opts.model``) and drops those over ``max_tokens``."""
     lengths: dict[int, int] = {}  # id(example) -> tokens; sources need not be unique across inputs
     if opts.model:
@@ -203,22 +238,33 @@ def _measure_tokens(examples: list[dict], opts: PrepareOptions, report: dict,
     return examples, lengths
 
 
-def _check_contamination(splits: dict[str, list[dict]], opts: PrepareOptions, report: dict,
-                         dropped: Counter) -> None:
+def _check_contamination(
+    splits: dict[str, list[dict]], opts: PrepareOptions, report: dict, dropped: Counter
+) -> None:
     """Checks train for n-gram overlap with val, test and the eval files, removing the rows on request."""
     held = {"val": splits["val"], "test": splits["test"]}
     for path in opts.eval_files:
-        held[Path(path).name] = load_examples(path, "auto", opts.lenient, None, None,
-                                              text_column=opts.text_column,
-                                              label_column=opts.label_column).examples
+        held[Path(path).name] = load_examples(
+            path,
+            "auto",
+            opts.lenient,
+            None,
+            None,
+            text_column=opts.text_column,
+            label_column=opts.label_column,
+        ).examples
     overlaps = find_overlaps(splits["train"], held, opts.ngram)
     if opts.decontaminate and overlaps:
         bad = {hit["index"] for hit in overlaps}
         splits["train"] = [ex for i, ex in enumerate(splits["train"]) if i not in bad]
         dropped["contaminated"] += len(bad)
-    report["contamination"] = {"ngram": opts.ngram, "checked_against": {k: len(v) for k, v in held.items()},
-                               "train_rows_overlapping": len(overlaps), "removed": bool(opts.decontaminate),
-                               "rows": overlaps[:50]}
+    report["contamination"] = {
+        "ngram": opts.ngram,
+        "checked_against": {k: len(v) for k, v in held.items()},
+        "train_rows_overlapping": len(overlaps),
+        "removed": bool(opts.decontaminate),
+        "rows": overlaps[:50],
+    }
 
 
 def _write_outputs(out_dir: str | Path, splits: dict[str, list[dict]], fmt: str, report: dict) -> None:
@@ -234,8 +280,9 @@ def _write_outputs(out_dir: str | Path, splits: dict[str, list[dict]], fmt: str,
     (out / "report.md").write_text(render_report_md(report), encoding="utf-8")
 
 
-def prepare_files(inputs: list[str | Path], out_dir: str | Path,
-                  options: PrepareOptions | None = None) -> dict:
+def prepare_files(
+    inputs: list[str | Path], out_dir: str | Path, options: PrepareOptions | None = None
+) -> dict:
     """Prepares data files for training and writes the splits and a report into ``out_dir``.
 
     Args:
@@ -266,8 +313,10 @@ def prepare_files(inputs: list[str | Path], out_dir: str | Path,
     examples, lengths = _measure_tokens(examples, opts, report, dropped)
     if not examples:
         why = ", ".join(f"{r}: {n}" for r, n in dropped.items())
-        raise DataError(f"nothing left to write after cleaning ({why}); see the cleaning options in "
-                        "dstune data prepare --help")
+        raise DataError(
+            f"nothing left to write after cleaning ({why}); see the cleaning options in "
+            "dstune data prepare --help"
+        )
 
     splits = _split(examples, opts, fmt == "classification")
     _check_contamination(splits, opts, report, dropped)
@@ -276,11 +325,18 @@ def prepare_files(inputs: list[str | Path], out_dir: str | Path,
     report["split"] = {name: len(rows) for name, rows in splits.items()}
     if fmt == "classification":
         names = sorted({ex["label"] for ex in examples})
-        report["labels"] = {"names": names, **{name: {label: sum(ex["label"] == label for ex in rows)
-                                                      for label in names} for name, rows in splits.items()}}
+        report["labels"] = {
+            "names": names,
+            **{
+                name: {label: sum(ex["label"] == label for ex in rows) for label in names}
+                for name, rows in splits.items()
+            },
+        }
     if lengths:
-        report["tokens"] = {"model": opts.model, **{name: length_stats([lengths[id(ex)] for ex in rows])
-                                                    for name, rows in splits.items()}}
+        report["tokens"] = {
+            "model": opts.model,
+            **{name: length_stats([lengths[id(ex)] for ex in rows]) for name, rows in splits.items()},
+        }
     _write_outputs(out_dir, splits, fmt, report)
     return report
 
@@ -293,42 +349,74 @@ def _options_report(opts: PrepareOptions) -> dict:
 
 def render_report_md(report: dict) -> str:
     """A short human summary of a prepare report, as Markdown."""
-    lines = ["# Data preparation report", "", f"Format written: **{report['format']}**", "", "## Inputs", "",
-             "| file | format | rows read | examples | dropped |", "|---|---|---|---|---|"]
+    lines = [
+        "# Data preparation report",
+        "",
+        f"Format written: **{report['format']}**",
+        "",
+        "## Inputs",
+        "",
+        "| file | format | rows read | examples | dropped |",
+        "|---|---|---|---|---|",
+    ]
     for item in report["inputs"]:
         bad = ", ".join(f"{r}: {n}" for r, n in item["dropped"].items()) or "-"
-        lines.append(f"| {item['path']} | {item['format']} | {item['rows_read']} | {item['examples']} "
-                     f"| {bad} |")
+        lines.append(
+            f"| {item['path']} | {item['format']} | {item['rows_read']} | {item['examples']} | {bad} |"
+        )
     lines += ["", "## Dropped", "", "| reason | rows |", "|---|---|"]
     lines += [f"| {r} | {n} |" for r, n in report["dropped"].items()] or ["| (none) | 0 |"]
     pii = report["cleaning"]["pii_replaced"]
-    lines += ["", "Sensitive information replaced: "
-              + (", ".join(f"{k}: {n}" for k, n in pii.items()) or "none"),
-              "", "## Splits", "", "| split | rows |", "|---|---|"]
+    lines += [
+        "",
+        "Sensitive information replaced: " + (", ".join(f"{k}: {n}" for k, n in pii.items()) or "none"),
+        "",
+        "## Splits",
+        "",
+        "| split | rows |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {n} |" for name, n in report["split"].items()]
     if "labels" in report:
         names = report["labels"]["names"]
-        lines += ["", "## Label balance", "", "| split | " + " | ".join(names) + " |",
-                  "|---" * (len(names) + 1) + "|"]
+        lines += [
+            "",
+            "## Label balance",
+            "",
+            "| split | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
         for name in SPLITS:
             lines.append(f"| {name} | " + " | ".join(str(report["labels"][name][n]) for n in names) + " |")
     c = report["contamination"]
-    lines += ["", "## Contamination", "",
-              f"{c['train_rows_overlapping']} training rows share a {c['ngram']}-gram with "
-              f"{', '.join(c['checked_against'])}"
-              + (" (removed)." if c["removed"] else " (kept; --decontaminate removes them).")]
+    lines += [
+        "",
+        "## Contamination",
+        "",
+        f"{c['train_rows_overlapping']} training rows share a {c['ngram']}-gram with "
+        f"{', '.join(c['checked_against'])}"
+        + (" (removed)." if c["removed"] else " (kept; --decontaminate removes them)."),
+    ]
     for hit in c["rows"][:10]:
         lines.append(f"- {hit['source']} overlaps {hit['matches']}: \"{hit['ngram']}\"")
     if "tokens" in report:
-        lines += ["", f"## Tokens ({report['tokens']['model']})", "",
-                  "| split | rows | min | mean | p50 | p90 | p99 | max |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Tokens ({report['tokens']['model']})",
+            "",
+            "| split | rows | min | mean | p50 | p90 | p99 | max |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for name in SPLITS:
             t = report["tokens"][name]
             if t["count"]:
-                lines.append(f"| {name} | {t['count']} | {t['min']} | {t['mean']} | {t['p50']} "
-                             f"| {t['p90']} | {t['p99']} | {t['max']} |")
+                lines.append(
+                    f"| {name} | {t['count']} | {t['min']} | {t['mean']} | {t['p50']} "
+                    f"| {t['p90']} | {t['p99']} | {t['max']} |"
+                )
         hist = report["tokens"]["train"].get("histogram", {})
-        lines += ["", "Train length histogram (tokens: rows): "
-                  + ", ".join(f"{b}: {n}" for b, n in hist.items() if n)]
+        lines += [
+            "",
+            "Train length histogram (tokens: rows): " + ", ".join(f"{b}: {n}" for b, n in hist.items() if n),
+        ]
     return "\n".join(lines) + "\n"

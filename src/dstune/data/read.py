@@ -64,9 +64,10 @@ def _text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise DataError(f"{path}, line {line}: not UTF-8 text ({exc.reason}); "
-                        "save the file as UTF-8") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text ({exc.reason}); save the file as UTF-8"
+        ) from None
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
@@ -78,8 +79,15 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             try:
                 yield where, json.loads(text), None
             except json.JSONDecodeError as exc:
-                yield where, None, RowError("not valid JSON", f"is not valid JSON ({exc.msg} at column "
-                                            f"{exc.colno}); each line must be one JSON object")
+                yield (
+                    where,
+                    None,
+                    RowError(
+                        "not valid JSON",
+                        f"is not valid JSON ({exc.msg} at column "
+                        f"{exc.colno}); each line must be one JSON object",
+                    ),
+                )
 
 
 def _read_json(path: Path) -> Iterator[Row]:
@@ -92,14 +100,18 @@ def _read_json(path: Path) -> Iterator[Row]:
         if exc.msg == "Extra data" and _is_object(first):
             yield from _read_jsonl(path)
             return
-        raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                        "expected a list of objects, or one JSON object per line") from None
+        raise DataError(
+            f"{path}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+            "expected a list of objects, or one JSON object per line"
+        ) from None
     if isinstance(data, dict) and sum(1 for line in text.split("\n") if line.strip()) == 1:
         data = [data]  # a one-line file holding one object is a jsonl file with one row
     if not isinstance(data, list):
         what = f"an object with keys {sorted(data)[:10]}" if isinstance(data, dict) else type(data).__name__
-        raise DataError(f"{path}: the top level is {what}; expected a list of examples ([{{...}}, {{...}}]) "
-                        "or one JSON object per line")
+        raise DataError(
+            f"{path}: the top level is {what}; expected a list of examples ([{{...}}, {{...}}]) "
+            "or one JSON object per line"
+        )
     for index, item in enumerate(data):
         yield f"row {index + 1}", item, None
 
@@ -118,8 +130,10 @@ def _read_csv(path: Path) -> Iterator[Row]:
     try:
         header = next(reader, None)
         if not header or not any(h.strip() for h in header):
-            raise DataError(f"{path}, line 1: no header row; the first line must name the columns "
-                            "(e.g. text, or instruction,input,output)")
+            raise DataError(
+                f"{path}, line 1: no header row; the first line must name the columns "
+                "(e.g. text, or instruction,input,output)"
+            )
         header = [h.strip() for h in header]
         duplicates = sorted({h for h in header if header.count(h) > 1})
         if duplicates:
@@ -132,8 +146,14 @@ def _read_csv(path: Path) -> Iterator[Row]:
             if not any(v.strip() for v in values):
                 continue
             if len(values) != len(header):
-                yield where, None, RowError("wrong number of columns", f"has {len(values)} fields, the "
-                                            f"header has {len(header)} ({', '.join(header)})")
+                yield (
+                    where,
+                    None,
+                    RowError(
+                        "wrong number of columns",
+                        f"has {len(values)} fields, the header has {len(header)} ({', '.join(header)})",
+                    ),
+                )
             else:
                 yield where, dict(zip(header, values)), None
     except csv.Error as exc:
@@ -165,8 +185,13 @@ def _read_txt(path: Path) -> Iterator[Row]:
             yield where, {"text": text}, None
 
 
-READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet,
-           ".txt": _read_txt}
+READERS = {
+    ".json": _read_json,
+    ".jsonl": _read_jsonl,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+    ".txt": _read_txt,
+}
 
 
 def _check_input(path: Path, fmt: str) -> None:
@@ -182,29 +207,46 @@ def _check_input(path: Path, fmt: str) -> None:
     if fmt not in ("auto", *FORMATS):
         raise DataError(f"unknown data format {fmt!r}; accepted: auto, {', '.join(FORMATS)}")
     if path.suffix.lower() == ".txt" and fmt not in ("auto", "text"):
-        raise DataError(f"{path}: a .txt file holds plain text, one example per line; data.format must be "
-                        f"text or auto, not {fmt}")
+        raise DataError(
+            f"{path}: a .txt file holds plain text, one example per line; data.format must be "
+            f"text or auto, not {fmt}"
+        )
 
 
-def _choose_format(path: Path, fmt: str, head: list[Row], lenient: bool, text_column: str | None,
-                   label_column: str | None) -> str:
+def _choose_format(
+    path: Path, fmt: str, head: list[Row], lenient: bool, text_column: str | None, label_column: str | None
+) -> str:
     """The format to read the rows in: ``fmt``, or the one detected from the first rows for "auto"."""
     if fmt == "auto":
         kind = "columns" if path.suffix.lower() in (".csv", ".parquet") else "keys"
-        fmt = detect_format([value for _, value, problem in head if problem is None], str(path), kind,
-                            label_column or "label", text_column)
+        fmt = detect_format(
+            [value for _, value, problem in head if problem is None],
+            str(path),
+            kind,
+            label_column or "label",
+            text_column,
+        )
     if fmt is None:
         if lenient and len(head) == _DETECT_ROWS:
-            raise DataError(f"{path}: none of the first {len(head)} rows could be parsed; "
-                            "cannot tell the data format")
+            raise DataError(
+                f"{path}: none of the first {len(head)} rows could be parsed; cannot tell the data format"
+            )
         # Nothing parsed, so every row is bad: the loop in _add_rows raises at the first one (strict) or
         # drops them all and says so (lenient). The format is a placeholder that is never used.
         fmt = "text"
     return fmt
 
 
-def _add_rows(loaded: Loaded, path: Path, rows: Iterator[Row], lenient: bool, max_samples: int | None,
-              system: str | None, text_column: str | None, label_column: str | None) -> None:
+def _add_rows(
+    loaded: Loaded,
+    path: Path,
+    rows: Iterator[Row],
+    lenient: bool,
+    max_samples: int | None,
+    system: str | None,
+    text_column: str | None,
+    label_column: str | None,
+) -> None:
     """Adds rows to ``loaded`` as examples up to ``max_samples``; a bad row raises (strict) or is counted."""
     fmt = loaded.format
     for where, value, problem in rows:
@@ -215,19 +257,31 @@ def _add_rows(loaded: Loaded, path: Path, rows: Iterator[Row], lenient: bool, ma
         try:
             if problem is not None:
                 raise problem
-            loaded.examples.append(to_example(value, fmt, source, system, text_column=text_column,
-                                              label_column=label_column or "label"))
+            loaded.examples.append(
+                to_example(
+                    value, fmt, source, system, text_column=text_column, label_column=label_column or "label"
+                )
+            )
         except RowError as err:
             if not lenient:
-                raise DataError(f"{path}, {where}: {err.detail} (data.format={fmt}; set data.lenient=true "
-                                "to drop bad rows and count them instead)") from None
+                raise DataError(
+                    f"{path}, {where}: {err.detail} (data.format={fmt}; set data.lenient=true "
+                    "to drop bad rows and count them instead)"
+                ) from None
             loaded.dropped[err.reason] = loaded.dropped.get(err.reason, 0) + 1
             loaded.first_dropped.setdefault(err.reason, where)
 
 
-def load_examples(path: str | Path, fmt: str = "auto", lenient: bool = False, max_samples: int | None = None,
-                  system: str | None = None, *, text_column: str | None = None,
-                  label_column: str | None = None) -> Loaded:
+def load_examples(
+    path: str | Path,
+    fmt: str = "auto",
+    lenient: bool = False,
+    max_samples: int | None = None,
+    system: str | None = None,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> Loaded:
     """Reads a data file into normalised examples.
 
     Args:
@@ -258,8 +312,9 @@ def load_examples(path: str | Path, fmt: str = "auto", lenient: bool = False, ma
         raise DataError(f"{path}: the file is empty (no rows)")
     fmt = _choose_format(path, fmt, head, lenient, text_column, label_column)
     loaded = Loaded(examples=[], format=fmt, dropped={}, path=str(path))
-    _add_rows(loaded, path, itertools.chain(head, rows), lenient, max_samples, system, text_column,
-              label_column)
+    _add_rows(
+        loaded, path, itertools.chain(head, rows), lenient, max_samples, system, text_column, label_column
+    )
     if not loaded.examples:
         why = ", ".join(f"{reason}: {n}" for reason, n in loaded.dropped.items())
         raise DataError(f"{path}: no usable examples in {loaded.rows_read} rows ({why})")

@@ -16,8 +16,9 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def split_examples(examples: list[T], ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                   seed: int = 42) -> tuple[list[T], list[T], list[T]]:
+def split_examples(
+    examples: list[T], ratios: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 42
+) -> tuple[list[T], list[T], list[T]]:
     """Shuffles with ``random.Random(seed)`` and cuts into train, validation and test.
 
     Sizes are the ratios times the count, rounded half up; validation and test each get at least one
@@ -36,8 +37,9 @@ def split_examples(examples: list[T], ratios: tuple[float, float, float] = (0.8,
         ValueError: for ratios that are not three non-negative numbers summing to 1 with train > 0.
     """
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1.0) > 1e-6 or ratios[0] <= 0:
-        raise UsageError(f"split ratios must be three non-negative numbers summing to 1 with train > 0, "
-                         f"got {list(ratios)}")
+        raise UsageError(
+            f"split ratios must be three non-negative numbers summing to 1 with train > 0, got {list(ratios)}"
+        )
     n = len(examples)
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -53,4 +55,4 @@ def split_examples(examples: list[T], ratios: tuple[float, float, float] = (0.8,
             n_test -= 1
     n_train = n - n_val - n_test
     picked = [examples[i] for i in order]
-    return picked[:n_train], picked[n_train:n_train + n_val], picked[n_train + n_val:]
+    return picked[:n_train], picked[n_train : n_train + n_val], picked[n_train + n_val :]

@@ -56,8 +56,10 @@ class Tokenized:
     def trainable_tokens(self) -> int:
         """Tokens that carry loss."""
         # A classification-head row (``data.classify``) has one class index as its label: one target.
-        return sum(1 if isinstance(r["labels"], int) else sum(1 for t in r["labels"] if t != IGNORE)
-                   for r in self.rows)
+        return sum(
+            1 if isinstance(r["labels"], int) else sum(1 for t in r["labels"] if t != IGNORE)
+            for r in self.rows
+        )
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -76,8 +78,9 @@ def _common_suffix(a: str, b: str) -> int:
     return i
 
 
-def render_with_spans(tokenizer: Any, template: str,
-                      messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(
+    tokenizer: Any, template: str, messages: list[dict]
+) -> tuple[str, list[tuple[int, int]]]:
     """Renders a conversation and finds the character span of each assistant reply.
 
     Args:
@@ -92,14 +95,18 @@ def render_with_spans(tokenizer: Any, template: str,
         TemplateError: when the template does not render a conversation's start as a prefix of the
             whole, or renders a reply more than once, so no reliable loss mask exists.
     """
+
     def render(msgs: list[dict], gen: bool = False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template,
-                                             add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(
+            msgs, tokenize=False, chat_template=template, add_generation_prompt=gen
+        )
 
     def fail(why: str) -> TemplateError:
-        return TemplateError(f"cannot mask the loss with {template_name(template, tokenizer)}: {why}; "
-                             "use a template that renders each turn in order "
-                             "(e.g. model.chat_template=deepseek-v3) or data.train_on=all")
+        return TemplateError(
+            f"cannot mask the loss with {template_name(template, tokenizer)}: {why}; "
+            "use a template that renders each turn in order "
+            "(e.g. model.chat_template=deepseek-v3) or data.train_on=all"
+        )
 
     full = render(messages)
     spans = []
@@ -110,11 +117,11 @@ def render_with_spans(tokenizer: Any, template: str,
         if not full.startswith(before):
             raise fail(f"rendering the first {i} messages is not a prefix of rendering all {len(messages)}")
         blank = {"role": "assistant", "content": _SENTINEL}
-        marked = render(messages[:i] + [blank] + messages[i + 1:])
+        marked = render(messages[:i] + [blank] + messages[i + 1 :])
         if marked.count(_SENTINEL) != 1:
             raise fail(f"the reply in turn {i} appears {marked.count(_SENTINEL)} times in the rendering")
         cut = marked.index(_SENTINEL)
-        head, tail = marked[:cut], marked[cut + len(_SENTINEL):]
+        head, tail = marked[:cut], marked[cut + len(_SENTINEL) :]
         start = max(len(before), _common_prefix(full, head))
         prompt = render(messages[:i], gen=True)
         if full.startswith(prompt):  # the reply opens with what the generation prompt writes: that is prompt
@@ -122,8 +129,8 @@ def render_with_spans(tokenizer: Any, template: str,
         stop = max(start, len(full) - _common_suffix(full[start:], tail))
         # What the template writes right after a final reply is its end-of-turn text (eos, "<|im_end|>\n").
         last = marked if i == len(messages) - 1 else render(messages[:i] + [blank])
-        closing = last[last.index(_SENTINEL) + len(_SENTINEL):]
-        closing = closing[:_common_prefix(full[stop:], closing)]
+        closing = last[last.index(_SENTINEL) + len(_SENTINEL) :]
+        closing = closing[: _common_prefix(full[stop:], closing)]
         # Trailing newlines after the end-of-turn token are layout, not something the model generates.
         spans.append((start, stop + len(closing.rstrip())))
     return full, spans
@@ -168,8 +175,10 @@ def _require_template(examples: list[dict], tokenizer: Any, template: str | None
     """Raises TemplateError when the examples hold conversations but there is no chat template."""
     if template is None and any("messages" in ex for ex in examples):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise TemplateError(f"the data holds conversations but tokenizer {name!r} has no chat template; "
-                            "set model.chat_template (deepseek-v3 or deepseek-r1)")
+        raise TemplateError(
+            f"the data holds conversations but tokenizer {name!r} has no chat template; "
+            "set model.chat_template (deepseek-v3 or deepseek-r1)"
+        )
 
 
 def _count_drop(out: Tokenized, reason: str) -> None:
@@ -177,8 +186,14 @@ def _count_drop(out: Tokenized, reason: str) -> None:
     out.dropped[reason] = out.dropped.get(reason, 0) + 1
 
 
-def _render_chunk(chunk: list[dict], tokenizer: Any, template: str | None, train_on: str,
-                  control: re.Pattern | None, out: Tokenized) -> tuple[list[str], list, list[dict]]:
+def _render_chunk(
+    chunk: list[dict],
+    tokenizer: Any,
+    template: str | None,
+    train_on: str,
+    control: re.Pattern | None,
+    out: Tokenized,
+) -> tuple[list[str], list, list[dict]]:
     """Renders examples to strings and reply spans (None: plain text), dropping any with a control token."""
     texts, spans, kept = [], [], []
     for ex in chunk:
@@ -190,8 +205,9 @@ def _render_chunk(chunk: list[dict], tokenizer: Any, template: str | None, train
             texts.append(ex["text"])
             spans.append(None)
         elif train_on == "all":
-            texts.append(tokenizer.apply_chat_template(ex["messages"], tokenize=False,
-                                                       chat_template=template))
+            texts.append(
+                tokenizer.apply_chat_template(ex["messages"], tokenize=False, chat_template=template)
+            )
             spans.append([])
         else:
             text, found = render_with_spans(tokenizer, template, ex["messages"])
@@ -201,8 +217,9 @@ def _render_chunk(chunk: list[dict], tokenizer: Any, template: str | None, train
     return texts, spans, kept
 
 
-def _ids_and_labels(ids: list[int], offsets: list, found: list | None, train_on: str, bos: list[int],
-                    eos: list[int]) -> tuple[list[int], list[int]]:
+def _ids_and_labels(
+    ids: list[int], offsets: list, found: list | None, train_on: str, bos: list[int], eos: list[int]
+) -> tuple[list[int], list[int]]:
     """The token ids of one rendered example and their labels (IGNORE outside the reply spans)."""
     if found is None:  # plain text: everything is learned
         ids = bos + list(ids) + eos
@@ -212,16 +229,23 @@ def _ids_and_labels(ids: list[int], offsets: list, found: list | None, train_on:
     return ids, [t if any(s <= a < e for s, e in found) else IGNORE for t, (a, _) in zip(ids, offsets)]
 
 
-def _truncate(example: dict, text: str, offsets: list, ids: list[int], labels: list[int],
-              max_length: int) -> tuple[list[int], list[int]]:
+def _truncate(
+    example: dict, text: str, offsets: list, ids: list[int], labels: list[int], max_length: int
+) -> tuple[list[int], list[int]]:
     """Cuts a row to ``max_length`` tokens (a classification row: from the end of its text, not the label)."""
     if "label" in example:  # classification: cut the text, keep the reply that is the label
         return _cut_text(example, text, offsets, list(ids), labels, max_length)
     return ids[:max_length], labels[:max_length]
 
 
-def tokenize_examples(examples: list[dict], tokenizer: Any, chat_template: str | None, max_length: int,
-                      overflow: str = "truncate", train_on: str = "assistant") -> Tokenized:
+def tokenize_examples(
+    examples: list[dict],
+    tokenizer: Any,
+    chat_template: str | None,
+    max_length: int,
+    overflow: str = "truncate",
+    train_on: str = "assistant",
+) -> Tokenized:
     """Turns examples into token ids and labels.
 
     Text examples become bos (when the model uses one) + tokens + eos, every token carrying loss.
@@ -253,7 +277,7 @@ def tokenize_examples(examples: list[dict], tokenizer: Any, chat_template: str |
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = Tokenized(rows=[])
     for first in range(0, len(examples), _CHUNK):
-        chunk = examples[first:first + _CHUNK]
+        chunk = examples[first : first + _CHUNK]
         texts, spans, kept = _render_chunk(chunk, tokenizer, template, train_on, control, out)
         if not kept:
             continue
@@ -275,8 +299,9 @@ def tokenize_examples(examples: list[dict], tokenizer: Any, chat_template: str |
     return out
 
 
-def _cut_text(example: dict, text: str, offsets: list, ids: list[int], labels: list[int],
-              max_length: int) -> tuple[list[int], list[int]]:
+def _cut_text(
+    example: dict, text: str, offsets: list, ids: list[int], labels: list[int], max_length: int
+) -> tuple[list[int], list[int]]:
     """Shortens a classification row by dropping the end of its text, keeping what follows the text
     (the assistant header, the label and the end of turn).
 

@@ -58,9 +58,15 @@ def answer_rows(model, rows: list[dict], tokenizer, max_new_tokens: int) -> tupl
         reference = row["labels"][start:end]
         stop = [tokenizer.eos_token_id] + ([reference[-1]] if reference[-1] in special else [])
         prompt = torch.tensor([row["input_ids"][:start]], device=device)
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
-        hyps.append(answer_text(tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)))
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop,
+            pad_token_id=pad,
+        )
+        hyps.append(answer_text(tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)))
         refs.append(answer_text(tokenizer.decode(reference, skip_special_tokens=True)))
     if was_training:
         model.train()
@@ -87,8 +93,14 @@ def evaluate_answers(model, rows: list[dict], tokenizer, limit: int, max_new_tok
         return {}
     hyps, refs = answer_rows(model, rows, tokenizer, max_new_tokens)
     rouge = M.rouge(hyps, refs)
-    return {"bleu": M.bleu(hyps, refs)["bleu"], "rouge1": rouge["rouge1"], "rouge2": rouge["rouge2"],
-            "rougeL": rouge["rougeL"], "exact_match": M.exact_match(hyps, refs), "answered": len(rows)}
+    return {
+        "bleu": M.bleu(hyps, refs)["bleu"],
+        "rouge1": rouge["rouge1"],
+        "rouge2": rouge["rouge2"],
+        "rougeL": rouge["rougeL"],
+        "exact_match": M.exact_match(hyps, refs),
+        "answered": len(rows),
+    }
 
 
 def complete_reply(row: dict, special_ids: set[int]) -> bool:

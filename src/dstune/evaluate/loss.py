@@ -13,8 +13,15 @@ from dstune.core.loss import count_loss_tokens
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None,
-                  limit: int | None = None, chunk_tokens: int = 0) -> dict[str, float]:
+def evaluate_loss(
+    model,
+    rows: list[dict],
+    micro_batch_size: int,
+    pad_id: int,
+    accelerator=None,
+    limit: int | None = None,
+    chunk_tokens: int = 0,
+) -> dict[str, float]:
     """Mean next-token loss over the labelled tokens of ``rows`` and its perplexity.
 
     Args:
@@ -44,8 +51,9 @@ CLASSIFICATION_METRICS = TASK_METRICS["classification"]
 
 
 @torch.no_grad()
-def classifier_outputs(model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None,
-                       limit: int | None = None) -> tuple[list[int], list[list[float]], float]:
+def classifier_outputs(
+    model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None, limit: int | None = None
+) -> tuple[list[int], list[list[float]], float]:
     """Class probabilities of a classification-head model on ``rows`` (``data.classify`` rows).
 
     Returns:
@@ -60,7 +68,9 @@ def classifier_outputs(model, rows: list[dict], micro_batch_size: int, pad_id: i
         batch = {k: v.to(device) for k, v in batch.items() if k != "weights"}  # validation is unweighted
         ctx = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
         with ctx:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits.float()
         total += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
         y_true += batch["labels"].tolist()
         probs += torch.softmax(logits, dim=-1).tolist()
@@ -69,8 +79,9 @@ def classifier_outputs(model, rows: list[dict], micro_batch_size: int, pad_id: i
     return y_true, probs, total
 
 
-def evaluate_classifier(model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None,
-                        limit: int | None = None) -> dict[str, float]:
+def evaluate_classifier(
+    model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None, limit: int | None = None
+) -> dict[str, float]:
     """Validation loss, accuracy and macro precision/recall/F1 of a classification-head model.
 
     The metrics are ``evaluate.metrics.classification_metrics`` (scikit-learn), the ones ``dstune eval``
@@ -85,5 +96,11 @@ def evaluate_classifier(model, rows: list[dict], micro_batch_size: int, pad_id: 
     classes = range(len(probs[0]))  # every class of the head, so macro averages do not skip an absent one
     m = classification_metrics([str(y) for y in y_true], [str(y) for y in y_pred], [str(c) for c in classes])
     loss = total / max(len(y_true), 1)
-    return {"loss": loss, "accuracy": m["accuracy"], "precision_macro": m["precision_macro"],
-            "recall_macro": m["recall_macro"], "f1_macro": m["f1_macro"], "examples": len(y_true)}
+    return {
+        "loss": loss,
+        "accuracy": m["accuracy"],
+        "precision_macro": m["precision_macro"],
+        "recall_macro": m["recall_macro"],
+        "f1_macro": m["f1_macro"],
+        "examples": len(y_true),
+    }

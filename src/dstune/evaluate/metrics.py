@@ -57,7 +57,12 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str], tokenize: str | N
     _check_pairs(hypotheses, references)
     tokenize = tokenize or ("zh" if any(map(is_chinese, references)) else "13a")
     result = sacrebleu.corpus_bleu(list(hypotheses), [list(references)], tokenize=tokenize)
-    return {"bleu": result.score, "precisions": list(result.precisions), "bp": result.bp, "tokenize": tokenize}
+    return {
+        "bleu": result.score,
+        "precisions": list(result.precisions),
+        "bp": result.bp,
+        "tokenize": tokenize,
+    }
 
 
 def rouge_tokens(text: str, chinese: bool) -> list[str]:
@@ -81,8 +86,8 @@ def _prf(overlap: int, n_hyp: int, n_ref: int) -> tuple[float, float, float]:
 
 def rouge_n(hyp: Sequence[str], ref: Sequence[str], n: int) -> tuple[float, float, float]:
     """ROUGE-N precision, recall and F1 of one token sequence against one reference (clipped counts)."""
-    h = Counter(tuple(hyp[i:i + n]) for i in range(len(hyp) - n + 1))
-    r = Counter(tuple(ref[i:i + n]) for i in range(len(ref) - n + 1))
+    h = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
+    r = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
     return _prf(sum((h & r).values()), sum(h.values()), sum(r.values()))
 
 
@@ -143,7 +148,9 @@ def exact_match(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     _check_pairs(hypotheses, references)
     if not references:
         return 0.0
-    return sum(normalize_answer(h) == normalize_answer(r) for h, r in zip(hypotheses, references)) / len(references)
+    return sum(normalize_answer(h) == normalize_answer(r) for h, r in zip(hypotheses, references)) / len(
+        references
+    )
 
 
 def _check_pairs(hypotheses: Sequence, references: Sequence) -> None:
@@ -154,7 +161,9 @@ def _check_pairs(hypotheses: Sequence, references: Sequence) -> None:
 # --------------------------------------------------------------------------- classification
 
 
-def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None) -> dict:
+def classification_metrics(
+    y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str] | None = None
+) -> dict:
     """Accuracy, macro and per-class precision/recall/F1, and the confusion matrix (scikit-learn).
 
     Args:
@@ -174,9 +183,18 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels:
     p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision_macro": float(p.mean()), "recall_macro": float(r.mean()), "f1_macro": float(f.mean()),
-        "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                            "support": int(support[i])} for i, lab in enumerate(labels)},
+        "precision_macro": float(p.mean()),
+        "recall_macro": float(r.mean()),
+        "f1_macro": float(f.mean()),
+        "per_class": {
+            lab: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(support[i]),
+            }
+            for i, lab in enumerate(labels)
+        },
         "labels": labels,
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
     }
@@ -186,15 +204,21 @@ def _pr_points(y_true: Sequence[int], scores: Sequence[float]):
     from sklearn.metrics import precision_recall_curve
 
     if len(set(y_true) - {0, 1}) or 1 not in y_true:
-        raise UsageError("threshold tuning needs binary labels (1 = positive) with at least one positive example")
+        raise UsageError(
+            "threshold tuning needs binary labels (1 = positive) with at least one positive example"
+        )
     precision, recall, thresholds = precision_recall_curve(list(y_true), list(scores))
     # sklearn appends a last point (precision 1, recall 0) that has no threshold.
     return precision[:-1], recall[:-1], thresholds
 
 
 def _point(p: float, r: float, t: float) -> dict:
-    return {"threshold": float(t), "precision": float(p), "recall": float(r),
-            "f1": float(2 * p * r / (p + r)) if p + r else 0.0}
+    return {
+        "threshold": float(t),
+        "precision": float(p),
+        "recall": float(r),
+        "f1": float(2 * p * r / (p + r)) if p + r else 0.0,
+    }
 
 
 def best_f1_threshold(y_true: Sequence[int], scores: Sequence[float]) -> dict:

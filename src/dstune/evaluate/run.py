@@ -53,22 +53,29 @@ def score_labels(model, tokenizer, template: str, example: dict, labels: list[st
     tokens scored are exactly the tokens that carried loss in training: the label and the end of turn.
     Nothing is truncated: cutting a long text would cut the label it is scored on.
     """
-    candidates = [{**example, "messages": example["messages"][:-1] + [{"role": "assistant", "content": label}]}
-                  for label in labels]
+    candidates = [
+        {**example, "messages": example["messages"][:-1] + [{"role": "assistant", "content": label}]}
+        for label in labels
+    ]
     tok = tokenize_examples(candidates, tokenizer, template, max_length=10**9)
     if len(tok.rows) != len(labels):
         raise DataError(f"{example['source']}: cannot score every label ({tok.dropped})")
     pad = pad_id(tokenizer)
     batch = collate(tok.rows, pad)
     device = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits
     target = batch["labels"][:, 1:].to(device)
-    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
+    nll = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none"
+    )
     return (-nll.sum(dim=1)).tolist()
 
 
-def _head_probabilities(loaded, examples: list[dict], labels: list[str], max_length: int,
-                        batch_size: int) -> tuple[list[list[float]], float, int]:
+def _head_probabilities(
+    loaded, examples: list[dict], labels: list[str], max_length: int, batch_size: int
+) -> tuple[list[list[float]], float, int]:
     """Class probabilities from a classification head, the mean cross-entropy, and the rows scored."""
     from dstune.data.classify import tokenize_classification
     from dstune.evaluate.loss import classifier_outputs
@@ -82,22 +89,40 @@ def _head_probabilities(loaded, examples: list[dict], labels: list[str], max_len
     return probs, total / max(len(rows), 1), len(rows)
 
 
-def _classification(loaded, examples: list[dict], labels: list[str], positive: str | None,
-                    target_recall: float, head_probs: list[list[float]] | None = None) -> dict:
+def _classification(
+    loaded,
+    examples: list[dict],
+    labels: list[str],
+    positive: str | None,
+    target_recall: float,
+    head_probs: list[list[float]] | None = None,
+) -> dict:
     y_true, y_pred, probs, samples = [], [], [], []
     for i, ex in enumerate(examples):
         if head_probs is not None:
             p = head_probs[i]
         else:
-            scores = torch.tensor(score_labels(loaded.model, loaded.tokenizer, loaded.chat_template, ex, labels))
+            scores = torch.tensor(
+                score_labels(loaded.model, loaded.tokenizer, loaded.chat_template, ex, labels)
+            )
             p = torch.softmax(scores, dim=0).tolist()
         y_true.append(ex["label"])
         y_pred.append(labels[max(range(len(labels)), key=p.__getitem__)])
         probs.append(p)
         if len(samples) < _SAMPLES:
-            samples.append({"source": ex["source"], "text": ex["messages"][-2]["content"][:300], "label": ex["label"],
-                            "predicted": y_pred[-1], "probabilities": dict(zip(labels, (round(x, 6) for x in p)))})
-    out: dict[str, Any] = {"classification": M.classification_metrics(y_true, y_pred, labels), "samples": samples}
+            samples.append(
+                {
+                    "source": ex["source"],
+                    "text": ex["messages"][-2]["content"][:300],
+                    "label": ex["label"],
+                    "predicted": y_pred[-1],
+                    "probabilities": dict(zip(labels, (round(x, 6) for x in p))),
+                }
+            )
+    out: dict[str, Any] = {
+        "classification": M.classification_metrics(y_true, y_pred, labels),
+        "samples": samples,
+    }
     if len(labels) == 2:
         positive = positive or labels[-1]
         if positive not in labels:
@@ -106,10 +131,16 @@ def _classification(loaded, examples: list[dict], labels: list[str], positive: s
         y = [int(t == positive) for t in y_true]
         pos_scores = [p[k] for p in probs]
         if 0 < sum(y) < len(y):
-            out["thresholds"] = {"positive_label": positive, "score": f"p({positive})", "tuned_on": "this data",
-                                 "best_f1": M.best_f1_threshold(y, pos_scores),
-                                 "target_recall": {"target": target_recall,
-                                                   **M.threshold_for_recall(y, pos_scores, target_recall)}}
+            out["thresholds"] = {
+                "positive_label": positive,
+                "score": f"p({positive})",
+                "tuned_on": "this data",
+                "best_f1": M.best_f1_threshold(y, pos_scores),
+                "target_recall": {
+                    "target": target_recall,
+                    **M.threshold_for_recall(y, pos_scores, target_recall),
+                },
+            }
     return out
 
 
@@ -124,15 +155,38 @@ def _generation(loaded, examples: list[dict], max_new_tokens: int) -> dict:
         hyps.append(answer_text(reply))
         refs.append(answer_text(ex["messages"][last]["content"]))
         if len(samples) < _SAMPLES:
-            samples.append({"source": ex["source"], "prompt": prompt[-1]["content"][:300], "reference": refs[-1][:300],
-                            "prediction": reply[:300]})
-    return {"generation": {"bleu": M.bleu(hyps, refs), "rouge": M.rouge(hyps, refs),
-                           "exact_match": M.exact_match(hyps, refs), "examples": len(refs)}, "samples": samples}
+            samples.append(
+                {
+                    "source": ex["source"],
+                    "prompt": prompt[-1]["content"][:300],
+                    "reference": refs[-1][:300],
+                    "prediction": reply[:300],
+                }
+            )
+    return {
+        "generation": {
+            "bleu": M.bleu(hyps, refs),
+            "rouge": M.rouge(hyps, refs),
+            "exact_match": M.exact_match(hyps, refs),
+            "examples": len(refs),
+        },
+        "samples": samples,
+    }
 
 
-def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | None = None, max_new_tokens: int = 128,
-                 batch_size: int = 4, positive_label: str | None = None, target_recall: float = 0.9,
-                 text_column: str | None = None, label_column: str | None = None, write: bool = True) -> dict:
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | Path,
+    *,
+    max_samples: int | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 4,
+    positive_label: str | None = None,
+    target_recall: float = 0.9,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    write: bool = True,
+) -> dict:
     """Evaluates a run directory on a data file and writes ``eval.json``, ``eval.md`` and charts into it.
 
     Args:
@@ -161,12 +215,21 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
 
     run = Path(run_dir)
     if not RunDir(run).run_json.is_file() or not RunDir(run).config.is_file():
-        raise NotARunError(f"{run} is not a run directory (no run.json and config.yaml); give the --output "
-                                "directory of a dstune train run")
+        raise NotARunError(
+            f"{run} is not a run directory (no run.json and config.yaml); give the --output "
+            "directory of a dstune train run"
+        )
     cfg = load_config(RunDir(run).config)
     dc = cfg.data
-    loaded_data = load_examples(data, dc.format, dc.lenient, None, dc.system, text_column=text_column or dc.text_column,
-                                label_column=label_column or dc.label_column)
+    loaded_data = load_examples(
+        data,
+        dc.format,
+        dc.lenient,
+        None,
+        dc.system,
+        text_column=text_column or dc.text_column,
+        label_column=label_column or dc.label_column,
+    )
     total, examples = len(loaded_data.examples), _first(loaded_data.examples, max_samples)
     if dc.reasoning == "strip":
         examples = [strip_reasoning(ex) for ex in examples]
@@ -177,27 +240,56 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
     head_labels = read_labels(run)
     if head_labels is not None:  # a classification head: no tokens to predict, no perplexity
         if loaded_data.format != "classification":
-            raise DataError(f"{run} is a classification run (labels {head_labels}) but {data} holds "
-                            f"{loaded_data.format} rows; give a file with a text and a label column")
+            raise DataError(
+                f"{run} is a classification run (labels {head_labels}) but {data} holds "
+                f"{loaded_data.format} rows; give a file with a text and a label column"
+            )
         unknown = sorted({ex["label"] for ex in examples} - set(head_labels))
         if unknown:
-            raise DataError(f"{data}: labels {unknown} are not among the run's labels {head_labels} (labels.json)")
+            raise DataError(
+                f"{data}: labels {unknown} are not among the run's labels {head_labels} (labels.json)"
+            )
         probs, loss, scored = _head_probabilities(loaded, examples, head_labels, dc.max_length, batch_size)
-        result = {"run": str(run), "data": str(data), "format": "classification", "task": "classification",
-                  "head": "sequence classification", "rows": total, "max_samples": max_samples,
-                  "scored_rows": scored, "dropped": {}, "loss": loss, "ppl": None, "tokens": 0, "labels": head_labels}
+        result = {
+            "run": str(run),
+            "data": str(data),
+            "format": "classification",
+            "task": "classification",
+            "head": "sequence classification",
+            "rows": total,
+            "max_samples": max_samples,
+            "scored_rows": scored,
+            "dropped": {},
+            "loss": loss,
+            "ppl": None,
+            "tokens": 0,
+            "labels": head_labels,
+        }
         result.update(_classification(loaded, examples, head_labels, positive_label, target_recall, probs))
         return _write_eval(run, result) if write else result
     rows = tokenize_examples(examples, tok, loaded.chat_template, dc.max_length, dc.overflow, dc.train_on)
     pad = pad_id(tok)
     loss = evaluate_loss(loaded.model, rows.rows, batch_size, pad)
-    task = ("classification" if loaded_data.format == "classification"
-            else "text" if loaded_data.format == "text" else "generation")
-    result: dict[str, Any] = {"run": str(run), "data": str(data), "format": loaded_data.format, "task": task,
-                              "rows": total, "max_samples": max_samples, "scored_rows": len(rows.rows),
-                              "dropped": rows.dropped,
-                              "loss": loss.get("loss"), "ppl": M.perplexity(loss["loss"]) if loss else None,
-                              "tokens": loss.get("tokens", 0)}
+    task = (
+        "classification"
+        if loaded_data.format == "classification"
+        else "text"
+        if loaded_data.format == "text"
+        else "generation"
+    )
+    result: dict[str, Any] = {
+        "run": str(run),
+        "data": str(data),
+        "format": loaded_data.format,
+        "task": task,
+        "rows": total,
+        "max_samples": max_samples,
+        "scored_rows": len(rows.rows),
+        "dropped": rows.dropped,
+        "loss": loss.get("loss"),
+        "ppl": M.perplexity(loss["loss"]) if loss else None,
+        "tokens": loss.get("tokens", 0),
+    }
     if task == "classification":
         report_file = RunDir(run).data_report
         info = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
@@ -213,7 +305,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path, *, max_samples: int | No
 def _first(examples: list[dict], max_samples: int | None) -> list[dict]:
     """The examples every metric uses: the first ``max_samples`` ones, or all of them."""
     if max_samples is not None and max_samples < 1:
-        raise UsageError(f"--max-samples must be at least 1, got {max_samples}; leave it out to use every row")
+        raise UsageError(
+            f"--max-samples must be at least 1, got {max_samples}; leave it out to use every row"
+        )
     return examples[:max_samples] if max_samples else examples
 
 
@@ -221,12 +315,18 @@ def _write_eval(run: Path, result: dict) -> dict:
     """Writes ``eval.json``, the charts and ``eval.md`` into the run directory; returns ``result``."""
     from dstune.report.charts import plot_confusion, plot_run_curves
 
-    RunDir(run).eval_json.write_text(json.dumps(result, indent=2, ensure_ascii=False, default=_json_number), "utf-8")
+    RunDir(run).eval_json.write_text(
+        json.dumps(result, indent=2, ensure_ascii=False, default=_json_number), "utf-8"
+    )
     charts = plot_run_curves(run, RunDir(run).plots)
     if "classification" in result:
         c = result["classification"]
-        charts["confusion"] = plot_confusion(c["confusion_matrix"], c["labels"], RunDir(run).plots / "confusion.png")
-    RunDir(run).eval_md.write_text(render_eval_md(result, {k: p.relative_to(run) for k, p in charts.items()}), "utf-8")
+        charts["confusion"] = plot_confusion(
+            c["confusion_matrix"], c["labels"], RunDir(run).plots / "confusion.png"
+        )
+    RunDir(run).eval_md.write_text(
+        render_eval_md(result, {k: p.relative_to(run) for k, p in charts.items()}), "utf-8"
+    )
     return result
 
 
@@ -240,40 +340,77 @@ def _f(x: float | None, digits: int = 4) -> str:
 
 def render_eval_md(result: dict, charts: dict[str, Path]) -> str:
     """The evaluation as a Markdown report linking the charts (paths relative to the run directory)."""
-    limited = f"the first {result['max_samples']} used (--max-samples), " \
-        if result.get("max_samples") and result["max_samples"] < result["rows"] else ""
-    lines = [f"# Evaluation of {Path(result['run']).name}", "", f"Data: `{result['data']}` ({result['format']}, "
-             f"{result['rows']} rows, {limited}{result['scored_rows']} scored for loss)", "",
-             "| metric | value |", "|---|---|", f"| loss | {_f(result['loss'])} |",
-             f"| perplexity | {_f(result['ppl'], 2)} |"]
+    limited = (
+        f"the first {result['max_samples']} used (--max-samples), "
+        if result.get("max_samples") and result["max_samples"] < result["rows"]
+        else ""
+    )
+    lines = [
+        f"# Evaluation of {Path(result['run']).name}",
+        "",
+        f"Data: `{result['data']}` ({result['format']}, "
+        f"{result['rows']} rows, {limited}{result['scored_rows']} scored for loss)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| loss | {_f(result['loss'])} |",
+        f"| perplexity | {_f(result['ppl'], 2)} |",
+    ]
     if "generation" in result:
         g = result["generation"]
-        lines += [f"| BLEU ({g['bleu']['tokenize']}) | {g['bleu']['bleu']:.2f} |",
-                  *(f"| {name} ({g['rouge']['segmentation']}) | {g['rouge'][k]:.4f} |"
-                    for k, name in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))),
-                  f"| exact match | {g['exact_match']:.4f} |", f"| answers generated | {g['examples']} |"]
+        lines += [
+            f"| BLEU ({g['bleu']['tokenize']}) | {g['bleu']['bleu']:.2f} |",
+            *(
+                f"| {name} ({g['rouge']['segmentation']}) | {g['rouge'][k]:.4f} |"
+                for k, name in (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"))
+            ),
+            f"| exact match | {g['exact_match']:.4f} |",
+            f"| answers generated | {g['examples']} |",
+        ]
     if "classification" in result:
         c = result["classification"]
-        lines += [f"| accuracy | {c['accuracy']:.4f} |", f"| precision (macro) | {c['precision_macro']:.4f} |",
-                  f"| recall (macro) | {c['recall_macro']:.4f} |", f"| F1 (macro) | {c['f1_macro']:.4f} |",
-                  "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-        lines += [f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
-                  for k, v in c["per_class"].items()]
-        lines += ["", "Confusion matrix (rows true, columns predicted; index: label): "
-                  + ", ".join(f"{i}: {lab}" for i, lab in enumerate(c["labels"])), ""]
+        lines += [
+            f"| accuracy | {c['accuracy']:.4f} |",
+            f"| precision (macro) | {c['precision_macro']:.4f} |",
+            f"| recall (macro) | {c['recall_macro']:.4f} |",
+            f"| F1 (macro) | {c['f1_macro']:.4f} |",
+            "",
+            "| class | precision | recall | F1 | support |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |"
+            for k, v in c["per_class"].items()
+        ]
+        lines += [
+            "",
+            "Confusion matrix (rows true, columns predicted; index: label): "
+            + ", ".join(f"{i}: {lab}" for i, lab in enumerate(c["labels"])),
+            "",
+        ]
         lines += ["| | " + " | ".join(c["labels"]) + " |", "|---" * (len(c["labels"]) + 1) + "|"]
-        lines += [f"| {lab} | " + " | ".join(map(str, row)) + " |" for lab, row in zip(c["labels"], c["confusion_matrix"])]
+        lines += [
+            f"| {lab} | " + " | ".join(map(str, row)) + " |"
+            for lab, row in zip(c["labels"], c["confusion_matrix"])
+        ]
         if "thresholds" in result:
             t = result["thresholds"]
             lines += ["", f"Thresholds on {t['score']} (tuned on this data):", ""]
-            points = (("best F1", t["best_f1"]), (f"recall >= {t['target_recall']['target']}", t["target_recall"]))
+            points = (
+                ("best F1", t["best_f1"]),
+                (f"recall >= {t['target_recall']['target']}", t["target_recall"]),
+            )
             for name, point in points:
-                lines.append(f"- {name}: threshold {point['threshold']:.4f} (precision {point['precision']:.4f}, "
-                             f"recall {point['recall']:.4f}, F1 {point['f1']:.4f})")
+                lines.append(
+                    f"- {name}: threshold {point['threshold']:.4f} (precision {point['precision']:.4f}, "
+                    f"recall {point['recall']:.4f}, F1 {point['f1']:.4f})"
+                )
     if charts:
         lines += ["", "## Charts", ""] + [f"![{name}]({path.as_posix()})" for name, path in charts.items()]
     if result.get("samples"):
         lines += ["", "## Samples", ""]
         for s in result["samples"][:5]:
-            lines.append("- " + "; ".join(f"**{k}**: {str(v)[:160]!s}".replace("\n", " ") for k, v in s.items()))
+            lines.append(
+                "- " + "; ".join(f"**{k}**: {str(v)[:160]!s}".replace("\n", " ") for k, v in s.items())
+            )
     return "\n".join(lines) + "\n"

@@ -55,8 +55,10 @@ def prepare_model(model: nn.Module, cfg: RunConfig) -> nn.Module:
     prepared = METHODS[cfg.method](model, cfg)
     train_head(prepared)
     if not any(p.requires_grad for p in prepared.parameters()):
-        raise UsageError(f"method '{cfg.method}' left no trainable parameter; check the "
-                         f"'{cfg.method}' section of the config (e.g. freeze.top_layers, lora.targets)")
+        raise UsageError(
+            f"method '{cfg.method}' left no trainable parameter; check the "
+            f"'{cfg.method}' section of the config (e.g. freeze.top_layers, lora.targets)"
+        )
     return prepared
 
 
@@ -72,8 +74,13 @@ def train_head(model: nn.Module) -> None:
             p.requires_grad_(True)
 
 
-def load_trained(final_dir: str | Path, base_path: str, cfg: RunConfig | None = None,
-                 labels: list[str] | None = None, pad_id: int | None = None) -> nn.Module:
+def load_trained(
+    final_dir: str | Path,
+    base_path: str,
+    cfg: RunConfig | None = None,
+    labels: list[str] | None = None,
+    pad_id: int | None = None,
+) -> nn.Module:
     """Loads what ``train`` saved in ``final_dir`` for inference: adapter on its base, or a full model.
 
     Args:
@@ -92,6 +99,7 @@ def load_trained(final_dir: str | Path, base_path: str, cfg: RunConfig | None = 
 
         def load_model(path, dtype=torch.float32):  # noqa: F811 - the same call, with the head
             return load_classifier(str(path), labels, pad_id, dtype=dtype, pooling=pooling)
+
     final = Path(final_dir)
     if is_adapter_dir(final):
         return load_adapter(load_model(base_path, dtype=torch.float32), final)
@@ -112,8 +120,11 @@ def quantize_like_training(base: nn.Module, adapter_dir: Path, cfg: RunConfig) -
     from dstune.methods.qlora import quantize_
 
     adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    keep = {p[: -len(".weight")]: "LoRA through target_parameters" for p in adapter_cfg.get("target_parameters") or []
-            if p.endswith(".weight")}
+    keep = {
+        p[: -len(".weight")]: "LoRA through target_parameters"
+        for p in adapter_cfg.get("target_parameters") or []
+        if p.endswith(".weight")
+    }
     quantize_(base, cfg.qlora, keep)
 
 

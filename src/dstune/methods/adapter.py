@@ -92,8 +92,11 @@ class AdapterModel(nn.Module):
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter weights by name (relative to the base model)."""
         # A classification head (task: classification) is new and trained, so it is saved beside the adapters.
-        return {n: p.detach().cpu().contiguous() for n, p in self.base_model.named_parameters()
-                if ".adapter." in n or n.startswith("score.")}
+        return {
+            n: p.detach().cpu().contiguous()
+            for n, p in self.base_model.named_parameters()
+            if ".adapter." in n or n.startswith("score.")
+        }
 
     def save_pretrained(self, save_directory: str | Path, **_: object) -> None:
         """Writes ``bottleneck_adapter.safetensors`` and ``bottleneck_adapter.json`` (what to rebuild)."""
@@ -117,8 +120,9 @@ def add_adapters(model: nn.Module, ac: AdapterConfig) -> AdapterModel:
     hidden = model.config.hidden_size
     bottleneck = hidden // ac.reduction
     if bottleneck < 1:
-        raise UsageError(f"adapter.reduction={ac.reduction} leaves no bottleneck for hidden_size {hidden}; "
-                         f"use 1..{hidden}")
+        raise UsageError(
+            f"adapter.reduction={ac.reduction} leaves no bottleneck for hidden_size {hidden}; use 1..{hidden}"
+        )
     kinds = {"both": ("self_attn", "mlp"), "attention": ("self_attn",), "mlp": ("mlp",)}[ac.where]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -129,12 +133,21 @@ def add_adapters(model: nn.Module, ac: AdapterConfig) -> AdapterModel:
             model.set_submodule(name, AdaptedBlock(module, Bottleneck(hidden, bottleneck, ac.activation)))
             wrapped.append(name)
     if not wrapped:
-        raise UsageError(f"adapter.where={ac.where}: no 'layers.N.self_attn' or 'layers.N.mlp' block in "
-                         f"{type(model).__name__}")
+        raise UsageError(
+            f"adapter.where={ac.where}: no 'layers.N.self_attn' or 'layers.N.mlp' block in "
+            f"{type(model).__name__}"
+        )
     device = next(model.parameters()).device
     model.to(device)
-    settings = {"method": "adapter", "reduction": ac.reduction, "where": ac.where, "activation": ac.activation,
-                "hidden_size": hidden, "bottleneck": bottleneck, "blocks": wrapped}
+    settings = {
+        "method": "adapter",
+        "reduction": ac.reduction,
+        "where": ac.where,
+        "activation": ac.activation,
+        "hidden_size": hidden,
+        "bottleneck": bottleneck,
+        "blocks": wrapped,
+    }
     return AdapterModel(model, settings)
 
 
@@ -161,7 +174,9 @@ def load_adapter(base: nn.Module, adapter_dir: str | Path) -> AdapterModel:
     expected = set(model.adapter_state())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise UsageError(f"{adapter_dir}: adapter weights do not fit this base model "
-                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        raise UsageError(
+            f"{adapter_dir}: adapter weights do not fit this base model "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     model.base_model.load_state_dict(state, strict=False)
     return model.eval()

@@ -45,7 +45,10 @@ def prepare_freeze(model: nn.Module, cfg: RunConfig) -> nn.Module:
     head_ids = {id(p) for p in head.parameters()} if (fz.train_head and head is not None) else set()
     for name, p in model.named_parameters():
         idx = layer_index(name)
-        train = (idx is not None and idx >= first_trained) or id(p) in head_ids \
+        train = (
+            (idx is not None and idx >= first_trained)
+            or id(p) in head_ids
             or any(r.search(name) for r in patterns)
+        )
         p.requires_grad_(train)
     return model

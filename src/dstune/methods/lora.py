@@ -26,9 +26,19 @@ from dstune.methods.peft_model import CausalLM, wrap
 from dstune.models.inspect import param_kind
 
 PRESETS = ("attention", "mlp", "all-linear")
-_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "pissa_fast": "pissa_niter_16", "olora": "olora"}
-_EXPERT_KINDS = {"none": set(), "shared": {"shared_experts"}, "routed": {"experts"},
-                 "all": {"shared_experts", "experts"}}
+_INIT = {
+    "default": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "pissa_fast": "pissa_niter_16",
+    "olora": "olora",
+}
+_EXPERT_KINDS = {
+    "none": set(),
+    "shared": {"shared_experts"},
+    "routed": {"experts"},
+    "all": {"shared_experts", "experts"},
+}
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -41,7 +51,11 @@ def is_plain_linear(module: nn.Module) -> bool:
 def _linear_names(model: nn.Module) -> list[str]:
     head = model.get_output_embeddings()
     # A classification head (``score``) is trained whole (peft's modules_to_save), never given a LoRA.
-    return [n for n, m in model.named_modules() if is_plain_linear(m) and m is not head and n.rsplit(".", 1)[-1] != "score"]
+    return [
+        n
+        for n, m in model.named_modules()
+        if is_plain_linear(m) and m is not head and n.rsplit(".", 1)[-1] != "score"
+    ]
 
 
 def _kind(module_name: str) -> str:
@@ -74,12 +88,16 @@ def resolve_targets(model: nn.Module, targets: str | list[str]) -> list[str]:
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linears)]
         if missing:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise UsageError(f"lora.targets: {missing} match no Linear module; presets: {list(PRESETS)}; "
-                             f"module names in this model: {leaves}")
+            raise UsageError(
+                f"lora.targets: {missing} match no Linear module; presets: {list(PRESETS)}; "
+                f"module names in this model: {leaves}"
+            )
         chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
     if not chosen:
-        raise UsageError(f"lora.targets={targets!r} matched no Linear module in this model (presets: {list(PRESETS)}; "
-                         f"MoE experts are chosen with lora.experts)")
+        raise UsageError(
+            f"lora.targets={targets!r} matched no Linear module in this model (presets: {list(PRESETS)}; "
+            f"MoE experts are chosen with lora.experts)"
+        )
     return chosen
 
 
@@ -99,8 +117,10 @@ def expert_targets(model: nn.Module, experts: str) -> tuple[list[str], list[str]
     modules = [n for n in _linear_names(model) if _kind(n) in kinds]
     params = [n for n, p in model.named_parameters() if p.ndim == 3 and param_kind(n) in kinds]
     if not modules and not params:
-        raise UsageError(f"lora.experts={experts}: {type(model).__name__} has no "
-                         f"{' or '.join(sorted(kinds)).replace('_', ' ')}; use lora.experts=none")
+        raise UsageError(
+            f"lora.experts={experts}: {type(model).__name__} has no "
+            f"{' or '.join(sorted(kinds)).replace('_', ' ')}; use lora.experts=none"
+        )
     return modules, params
 
 
@@ -113,7 +133,9 @@ def _rewritten_leaves(model: nn.Module) -> set[str]:
         )
     except ImportError:
         moe_types = {"deepseek_v2", "deepseek_v3", "deepseek_v32"}
-        return {"gate_proj", "up_proj", "down_proj", "gate"} if model.config.model_type in moe_types else set()
+        return (
+            {"gate_proj", "up_proj", "down_proj", "gate"} if model.config.model_type in moe_types else set()
+        )
     base = _MODEL_TO_CONVERSION_PATTERN.get(getattr(model.config, "model_type", None))
     return set(_MOE_TARGET_MODULE_MAPPING.get(base, {}))
 
@@ -141,34 +163,53 @@ def lora_config(model: nn.Module, cfg: RunConfig) -> peft.LoraConfig:
     if lc.top_layers is not None:
         # With no adapter below them, autograd stops the backward pass at the lowest adapted layer.
         first = first_top_layer(model, lc.top_layers, "lora.top_layers", 1)
-        modules, params = ([n for n in names if (i := layer_index(n)) is not None and i >= first]
-                           for names in (modules, params))
+        modules, params = (
+            [n for n in names if (i := layer_index(n)) is not None and i >= first]
+            for names in (modules, params)
+        )
     rewritten = _rewritten_leaves(model)
     as_params = [n for n in modules if n.rsplit(".", 1)[-1] in rewritten]
     modules = [n for n in modules if n not in as_params]
     params = params + [f"{n}.weight" for n in as_params]
     if params:
-        blocked = {"lora.use_dora=true": lc.use_dora, f"lora.dropout={lc.dropout}": lc.dropout > 0,
-                   f"lora.init={lc.init}": lc.init in ("pissa", "pissa_fast", "olora")}
+        blocked = {
+            "lora.use_dora=true": lc.use_dora,
+            f"lora.dropout={lc.dropout}": lc.dropout > 0,
+            f"lora.init={lc.init}": lc.init in ("pissa", "pissa_fast", "olora"),
+        }
         bad = [k for k, v in blocked.items() if v]
         if bad:
-            where = sorted({p.rsplit(".", 2)[-2] if p.endswith(".weight") else p.rsplit(".", 1)[-1] for p in params})
+            where = sorted(
+                {p.rsplit(".", 2)[-2] if p.endswith(".weight") else p.rsplit(".", 1)[-1] for p in params}
+            )
             raise UsageError(
-                f"{', '.join(bad)} cannot apply to {where}: on {model.config.model_type} these are adapted through "
+                f"{', '.join(bad)} cannot apply to {where}: on {model.config.model_type} these are adapted "
+                f"through "
                 f"peft target_parameters (fused experts, or MLP layers peft would otherwise rewrite to the "
                 f"experts), which support neither DoRA, dropout nor PiSSA/OLoRA init (peft "
                 f"{peft.__version__}, lora.ParamWrapper). Set lora.experts=none and lora.targets=attention, "
-                f"or drop {', '.join(k.split('=')[0] for k in bad)}.")
+                f"or drop {', '.join(k.split('=')[0] for k in bad)}."
+            )
     for key in (*lc.rank_pattern, *lc.alpha_pattern):
-        names = modules + [p[:-len(".weight")] if p.endswith(".weight") else p for p in params]
+        names = modules + [p[: -len(".weight")] if p.endswith(".weight") else p for p in params]
         if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):
-            raise UsageError(f"lora.rank_pattern/alpha_pattern key {key!r} matches none of the adapted modules "
-                             f"(leaf names: {sorted({n.rsplit('.', 1)[-1] for n in names})})")
+            raise UsageError(
+                f"lora.rank_pattern/alpha_pattern key {key!r} matches none of the adapted modules "
+                f"(leaf names: {sorted({n.rsplit('.', 1)[-1] for n in names})})"
+            )
     return peft.LoraConfig(
-        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=modules or None,
-        target_parameters=params or None, use_dora=lc.use_dora, use_rslora=lc.use_rslora,
-        init_lora_weights=_INIT[lc.init], rank_pattern=_patterns(lc.rank_pattern, bool(as_params)),
-        alpha_pattern=_patterns(lc.alpha_pattern, bool(as_params)), task_type="CAUSAL_LM")
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=modules or None,
+        target_parameters=params or None,
+        use_dora=lc.use_dora,
+        use_rslora=lc.use_rslora,
+        init_lora_weights=_INIT[lc.init],
+        rank_pattern=_patterns(lc.rank_pattern, bool(as_params)),
+        alpha_pattern=_patterns(lc.alpha_pattern, bool(as_params)),
+        task_type="CAUSAL_LM",
+    )
 
 
 def prepare_lora(model: nn.Module, cfg: RunConfig) -> CausalLM:
@@ -196,7 +237,10 @@ def _check_targets(wrapped: peft.PeftModel, modules: list[str], params: list[str
     extra = sorted(got_params - set(params))
     if skipped or extra:
         raise UsageError(
-            f"lora.targets: peft {peft.__version__} did not adapt {skipped[:4]}{'...' if len(skipped) > 4 else ''}"
+            f"lora.targets: peft {peft.__version__} did not adapt "
+            f"{skipped[:4]}{'...' if len(skipped) > 4 else ''}"
             + (f" and adapted {extra[:2]} instead" if extra else "")
-            + ". On DeepSeek-V2/V3 with transformers 5, peft rewrites MLP targets (gate_proj/up_proj/down_proj) "
-              "to the routed experts; use lora.targets=attention, or name attention modules explicitly.")
+            + ". On DeepSeek-V2/V3 with transformers 5, peft rewrites MLP targets "
+            "(gate_proj/up_proj/down_proj) "
+            "to the routed experts; use lora.targets=attention, or name attention modules explicitly."
+        )

@@ -42,7 +42,10 @@ def _renamed_cache() -> bool:
 
 def is_mla(config) -> bool:
     """True for DeepSeek-V2/V3 attention, whose cache holds the compressed KV latent."""
-    return getattr(config, "model_type", "") in MLA_MODEL_TYPES and getattr(config, "kv_lora_rank", None) is not None
+    return (
+        getattr(config, "model_type", "") in MLA_MODEL_TYPES
+        and getattr(config, "kv_lora_rank", None) is not None
+    )
 
 
 def mla_prefix_width(config) -> int:
@@ -89,7 +92,9 @@ class _DeepSeekFixes:
         for layer in range(cfg.num_layers):
             per_layer = latent[:, :, layer]  # [batch, virtual tokens, rank + rope (+1 padding if odd)]
             # Single-head 4-D tensors, the shapes DeepseekV3Attention writes into the cache itself.
-            cache.update(per_layer[..., :rank].unsqueeze(1), per_layer[..., rank:rank + rope].unsqueeze(1), layer)
+            cache.update(
+                per_layer[..., :rank].unsqueeze(1), per_layer[..., rank : rank + rope].unsqueeze(1), layer
+            )
         return cache
 
     # ------------------------------------------------------------------ 3. PiSSA / OLoRA export
@@ -146,10 +151,14 @@ class CausalLM(_DeepSeekFixes, peft.PeftModelForCausalLM):
 
     # ------------------------------------------------------------------ 1. aligned logits
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                              **kwargs)
+        out = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
         cfg = self.active_peft_config
-        if cfg.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING) and getattr(out, "logits", None) is not None:
+        if (
+            cfg.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING)
+            and getattr(out, "logits", None) is not None
+        ):
             n = (input_ids if input_ids is not None else inputs_embeds).shape[1]
             if out.logits.shape[1] == n + cfg.num_virtual_tokens:
                 out.logits = out.logits[:, -n:]
@@ -157,7 +166,8 @@ class CausalLM(_DeepSeekFixes, peft.PeftModelForCausalLM):
 
 
 class SequenceClassifier(_DeepSeekFixes, peft.PeftModelForSequenceClassification):
-    """``peft.PeftModelForSequenceClassification`` (``task: classification``) with MLA prefix and PiSSA export.
+    """``peft.PeftModelForSequenceClassification`` (``task: classification``), with MLA prefix and PiSSA
+    export.
 
     peft adds the head (``score``) to ``modules_to_save``, so it trains beside the adapter and is saved in
     ``adapter_model.safetensors``. Prefix tuning is re-routed: peft looks for a ``past_key_values``
@@ -165,11 +175,26 @@ class SequenceClassifier(_DeepSeekFixes, peft.PeftModelForSequenceClassification
     accepts the old name), and would refuse ("Model does not support past key values").
     """
 
-    def _prefix_tuning_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
-                               output_attentions=None, output_hidden_states=None, return_dict=None, **kwargs):
+    def _prefix_tuning_forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
         batch_size = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               labels=labels, past_key_values=self.get_prompt(batch_size), **kwargs)
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            past_key_values=self.get_prompt(batch_size),
+            **kwargs,
+        )
 
 
 def wrap(model: torch.nn.Module, config: peft.PeftConfig) -> CausalLM | SequenceClassifier:
@@ -205,7 +230,11 @@ def load(base: torch.nn.Module, adapter_dir: str | Path) -> CausalLM:
     weights = peft.utils.load_peft_weights(str(adapter_dir), device="cpu")
     result = peft.set_peft_model_state_dict(model, weights)
     # peft loads a prompt's embedding itself and lists it among unexpected keys; adapter weights must fit.
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "ia3_" in k or "modules_to_save" in k]
+    unexpected = [
+        k
+        for k in getattr(result, "unexpected_keys", [])
+        if "lora_" in k or "ia3_" in k or "modules_to_save" in k
+    ]
     if unexpected:
         raise UsageError(f"{adapter_dir}: adapter weights {unexpected[:4]} do not fit this base model")
     model.eval()

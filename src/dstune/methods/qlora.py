@@ -38,8 +38,10 @@ def import_bitsandbytes():
     try:
         import bitsandbytes
     except ImportError:
-        raise MissingExtra("method=qlora needs bitsandbytes, which is not installed: pip install 'dstune[qlora]' "
-                          "(bitsandbytes >= 0.45 runs on CPU and CUDA), or use method=lora") from None
+        raise MissingExtra(
+            "method=qlora needs bitsandbytes, which is not installed: pip install 'dstune[qlora]' "
+            "(bitsandbytes >= 0.45 runs on CPU and CUDA), or use method=lora"
+        ) from None
     return bitsandbytes
 
 
@@ -71,14 +73,22 @@ def _quantized_linear(linear: nn.Linear, qc: QloraConfig) -> nn.Module:
     weight = linear.weight.data.to(torch.float32)
     bias = linear.bias is not None
     if qc.bits == 8:
-        new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
-                                  threshold=6.0)
+        new = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False, threshold=6.0
+        )
         new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
-        new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype(qc),
-                                quant_type=qc.quant_type, compress_statistics=qc.double_quant)
-        new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=qc.quant_type,
-                                       compress_statistics=qc.double_quant)
+        new = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=bias,
+            compute_dtype=compute_dtype(qc),
+            quant_type=qc.quant_type,
+            compress_statistics=qc.double_quant,
+        )
+        new.weight = bnb.nn.Params4bit(
+            weight, requires_grad=False, quant_type=qc.quant_type, compress_statistics=qc.double_quant
+        )
         # bitsandbytes 0.50's CPU inference shortcut (Linear4bit.forward, eval mode without grad on an
         # AVX512-BF16 CPU) repacks the weight for a bf16 kernel: it rounds the block scales to bf16, so
         # evaluation logits drift ~1e-2 from the training ones, and it asserts out_features % 32 == 0,
@@ -127,14 +137,20 @@ def quantize_(model: nn.Module, qc: QloraConfig, keep: dict[str, str] | None = N
         else:
             model.set_submodule(name, _quantized_linear(module, qc))
             report.quantized.append(name)
-    linear_params = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.Linear) for p, _ in m.named_parameters(recurse=False)}
+    linear_params = {
+        f"{n}.{p}"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+        for p, _ in m.named_parameters(recurse=False)
+    }
     groups: dict[str, int] = {}
     for name, p in model.named_parameters():
         if name in linear_params or type(p).__name__ in ("Params4bit", "Int8Params"):
             continue
         kind = param_kind(name)
         label = {"experts": "fused routed experts (3-D, bitsandbytes quantises nn.Linear only)"}.get(
-            kind, f"{kind} (not nn.Linear)")
+            kind, f"{kind} (not nn.Linear)"
+        )
         groups[label] = groups.get(label, 0) + p.numel()
     for label, n in groups.items():
         report.kept[label] = f"{n:,} parameters"
@@ -142,7 +158,9 @@ def quantize_(model: nn.Module, qc: QloraConfig, keep: dict[str, str] | None = N
     return report
 
 
-def prepare_qlora(model: nn.Module, cfg: RunConfig, console: Console | None = None) -> CausalLM | SequenceClassifier:
+def prepare_qlora(
+    model: nn.Module, cfg: RunConfig, console: Console | None = None
+) -> CausalLM | SequenceClassifier:
     """Quantises the frozen base (``qlora.*``) and wraps it with LoRA (``lora.*``).
 
     Raises:
@@ -152,8 +170,11 @@ def prepare_qlora(model: nn.Module, cfg: RunConfig, console: Console | None = No
     import_bitsandbytes()
     config = lora_config(model, cfg)  # resolved on the fp32 model, before any layer changes type
     config.target_modules = sorted(config.target_modules or []) or None  # a copy: peft shortens it in place
-    by_param = {p[: -len(".weight")]: "LoRA through target_parameters needs a plain weight"
-                for p in (config.target_parameters or []) if p.endswith(".weight")}
+    by_param = {
+        p[: -len(".weight")]: "LoRA through target_parameters needs a plain weight"
+        for p in (config.target_parameters or [])
+        if p.endswith(".weight")
+    }
     report = quantize_(model, cfg.qlora, by_param)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -8,8 +8,18 @@ import torch.nn as nn
 
 from dstune.models.inspect import param_kind
 
-KIND_ORDER = ["embeddings", "attention", "dense_mlp", "shared_experts", "experts", "router", "norm",
-              "head", "adapter", "other"]
+KIND_ORDER = [
+    "embeddings",
+    "attention",
+    "dense_mlp",
+    "shared_experts",
+    "experts",
+    "router",
+    "norm",
+    "head",
+    "adapter",
+    "other",
+]
 
 
 def _is_adapter(name: str) -> bool:
@@ -47,13 +57,21 @@ def render_summary(summary: dict[str, dict[str, int]], is_moe: bool) -> str:
     lines = [f"{'module kind':<16}{'trainable':>14}{'frozen':>14}"]
     for kind, v in summary.items():
         lines.append(f"{kind:<16}{v['trainable']:>14,}{v['frozen']:>14,}")
-    lines.append(f"{'total':<16}{total_t:>14,}{total - total_t:>14,}   "
-                 f"({100.0 * total_t / max(total, 1):.3f}% trainable)")
+    lines.append(
+        f"{'total':<16}{total_t:>14,}{total - total_t:>14,}   "
+        f"({100.0 * total_t / max(total, 1):.3f}% trainable)"
+    )
     on = summary.get("adapter", {}).get("on", {})
     if on:
-        lines.append("adapter parameters by adapted module: "
-                     + ", ".join(f"{k} {v:,}" for k, v in sorted(on.items(), key=lambda kv: KIND_ORDER.index(kv[0])
-                                                                if kv[0] in KIND_ORDER else 99)))
+        lines.append(
+            "adapter parameters by adapted module: "
+            + ", ".join(
+                f"{k} {v:,}"
+                for k, v in sorted(
+                    on.items(), key=lambda kv: KIND_ORDER.index(kv[0]) if kv[0] in KIND_ORDER else 99
+                )
+            )
+        )
     if is_moe:
         for kind, label in (("experts", "routed experts"), ("shared_experts", "shared experts")):
             ex = summary.get(kind, {"trainable": 0, "frozen": 0})

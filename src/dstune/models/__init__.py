@@ -11,10 +11,28 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load": ["ModelSpecError", "ResolvedModel", "cache_dir", "family_info", "family_of", "find_release",
-             "load_config_only", "load_model", "load_tokenizer", "model_facts", "resolve_model_dir", "tiny_families"],
-    "inspect": ["KINDS", "architecture_report", "count_params_by_kind", "inspect_model", "param_kind",
-                "render_report"],
+    "load": [
+        "ModelSpecError",
+        "ResolvedModel",
+        "cache_dir",
+        "family_info",
+        "family_of",
+        "find_release",
+        "load_config_only",
+        "load_model",
+        "load_tokenizer",
+        "model_facts",
+        "resolve_model_dir",
+        "tiny_families",
+    ],
+    "inspect": [
+        "KINDS",
+        "architecture_report",
+        "count_params_by_kind",
+        "inspect_model",
+        "param_kind",
+        "render_report",
+    ],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

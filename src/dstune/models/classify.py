@@ -32,8 +32,10 @@ LABELS_FILE = RunDir.LABELS
 POOLINGS = ("last", "mean")
 _HEAD = "score."  # the head's parameter names in GenericForSequenceClassification
 # model_type -> (module, prefix of the PreTrainedModel class) for architectures without a transformers head.
-_WRAPPED = {"deepseek_v32": ("transformers.models.deepseek_v32.modeling_deepseek_v32", "DeepseekV32"),
-            "deepseek_v4": ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4")}
+_WRAPPED = {
+    "deepseek_v32": ("transformers.models.deepseek_v32.modeling_deepseek_v32", "DeepseekV32"),
+    "deepseek_v4": ("transformers.models.deepseek_v4.modeling_deepseek_v4", "DeepseekV4"),
+}
 
 
 def is_classifier(model: nn.Module) -> bool:
@@ -45,7 +47,12 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The classification head's parameters (``score``; under peft both its frozen original and the trainable
     copy in ``modules_to_save``), or none when ``model`` is not a classifier. ``get_output_embeddings()``
     is None on a sequence classifier, so code that finds the head through it needs this."""
-    return [p for m in model.modules() if isinstance(m, GenericForSequenceClassification) for p in m.score.parameters()]
+    return [
+        p
+        for m in model.modules()
+        if isinstance(m, GenericForSequenceClassification)
+        for p in m.score.parameters()
+    ]
 
 
 def _wrapper_class(model_type: str) -> type:
@@ -69,21 +76,23 @@ class _MeanPooling:
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
         kwargs.pop("return_dict", None)  # the decoder's output object is needed here
-        out = getattr(self, self.base_model_prefix)(input_ids, attention_mask=attention_mask,
-                                                    inputs_embeds=inputs_embeds, **kwargs)
+        out = getattr(self, self.base_model_prefix)(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
         hidden = out.last_hidden_state
         if attention_mask is None:
             mask = hidden.new_ones(hidden.shape[:2])
         else:  # prefix tuning's mask also covers its virtual tokens, which are not in ``hidden``; prompt
             # tuning's virtual tokens are in both and enter the mean (the same states for every input)
-            mask = attention_mask[:, -hidden.shape[1]:]
+            mask = attention_mask[:, -hidden.shape[1] :]
         # the head is linear without bias: this is also the mean of the per-token logits
         logits = self.score(mean_of_real_tokens(hidden, mask))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                                attentions=out.attentions)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions
+        )
 
 
 @functools.cache
@@ -103,8 +112,15 @@ def _classifier_config(path: str, labels: list[str], pad_id: int, **kwargs) -> P
     return config
 
 
-def load_classifier(path: str, labels: list[str], pad_id: int, *, dtype: torch.dtype = torch.float32,
-                    trust_remote_code: bool = False, pooling: str | None = None) -> nn.Module:
+def load_classifier(
+    path: str,
+    labels: list[str],
+    pad_id: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    pooling: str | None = None,
+) -> nn.Module:
     """Loads a model directory as a classifier over ``labels``.
 
     The decoder weights come from ``path``; the head is new (initialised from the torch seed) unless
@@ -121,15 +137,26 @@ def load_classifier(path: str, labels: list[str], pad_id: int, *, dtype: torch.d
         ValueError: fewer than two labels, or an unknown pooling.
     """
     if len(labels) < 2:
-        raise UsageError(f"a classification head needs at least two labels, got {labels}; check data.label_column")
+        raise UsageError(
+            f"a classification head needs at least two labels, got {labels}; check data.label_column"
+        )
     config = _classifier_config(path, labels, pad_id, trust_remote_code=trust_remote_code)
     pooling = pooling or getattr(config, "classifier_pooling", None) or "last"
     if pooling not in POOLINGS:
         raise UsageError(f"classify.pooling must be one of {list(POOLINGS)}, got {pooling!r}")
     config.classifier_pooling = pooling
-    kwargs = {"config": config, "dtype": dtype, "use_safetensors": True, "trust_remote_code": trust_remote_code,
-              "output_loading_info": True}
-    cls = _wrapper_class(config.model_type) if config.model_type in _WRAPPED else AutoModelForSequenceClassification
+    kwargs = {
+        "config": config,
+        "dtype": dtype,
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+        "output_loading_info": True,
+    }
+    cls = (
+        _wrapper_class(config.model_type)
+        if config.model_type in _WRAPPED
+        else AutoModelForSequenceClassification
+    )
     # transformers prints a load report that calls the new head MISSING and the dropped LM head UNEXPECTED:
     # both are the point of a classifier, and the report reads like a failure. It is silenced here, and
     # only what would be a real problem (decoder weights missing or left over) is reported, by name.
@@ -142,8 +169,11 @@ def load_classifier(path: str, labels: list[str], pad_id: int, *, dtype: torch.d
     missing = [k for k in info["missing_keys"] if not k.startswith(_HEAD)]
     unexpected = [k for k in info["unexpected_keys"] if not k.startswith("lm_head.")]
     if missing or unexpected:
-        warnings.warn(f"{path}: loading it as a classifier left decoder weights missing {missing[:8]} or unused "
-                      f"{unexpected[:8]}; the checkpoint does not match its config", stacklevel=2)
+        warnings.warn(
+            f"{path}: loading it as a classifier left decoder weights missing {missing[:8]} or unused "
+            f"{unexpected[:8]}; the checkpoint does not match its config",
+            stacklevel=2,
+        )
     if pooling == "mean":
         # The loaded object becomes its mean-pooling subclass: the class is only known after from_pretrained
         # (AutoModelForSequenceClassification picks it), and the weights are the same.
@@ -154,7 +184,9 @@ def load_classifier(path: str, labels: list[str], pad_id: int, *, dtype: torch.d
 def save_labels(directory: str | Path, labels: list[str], positive: str | None = None) -> Path:
     """Writes ``labels.json``: the class names in head order (class i is ``labels[i]``)."""
     path = Path(directory) / LABELS_FILE
-    path.write_text(json.dumps({"labels": labels, "positive": positive}, indent=1, ensure_ascii=False), "utf-8")
+    path.write_text(
+        json.dumps({"labels": labels, "positive": positive}, indent=1, ensure_ascii=False), "utf-8"
+    )
     return path
 
 

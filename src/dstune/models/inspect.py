@@ -16,12 +16,29 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from dstune.core.facts import layer_index
 from dstune.models.load import family_of, load_config_only
 
-KINDS = ("attention", "dense_mlp", "experts", "shared_experts", "router", "embeddings", "head", "norm", "other")
+KINDS = (
+    "attention",
+    "dense_mlp",
+    "experts",
+    "shared_experts",
+    "router",
+    "embeddings",
+    "head",
+    "norm",
+    "other",
+)
 
 # peft wraps a module and adds parameters under these names, each followed by the adapter name
 # ("...q_proj.lora_A.default.weight"); the adapter name is dropped so it cannot be mistaken for a module.
-_PEFT_WITH_ADAPTER = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                      "modules_to_save", "ia3_l"}
+_PEFT_WITH_ADAPTER = {
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    "modules_to_save",
+    "ia3_l",
+}
 _PEFT_WRAPPERS = {"base_layer", "original_module"}
 _HEAD = {"lm_head", "score"}
 _EMBEDDINGS = {"embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embeddings"}
@@ -133,8 +150,9 @@ def _attention_facts(config: PretrainedConfig) -> dict[str, Any]:
     return facts
 
 
-def architecture_report(config: PretrainedConfig, *, name: str | None = None,
-                        trust_remote_code: bool = False) -> dict[str, Any]:
+def architecture_report(
+    config: PretrainedConfig, *, name: str | None = None, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """Describes an architecture and counts its parameters, without allocating any weights.
 
     Active parameters are those one token's forward pass multiplies with: every parameter except the
@@ -239,24 +257,43 @@ def render_report(report: dict[str, Any]) -> str:
     title = report["name"] or report["model_type"]
     rows: list[tuple[str, str]] = []
     if moe:
-        dense = f"{len(moe['dense_layers'])} dense" + (f": {_ranges(moe['dense_layers'])}" if moe["dense_layers"] else "")
+        dense = f"{len(moe['dense_layers'])} dense" + (
+            f": {_ranges(moe['dense_layers'])}" if moe["dense_layers"] else ""
+        )
         layers = f"{report['layers']} ({dense}; {len(moe['moe_layers'])} MoE: {_ranges(moe['moe_layers'])})"
     else:
         layers = str(report["layers"])
-    rows += [("layers", layers), ("hidden size", str(report["hidden_size"])),
-             ("vocabulary", f"{report['vocab_size']:,}"),
-             ("context", f"{report['max_position_embeddings']:,} positions" if report["max_position_embeddings"] else "?"),
-             ("embeddings", "tied to the output layer" if report["tie_word_embeddings"] else "separate output layer")]
-    heads = f"{att['kind']}, {att['heads']} heads, {att['kv_heads']} kv head{'s' if att['kv_heads'] != 1 else ''}"
+    rows += [
+        ("layers", layers),
+        ("hidden size", str(report["hidden_size"])),
+        ("vocabulary", f"{report['vocab_size']:,}"),
+        (
+            "context",
+            f"{report['max_position_embeddings']:,} positions" if report["max_position_embeddings"] else "?",
+        ),
+        (
+            "embeddings",
+            "tied to the output layer" if report["tie_word_embeddings"] else "separate output layer",
+        ),
+    ]
+    heads = (
+        f"{att['kind']}, {att['heads']} heads, {att['kv_heads']} kv head{'s' if att['kv_heads'] != 1 else ''}"
+    )
     rows.append(("attention", heads))
     if att["kind"] == "MLA":
         q = f"q_lora_rank {att['q_lora_rank']}" if att["q_lora_rank"] else "no q compression"
         rows.append(("", f"{q}, kv_lora_rank {att['kv_lora_rank']}"))
-        rows.append(("", f"qk head dim {att['qk_head_dim']} ({att['qk_nope_head_dim']} nope + "
-                         f"{att['qk_rope_head_dim']} rope), v head dim {att['v_head_dim']}"))
+        rows.append(
+            (
+                "",
+                f"qk head dim {att['qk_head_dim']} ({att['qk_nope_head_dim']} nope + "
+                f"{att['qk_rope_head_dim']} rope), v head dim {att['v_head_dim']}",
+            )
+        )
     else:
-        extra = [f"head dim {att['head_dim']}"] + [f"{k} {att[k]}" for k in
-                                                  ("q_lora_rank", "o_lora_rank", "sliding_window") if k in att]
+        extra = [f"head dim {att['head_dim']}"] + [
+            f"{k} {att[k]}" for k in ("q_lora_rank", "o_lora_rank", "sliding_window") if k in att
+        ]
         rows.append(("", ", ".join(extra)))
     if "index_topk" in att:
         rows.append(("", f"sparse attention: indexer keeps the top {att['index_topk']} keys"))
@@ -265,13 +302,20 @@ def render_report(report: dict[str, Any]) -> str:
     if report["intermediate_size"]:
         rows.append(("dense MLP", f"intermediate {report['intermediate_size']}"))
     if moe:
-        rows.append(("experts", f"{moe['routed_experts']} routed ({moe['experts_per_token']} per token) + "
-                                f"{moe['shared_experts']} shared, intermediate {moe['moe_intermediate_size']}"))
+        rows.append(
+            (
+                "experts",
+                f"{moe['routed_experts']} routed ({moe['experts_per_token']} per token) + "
+                f"{moe['shared_experts']} shared, intermediate {moe['moe_intermediate_size']}",
+            )
+        )
     total, active = report["total_params"], report["active_params"]
     rows.append(("parameters", f"{_human(total)} total ({total:,})"))
     if moe and active is not None:  # a dense model's figure would only differ by the embedding table
         rows.append(("", f"{_human(active)} active per token"))
-        left_out = "routed experts not chosen" + ("" if report["tie_word_embeddings"] else ", input embeddings")
+        left_out = "routed experts not chosen" + (
+            "" if report["tie_word_embeddings"] else ", input embeddings"
+        )
         rows.append(("", f"  ({left_out} left out)"))
     rows.append(("by kind", ""))
     for kind, count in report["params_by_kind"].items():

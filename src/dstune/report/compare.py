@@ -56,12 +56,16 @@ def expand_runs(paths: list[str | Path]) -> list[Path]:
         elif (path / "base.yaml").is_file() or any(path.glob("trial-[0-9]*")):  # what run_tune writes first
             trials = sorted(d for d in path.glob("trial-[0-9]*") if RunDir(d).run_json.is_file())
             if not trials:
-                raise NotARunError(f"{path} is a study directory but holds no trial run directories yet "
-                                        "(trial-NNNN/ with run.json); run dstune tune first")
+                raise NotARunError(
+                    f"{path} is a study directory but holds no trial run directories yet "
+                    "(trial-NNNN/ with run.json); run dstune tune first"
+                )
             runs.extend(trials)
         else:
-            raise NotARunError(f"{path} is not a run directory (no run.json) nor a study directory (no "
-                                    "base.yaml); give directories written by dstune train or dstune tune")
+            raise NotARunError(
+                f"{path} is not a run directory (no run.json) nor a study directory (no "
+                "base.yaml); give directories written by dstune train or dstune tune"
+            )
     return runs
 
 
@@ -82,9 +86,11 @@ def _from_metrics(rows: list[dict]) -> dict:
     """What ``summary.json`` would say, from ``metrics.jsonl``: the latest step, train loss and evaluation."""
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
-    return {"steps": train[-1]["step"] if train else None,
-            "final_train_loss": train[-1].get("loss") if train else None,
-            "val": {k: v for k, v in val[-1].items() if k not in ("step", "split")} if val else None}
+    return {
+        "steps": train[-1]["step"] if train else None,
+        "final_train_loss": train[-1].get("loss") if train else None,
+        "val": {k: v for k, v in val[-1].items() if k not in ("step", "split")} if val else None,
+    }
 
 
 def wall_time(run_dir: str | Path, summary: dict) -> tuple[float | None, int]:
@@ -114,14 +120,24 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     run = Path(run_dir)
     rd = RunDir(run)
     if not rd.run_json.is_file():
-        raise NotARunError(f"{run} is not a run directory (no run.json); give directories written by dstune train")
+        raise NotARunError(
+            f"{run} is not a run directory (no run.json); give directories written by dstune train"
+        )
     config = yaml.safe_load(rd.config.read_text(encoding="utf-8")) if rd.config.is_file() else {}
     summary = rd.read_json(RunDir.SUMMARY)
     state = _trial_state(run) or ("finished" if summary else "unfinished")
     wall_s, sessions = wall_time(run, summary)
-    return {"name": run.name, "path": str(run), "run": rd.read_json(RunDir.RUN), "config": config or {},
-            "summary": summary or _from_metrics(read_metrics(run)), "eval": rd.read_json(RunDir.EVAL_JSON),
-            "state": state, "wall_s": wall_s, "sessions": sessions}
+    return {
+        "name": run.name,
+        "path": str(run),
+        "run": rd.read_json(RunDir.RUN),
+        "config": config or {},
+        "summary": summary or _from_metrics(read_metrics(run)),
+        "eval": rd.read_json(RunDir.EVAL_JSON),
+        "state": state,
+        "wall_s": wall_s,
+        "sessions": sessions,
+    }
 
 
 def _cell(value: Any) -> str:
@@ -133,7 +149,8 @@ def _cell(value: Any) -> str:
 
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
-    """Writes ``report.md`` (one table, one row per run) and ``compare.png`` (their loss curves) to ``out_dir``.
+    """Writes ``report.md`` (one table, one row per run) and ``compare.png`` (their loss curves) to
+    ``out_dir``.
 
     ``run_dirs`` may hold study directories: each stands for its trials. Columns that no run has a value
     for are left out, and the state column when every run finished.
@@ -151,19 +168,32 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
         for r in runs:
             r["name"] = "/".join(Path(r["path"]).resolve().parts[-2:])
     values = {title: [get(r) for r in runs] for title, get in _COLUMNS}
-    columns = [title for title, _ in _COLUMNS if any(v is not None for v in values[title])
-               and (title != "state" or set(values[title]) != {"finished"})]
+    columns = [
+        title
+        for title, _ in _COLUMNS
+        if any(v is not None for v in values[title])
+        and (title != "state" or set(values[title]) != {"finished"})
+    ]
     rows = [[r["name"]] + [values[c][i] for c in columns] for i, r in enumerate(runs)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_compare([r["path"] for r in runs], out / "compare.png")
-    lines = ["# Runs compared", "", "| run | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = [
+        "# Runs compared",
+        "",
+        "| run | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     resumed = [f"{r['name']} ({r['sessions']} sessions)" for r in runs if r["sessions"] > 1]
     if resumed or any(r["state"] != "finished" and r["wall_s"] is not None for r in runs):
-        lines += ["", "wall s: " + (f"summed over the sessions of a resumed run: {', '.join(resumed)}. " if resumed
-                                    else "") + "A run that wrote no summary.json (a pruned or interrupted run) is "
-                  "timed to its latest checkpoint."]
+        lines += [
+            "",
+            "wall s: "
+            + (f"summed over the sessions of a resumed run: {', '.join(resumed)}. " if resumed else "")
+            + "A run that wrote no summary.json (a pruned or interrupted run) is "
+            "timed to its latest checkpoint.",
+        ]
     if plot:
         lines += ["", f"![loss curves]({plot.name})"]
     lines += ["", "Runs: " + ", ".join(f"`{r['path']}`" for r in runs)]
@@ -195,9 +225,14 @@ def console_tables(result: dict, console) -> list:
         return t
 
     def fits(picked: list[int]) -> bool:
-        return Measurement.get(console, console.options.update_width(10**4), table(picked)).maximum <= console.width
+        return (
+            Measurement.get(console, console.options.update_width(10**4), table(picked)).maximum
+            <= console.width
+        )
 
-    parts: list = [Text("all runs: " + ", ".join(f"{columns[i]} {texts[0][i]}" for i in shared))] if shared else []
+    parts: list = (
+        [Text("all runs: " + ", ".join(f"{columns[i]} {texts[0][i]}" for i in shared))] if shared else []
+    )
     chunk: list[int] = []
     for i in rest:
         if chunk and not fits([*chunk, i]):

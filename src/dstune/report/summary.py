@@ -13,7 +13,9 @@ def summary_line(result) -> str:
     val = result.val or {}
     text = f"{result.steps} steps, final train loss {result.final_loss:.4f}"
     if "accuracy" in val:
-        return text + f", val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, F1 (macro) {val['f1_macro']:.4f}"
+        return text + (
+            f", val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, F1 (macro) {val['f1_macro']:.4f}"
+        )
     if "ppl" in val:
         return text + f", val loss {val['loss']:.4f} (ppl {val['ppl']:.2f})"
     return text + (f", val loss {val['loss']:.4f}" if "loss" in val else "")

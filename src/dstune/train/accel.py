@@ -22,7 +22,6 @@ from dstune.errors import DstuneError
 LIGER_FAMILIES = {"llama": "apply_liger_kernel_to_llama", "qwen2": "apply_liger_kernel_to_qwen2"}
 
 
-
 class KernelError(DstuneError, RuntimeError):
     """A kernel the config asks for (``train.liger=on``) cannot be used here; the message says why."""
 
@@ -31,8 +30,13 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def plan_attention(requested: str, device_type: str, precision: str, supports_flash: bool,
-                   flash_installed: bool | None = None) -> str | None:
+def plan_attention(
+    requested: str,
+    device_type: str,
+    precision: str,
+    supports_flash: bool,
+    flash_installed: bool | None = None,
+) -> str | None:
     """The attention implementation to set, or None to keep transformers' choice (SDPA where supported).
 
     ``auto`` picks flash_attention_2 on CUDA in bf16/fp16 when the ``flash_attn`` package is installed and
@@ -49,7 +53,9 @@ def plan_attention(requested: str, device_type: str, precision: str, supports_fl
 
 def apply_attention(model, requested: str, device_type: str, precision: str) -> str:
     """Sets the attention implementation on a freshly loaded model; returns the one in use."""
-    choice = plan_attention(requested, device_type, precision, bool(getattr(model, "_supports_flash_attn", False)))
+    choice = plan_attention(
+        requested, device_type, precision, bool(getattr(model, "_supports_flash_attn", False))
+    )
     if choice and choice != model.config._attn_implementation:
         model.set_attn_implementation(choice)
     return model.config._attn_implementation
@@ -115,8 +121,14 @@ def apply_liger(model, plan: LigerPlan, strict: bool = False) -> LigerPlan:
 
         fused_ce_loss()  # fails here, not at the first step, when this liger lacks the loss
         if plan.patch is not None:
-            getattr(lk, plan.patch)(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False, model=model)
+            getattr(lk, plan.patch)(
+                rope=True,
+                rms_norm=True,
+                swiglu=True,
+                cross_entropy=False,
+                fused_linear_cross_entropy=False,
+                model=model,
+            )
     except Exception as exc:  # an incompatible liger/transformers pair: plain kernels still train
         if strict:
             raise KernelError(f"train.liger=on: liger-kernel could not be applied: {exc}") from exc
@@ -128,7 +140,9 @@ def fused_ce_loss(label_smoothing: float = 0.0):
     """liger's fused linear cross-entropy as ``f(head_weight, hidden, target, bias) -> summed loss``."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=-100, label_smoothing=label_smoothing, reduction="sum")
+    return LigerFusedLinearCrossEntropyLoss(
+        ignore_index=-100, label_smoothing=label_smoothing, reduction="sum"
+    )
 
 
 def compile_layers(model, enabled: bool) -> int:
@@ -165,16 +179,24 @@ def plan_experts(requested: str, is_moe: bool) -> str | None:
 def apply_experts(model, requested: str) -> str | None:
     """Sets the experts implementation of an MoE model; returns the one in use (None for dense models)."""
     is_moe = hasattr(model.config, "_experts_implementation") and bool(
-        getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
-        or getattr(model.config, "num_local_experts", None))
+        getattr(model.config, "n_routed_experts", None)
+        or getattr(model.config, "num_experts", None)
+        or getattr(model.config, "num_local_experts", None)
+    )
     choice = plan_experts(requested, is_moe)
     if choice and choice != model.config._experts_implementation:
         model.set_experts_implementation(choice)
     return model.config._experts_implementation if is_moe else None
 
 
-def describe(device: torch.device, attention: str, liger: LigerPlan, compiled: int, experts: str | None) -> dict:
+def describe(
+    device: torch.device, attention: str, liger: LigerPlan, compiled: int, experts: str | None
+) -> dict:
     """The speed settings in use, for the console and the run summary."""
-    return {"device": device.type, "attention": attention,
-            "liger": liger.kernels or f"off ({liger.why_not})", "compiled_layers": compiled,
-            **({"experts_implementation": experts} if experts else {})}
+    return {
+        "device": device.type,
+        "attention": attention,
+        "liger": liger.kernels or f"off ({liger.why_not})",
+        "compiled_layers": compiled,
+        **({"experts_implementation": experts} if experts else {}),
+    }

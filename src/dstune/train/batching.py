@@ -45,9 +45,13 @@ class MicroBatches:
         g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.rows), generator=g).tolist()
         if self.group_by_length:  # whole global batches of similar length, then each shard takes its share
-            order = length_grouped_order(order, [len(r["input_ids"]) for r in self.rows],
-                                         self.micro_batch_size * self.num_shards, self.seed + epoch)
-        return order[self.shard::self.num_shards]
+            order = length_grouped_order(
+                order,
+                [len(r["input_ids"]) for r in self.rows],
+                self.micro_batch_size * self.num_shards,
+                self.seed + epoch,
+            )
+        return order[self.shard :: self.num_shards]
 
     def epoch(self) -> float:
         return self.position / self.per_epoch
@@ -57,7 +61,7 @@ class MicroBatches:
         epoch, k = divmod(position, self.per_epoch)
         if getattr(self, "_cached_epoch", None) != epoch:  # one permutation per epoch, not per batch
             self._cached_epoch, self._cached_order = epoch, self._order(epoch)
-        return self._cached_order[k * self.micro_batch_size:(k + 1) * self.micro_batch_size]
+        return self._cached_order[k * self.micro_batch_size : (k + 1) * self.micro_batch_size]
 
     def at(self, position: int, pin_memory: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Micro-batch number ``position`` and the indices of its rows, without moving ``position``."""
@@ -74,8 +78,9 @@ class MicroBatches:
         return out
 
 
-def length_grouped_order(order: list[int], lengths: list[int], batch: int, seed: int,
-                         mega: int = 50) -> list[int]:
+def length_grouped_order(
+    order: list[int], lengths: list[int], batch: int, seed: int, mega: int = 50
+) -> list[int]:
     """Reorders a shuffled epoch so each run of ``batch`` indices has rows of similar length.
 
     The megabatch scheme of transformers' ``LengthGroupedSampler``: cut the shuffled order into
@@ -92,8 +97,8 @@ def length_grouped_order(order: list[int], lengths: list[int], batch: int, seed:
         mega: batches per megabatch.
     """
     size = batch * mega
-    groups = [sorted(order[i:i + size], key=lambda j: -lengths[j]) for i in range(0, len(order), size)]
-    batches = [g[i:i + batch] for g in groups for i in range(0, len(g), batch)]
+    groups = [sorted(order[i : i + size], key=lambda j: -lengths[j]) for i in range(0, len(order), size)]
+    batches = [g[i : i + batch] for g in groups for i in range(0, len(g), batch)]
     # The last, possibly short, batch stays last, so every other batch is full.
     head, tail = (batches[:-1], batches[-1:]) if batches and len(batches[-1]) < batch else (batches, [])
     random.Random(seed).shuffle(head)

@@ -103,19 +103,33 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
     tc = cfg.train
     engine = make_engine(cfg)
     torch.manual_seed(tc.seed)
-    resolved = resolve_model_dir(cfg.model.name, revision=cfg.model.revision,
-                                 trust_remote_code=cfg.model.trust_remote_code)
+    resolved = resolve_model_dir(
+        cfg.model.name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
     tokenizer = load_tokenizer(resolved.path)
     template = resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family)
     data, notes = build_data(cfg, tokenizer, template)
     pad = pad_id_of(tokenizer)
     model, speed, objective, regularization = build_model(cfg, resolved, data.labels, pad, engine.device)
     trainable = trainable_summary(model)
-    is_moe = bool(getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None))
-    notes = [f"{cfg.method} on {cfg.model.name} ({resolved.family}); {len(data.train)} train / "
-             f"{len(data.val)} val examples", *notes, render_summary(trainable, is_moe)]
-    batches = MicroBatches(data.train, tc.micro_batch_size, tc.seed, pad, num_shards=engine.num_processes,
-                           shard=engine.process_index, group_by_length=tc.group_by_length)
+    is_moe = bool(
+        getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
+    )
+    notes = [
+        f"{cfg.method} on {cfg.model.name} ({resolved.family}); {len(data.train)} train / "
+        f"{len(data.val)} val examples",
+        *notes,
+        render_summary(trainable, is_moe),
+    ]
+    batches = MicroBatches(
+        data.train,
+        tc.micro_batch_size,
+        tc.seed,
+        pad,
+        num_shards=engine.num_processes,
+        shard=engine.process_index,
+        group_by_length=tc.group_by_length,
+    )
     steps = total_steps(cfg, batches.per_epoch)
     optimizer = build_optimizer(model, cfg.optim, engine.device)
     schedule = schedule if schedule is not None else []
@@ -125,8 +139,24 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
     notes.append(render_groups(optimizer) + (f"\n{regularization}" if regularization else ""))
     notes.append(f"speed: {speed}")
     model, optimizer = engine.prepare(model, optimizer)
-    run = Run(cfg, engine, resolved, tokenizer, template, data, model, objective, optimizer, scheduler, batches,
-              steps, pad, speed, trainable, notes)
+    run = Run(
+        cfg,
+        engine,
+        resolved,
+        tokenizer,
+        template,
+        data,
+        model,
+        objective,
+        optimizer,
+        scheduler,
+        batches,
+        steps,
+        pad,
+        speed,
+        trainable,
+        notes,
+    )
     if console is not None and engine.is_main_process:
         for note in notes:
             console.print(note, markup=False, highlight=False)
@@ -145,14 +175,20 @@ def build_data(cfg: RunConfig, tokenizer, template: str | None) -> tuple[Prepare
         notes.append(warning)
     if tc.packing:  # validation stays unpacked: its loss is comparable across runs with and without packing
         data.train = pack_rows(data.train, cfg.data.max_length, tc.seed)
-        data.report["packed"] = {"rows": len(data.train),
-                                 "padding_share": round(padding_share(data.train, tc.micro_batch_size), 4)}
+        data.report["packed"] = {
+            "rows": len(data.train),
+            "padding_share": round(padding_share(data.train, tc.micro_batch_size), 4),
+        }
     elif share > PADDING_HINT and task.tokens_per_row:
-        notes.append(f"hint: {share:.0%} of the tokens in these micro-batches are padding; "
-                     f"--set train.packing=true packs several examples per row and computes none of them")
+        notes.append(
+            f"hint: {share:.0%} of the tokens in these micro-batches are padding; "
+            f"--set train.packing=true packs several examples per row and computes none of them"
+        )
     if not data.train:
-        raise UsageError(f"data.train: no training examples left in {cfg.data.train or 'data.mix'} after "
-                         f"tokenising; see data_report.json and `dstune data inspect`")
+        raise UsageError(
+            f"data.train: no training examples left in {cfg.data.train or 'data.mix'} after "
+            f"tokenising; see data_report.json and `dstune data inspect`"
+        )
     return data, notes
 
 
@@ -181,8 +217,9 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
     # Kernels are chosen on the plain model, before adapters wrap its modules (see train/accel.py).
     attention = apply_attention(model, tc.attention, device.type, tc.precision)
     experts = apply_experts(model, tc.experts_implementation)
-    liger = apply_liger(model, plan_liger(tc.liger, model.config.model_type, device.type == "cuda"),
-                        strict=tc.liger == "on")
+    liger = apply_liger(
+        model, plan_liger(tc.liger, model.config.model_type, device.type == "cuda"), strict=tc.liger == "on"
+    )
     fused_ce = fused_ce_loss(cfg.regularize.label_smoothing) if liger.fused_ce else None
     torch.manual_seed(tc.seed)  # adapter initialisation is seeded, independent of what loading consumed
     model = prepare_model(model, cfg)
@@ -191,8 +228,11 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     speed = describe(device, attention, liger, compile_layers(model, tc.compile), experts)
-    chunk = chunk_size(tc.chunk_tokens, model.get_output_embeddings().weight.shape[0]) \
-        if TASKS[cfg.task].tokens_per_row else 0
+    chunk = (
+        chunk_size(tc.chunk_tokens, model.get_output_embeddings().weight.shape[0])
+        if TASKS[cfg.task].tokens_per_row
+        else 0
+    )
     speed["chunk_tokens"] = chunk
     objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce)
     return model, speed, objective, regularization

@@ -54,7 +54,9 @@ def _optimizer_files(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         _flatten(f"{order[idx]}::", state, tensors, scalars)
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]]
+    groups = [
+        {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in sd["param_groups"]
+    ]
     return tensors, {"param_names": order, "param_groups": groups, "scalars": scalars}
 
 
@@ -78,8 +80,10 @@ def _rng_state() -> tuple[dict, dict]:
             tensors[f"cuda{i}"] = s
     py = random.getstate()
     np_state = np.random.get_state()
-    meta = {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    meta = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
     return tensors, meta
 
 
@@ -114,8 +118,10 @@ def _write_files(tmp: Path, model: nn.Module, optimizer, scheduler, loop_state: 
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     for f in files:
         _fsync(f)
-    manifest = {"step": loop_state.get("step"), "files": {f.name: {"sha256": file_sha256(f), "bytes": f.stat().st_size}
-                                                        for f in files}}
+    manifest = {
+        "step": loop_state.get("step"),
+        "files": {f.name: {"sha256": file_sha256(f), "bytes": f.stat().st_size} for f in files},
+    }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     _fsync(tmp / MANIFEST)
     # The marker comes last: a directory that has it has everything the manifest lists.
@@ -123,8 +129,14 @@ def _write_files(tmp: Path, model: nn.Module, optimizer, scheduler, loop_state: 
     _fsync(tmp / COMPLETE)
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, loop_state: dict,
-                    fault: Callable[[], None] | None = None) -> Path:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    loop_state: dict,
+    fault: Callable[[], None] | None = None,
+) -> Path:
     """Writes a checkpoint directory atomically and verifies it.
 
     Args:
@@ -153,8 +165,10 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, loop_sta
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(path.parent.parent)
         what = "the disk is full" if exc.errno == errno.ENOSPC else f"the write failed ({exc})"
-        raise CheckpointError(f"could not save checkpoint {path}: {what}. Nothing was half-written; "
-                              f"the newest complete checkpoint is still {previous or 'none'}") from exc
+        raise CheckpointError(
+            f"could not save checkpoint {path}: {what}. Nothing was half-written; "
+            f"the newest complete checkpoint is still {previous or 'none'}"
+        ) from exc
     verify_checkpoint(path)
     return path
 
@@ -167,16 +181,20 @@ def verify_checkpoint(path: Path) -> None:
     """
     path = Path(path)
     if not (path / COMPLETE).exists() or not (path / MANIFEST).exists():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE} marker or {MANIFEST}); "
-                              f"it was interrupted while being written")
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (no {COMPLETE} marker or {MANIFEST}); "
+            f"it was interrupted while being written"
+        )
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     for name, entry in manifest["files"].items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path}: file {name} listed in the manifest is missing")
         if f.stat().st_size != entry["bytes"] or file_sha256(f) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: file {name} does not match its SHA-256 in the manifest "
-                                  f"(changed or corrupted since it was written)")
+            raise CheckpointError(
+                f"checkpoint {path}: file {name} does not match its SHA-256 in the manifest "
+                f"(changed or corrupted since it was written)"
+            )
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -215,13 +233,20 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     unknown = sorted(set(weights) - set(params))
     if unknown:
-        raise CheckpointError(f"{path}: checkpoint has parameters this model lacks, e.g. {unknown[:3]}; "
-                              f"was it made with another model or method?")
-    wrong = [f"{n}: checkpoint {tuple(v.shape)}, model {tuple(params[n].shape)}"
-             for n, v in weights.items() if v.shape != params[n].shape]
+        raise CheckpointError(
+            f"{path}: checkpoint has parameters this model lacks, e.g. {unknown[:3]}; "
+            f"was it made with another model or method?"
+        )
+    wrong = [
+        f"{n}: checkpoint {tuple(v.shape)}, model {tuple(params[n].shape)}"
+        for n, v in weights.items()
+        if v.shape != params[n].shape
+    ]
     if wrong:
-        raise CheckpointError(f"{path}: checkpoint shapes differ from this model's ({wrong[0]}); the setup that "
-                              f"decides them (method, rank, targets, model) changed since it was written")
+        raise CheckpointError(
+            f"{path}: checkpoint shapes differ from this model's ({wrong[0]}); the setup that "
+            f"decides them (method, rank, targets, model) changed since it was written"
+        )
     restore_trainable(model, weights)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])

@@ -72,7 +72,9 @@ class LayerDiagnostics:
         and a copy of the weights."""
         if not self.due(step):
             return
-        self._grads = {k: _norm([p.grad for _, p in ps if p.grad is not None]) for k, ps in self.groups.items()}
+        self._grads = {
+            k: _norm([p.grad for _, p in ps if p.grad is not None]) for k, ps in self.groups.items()
+        }
         self._before = {k: [p.detach().clone() for _, p in ps] for k, ps in self.groups.items()}
 
     @torch.no_grad()

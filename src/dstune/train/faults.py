@@ -32,8 +32,10 @@ class Faults:
                 point, n = rest.split(":")
                 self.pending.add((kind, point, int(n)))
             except ValueError:
-                raise UsageError(f"DSTUNE_FAULTS: cannot parse '{item}'; expected KIND@POINT:N, "
-                                 f"e.g. kill@step:3 or oom@step:2") from None
+                raise UsageError(
+                    f"DSTUNE_FAULTS: cannot parse '{item}'; expected KIND@POINT:N, "
+                    f"e.g. kill@step:3 or oom@step:2"
+                ) from None
 
     def _take(self, kind: str, point: str, n: int) -> bool:
         key = (kind, point, n)

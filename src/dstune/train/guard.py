@@ -46,8 +46,10 @@ def parse_injections(items: list[str]) -> dict[int, list[tuple[str, float]]]:
             else:
                 raise ValueError
         except ValueError:
-            raise UsageError(f"stability.inject: cannot parse '{item}'; accepted: nan_loss@STEP, "
-                             f"grad_scale@STEP:FACTOR (e.g. grad_scale@8:1e4)") from None
+            raise UsageError(
+                f"stability.inject: cannot parse '{item}'; accepted: nan_loss@STEP, "
+                f"grad_scale@STEP:FACTOR (e.g. grad_scale@8:1e4)"
+            ) from None
     return out
 
 
@@ -82,15 +84,31 @@ class StabilityGuard:
         log: ``log(step, values)`` for the metrics log; ``say(text)`` prints to the console.
     """
 
-    def __init__(self, cfg: StabilityConfig, model, optimizer, scheduler, precision: str = "fp32",
-                 rows: list[dict] | None = None, log=None, say=None):
+    def __init__(
+        self,
+        cfg: StabilityConfig,
+        model,
+        optimizer,
+        scheduler,
+        precision: str = "fp32",
+        rows: list[dict] | None = None,
+        log=None,
+        say=None,
+    ):
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
         self.precision, self.rows = precision, rows or []
         self.log, self.say = log or (lambda step, values: None), say or (lambda text: None)
         env = [x.strip() for x in os.environ.get(ENV_INJECT, "").split(",") if x.strip()]
         self.injections = parse_injections(list(cfg.inject) + env)
-        self.counts = {"nonfinite": 0, "grad_spike": 0, "loss_spike": 0, "skipped": 0, "rollbacks": 0,
-                       "fp16_overflow": 0, "injected": 0}
+        self.counts = {
+            "nonfinite": 0,
+            "grad_spike": 0,
+            "loss_spike": 0,
+            "skipped": 0,
+            "rollbacks": 0,
+            "fp16_overflow": 0,
+            "injected": 0,
+        }
         self.losses: deque[float] = deque(maxlen=cfg.spike_window)
         self.grad_norms: deque[float] = deque(maxlen=cfg.spike_window)
         self.halt: dict | None = None
@@ -133,11 +151,13 @@ class StabilityGuard:
                 return "step"  # GradScaler skips this update itself and lowers the scale
             fault = "nonfinite"
         elif len(self.grad_norms) == self.cfg.spike_window:
-            if self.cfg.detect_grad_spikes and is_spike(grad_norm, list(self.grad_norms), self.cfg.spike_k,
-                                                        self.cfg.spike_ratio):
+            if self.cfg.detect_grad_spikes and is_spike(
+                grad_norm, list(self.grad_norms), self.cfg.spike_k, self.cfg.spike_ratio
+            ):
                 fault = "grad_spike"
-            elif self.cfg.detect_loss_spikes and is_spike(loss, list(self.losses), self.cfg.spike_k,
-                                                          self.cfg.spike_ratio):
+            elif self.cfg.detect_loss_spikes and is_spike(
+                loss, list(self.losses), self.cfg.spike_k, self.cfg.spike_ratio
+            ):
                 fault = "loss_spike"
         if fault is None:
             self.losses.append(loss)
@@ -148,18 +168,25 @@ class StabilityGuard:
         detail = f"loss {loss:.4g}, grad norm {grad_norm:.4g}"
         too_many_skips = self.cfg.policy == "skip" and self._skips_in_a_row >= self.cfg.max_consecutive_skips
         if too_many_skips:  # every step skipped: the run only burns compute, so stop and say so
-            detail += (f"; the {self._skips_in_a_row} updates before it were skipped too "
-                       "(stability.max_consecutive_skips): lower optim.lr or use stability.policy=rollback")
-        if too_many_skips or self.cfg.policy == "halt" or (
-                self.cfg.policy == "rollback" and self.counts["rollbacks"] >= self.cfg.max_rollbacks):
+            detail += (
+                f"; the {self._skips_in_a_row} updates before it were skipped too "
+                "(stability.max_consecutive_skips): lower optim.lr or use stability.policy=rollback"
+            )
+        if (
+            too_many_skips
+            or self.cfg.policy == "halt"
+            or (self.cfg.policy == "rollback" and self.counts["rollbacks"] >= self.cfg.max_rollbacks)
+        ):
             self.halt = self._diagnose(step, fault, detail, indices)
             self.say(f"[bold red]stability guard: halted at step {step}[/]: {self.halt['message']}")
             self.log(step, {**self.counts, "halted": 1})
             return "halt"
         if self.cfg.policy == "rollback":
             self._rollback()
-            self.say(f"[yellow]stability guard: {fault} at step {step} ({detail}); rolled back to step "
-                     f"{self._snapshot['step']}, lr x {self.cfg.rollback_lr_factor:g}[/]")
+            self.say(
+                f"[yellow]stability guard: {fault} at step {step} ({detail}); rolled back to step "
+                f"{self._snapshot['step']}, lr x {self.cfg.rollback_lr_factor:g}[/]"
+            )
         else:
             self.counts["skipped"] += 1
             self._skips_in_a_row += 1
@@ -179,10 +206,19 @@ class StabilityGuard:
             if norm > worst_norm:
                 worst, worst_norm = name, norm
         sources = [self.rows[i].get("source", str(i)) for i in indices if i < len(self.rows)]
-        message = (f"{fault} at step {step} ({detail}); largest gradient in {worst} (norm {worst_norm:.4g}); "
-                   f"batch rows {indices}; weights kept are those after step {step - 1}")
-        return {"step": step, "fault": fault, "largest_grad_param": worst, "largest_grad_norm": worst_norm,
-                "data_indices": indices, "data_sources": sources, "message": message}
+        message = (
+            f"{fault} at step {step} ({detail}); largest gradient in {worst} (norm {worst_norm:.4g}); "
+            f"batch rows {indices}; weights kept are those after step {step - 1}"
+        )
+        return {
+            "step": step,
+            "fault": fault,
+            "largest_grad_param": worst,
+            "largest_grad_norm": worst_norm,
+            "data_indices": indices,
+            "data_sources": sources,
+            "message": message,
+        }
 
     # ------------------------------------------------------------------ snapshots
 

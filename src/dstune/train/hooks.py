@@ -49,21 +49,39 @@ class Hooks:
         on_eval: called with (step, metrics) after each evaluation (a search's pruner; may raise).
     """
 
-    def __init__(self, run: Run, run_dir: RunDir, state: TrainState, console: Console,
-                 on_eval: Callable[[int, dict[str, float]], None] | None = None):
+    def __init__(
+        self,
+        run: Run,
+        run_dir: RunDir,
+        state: TrainState,
+        console: Console,
+        on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    ):
         cfg, engine = run.cfg, run.engine
         self.run, self.run_dir, self.state, self.on_eval = run, run_dir, state, on_eval
         self.is_main = engine.is_main_process
-        self.say = (lambda text, style=None: console.print(text, style=style, markup=False, highlight=False)) \
-            if self.is_main else (lambda text, style=None: None)
+        self.say = (
+            (lambda text, style=None: console.print(text, style=style, markup=False, highlight=False))
+            if self.is_main
+            else (lambda text, style=None: None)
+        )
         self.faults = Faults()
         self.events = {"oom_backoffs": 0, "eval_oom_backoffs": 0}
         self.logger = MetricsLogger(run_dir.path, enabled=self.is_main)
         log = self.logger.log
-        self.guard = StabilityGuard(cfg.stability, run.unwrapped, run.optimizer, run.scheduler, cfg.train.precision,
-                                    run.data.train, log=lambda s, v: log(s, "stability", v), say=self.say)
-        self.diagnostics = LayerDiagnostics(cfg.stability, run.unwrapped, log=lambda s, v: log(s, "diag", v),
-                                            say=self.say)
+        self.guard = StabilityGuard(
+            cfg.stability,
+            run.unwrapped,
+            run.optimizer,
+            run.scheduler,
+            cfg.train.precision,
+            run.data.train,
+            log=lambda s, v: log(s, "stability", v),
+            say=self.say,
+        )
+        self.diagnostics = LayerDiagnostics(
+            cfg.stability, run.unwrapped, log=lambda s, v: log(s, "diag", v), say=self.say
+        )
         self.metric, self.sign = cfg.train.best_metric, cfg.best_metric_sign()
         self.early = EarlyStopping(cfg.regularize, self.metric, self.sign, state.early)
         self.val_seen: dict = {}  # the last validation (step, value of train.best_metric)
@@ -72,7 +90,9 @@ class Hooks:
         self.tokens_seen = self.padded_seen = 0
         self.t0, self.wall_before = time.perf_counter(), state.wall_s
         self.progress = _progress(console, enabled=self.is_main and cfg.train.progress)
-        self.task = self.progress.add_task("training", total=run.steps, completed=state.step, loss=float("nan"))
+        self.task = self.progress.add_task(
+            "training", total=run.steps, completed=state.step, loss=float("nan")
+        )
         self.stop = StopRequest(engine)
         # The next micro-batches are collated (and pinned, on CUDA) on a thread while this step computes.
         self.feed = Prefetcher(run.batches, cfg.train.prefetch, pin_memory=engine.device.type == "cuda")
@@ -94,7 +114,9 @@ class Hooks:
         self.faults.kill("micro", self.micro_done)
 
     def count_tokens(self, window: list[dict]) -> None:
-        self.tokens_seen += sum(int(b["attention_mask"].sum()) for b in window)  # host tensors: no device sync
+        self.tokens_seen += sum(
+            int(b["attention_mask"].sum()) for b in window
+        )  # host tensors: no device sync
         self.padded_seen += sum(b["attention_mask"].numel() for b in window)
 
     def out_of_memory(self, window: list[dict], error: torch.OutOfMemoryError) -> None:
@@ -107,9 +129,11 @@ class Hooks:
             raise error
         state.split *= 2
         self.events["oom_backoffs"] += 1
-        self.say(f"out of memory at step {state.step + 1}: micro-batch {tc.micro_batch_size} -> "
-                 f"{-(-tc.micro_batch_size // state.split)}, accumulation x{state.split}; retrying the step",
-                 "yellow")
+        self.say(
+            f"out of memory at step {state.step + 1}: micro-batch {tc.micro_batch_size} -> "
+            f"{-(-tc.micro_batch_size // state.split)}, accumulation x{state.split}; retrying the step",
+            "yellow",
+        )
 
     # ------------------------------------------------------------------ after a step, in order
 
@@ -132,8 +156,10 @@ class Hooks:
             path = self.checkpoint()
             raise TrainingInterrupted(
                 f"stopped by {self.stop.signal_name or 'a signal to another process of this run'} after step "
-                f"{step}/{steps}; checkpoint saved in {path}. Resume with: dstune train {self.run_dir.config} "
-                f"--resume")
+                f"{step}/{steps}; checkpoint saved in {path}. Resume with: "
+                f"dstune train {self.run_dir.config} "
+                f"--resume"
+            )
         return False
 
     def flush_losses(self) -> None:
@@ -145,10 +171,18 @@ class Hooks:
         self.flush_losses()
         losses, run = self.state.losses, self.run
         self.progress.update(self.task, loss=losses[-1])
-        self.logger.log(self.state.step, "train", {
-            "loss": losses[-1], "lr": current_lr(run.scheduler, run.cfg.optim), "grad_norm": float(grad_norm),
-            "tokens_per_s": self.tokens_seen / (time.perf_counter() - self.t0),
-            "padding_share": round(1 - self.tokens_seen / max(self.padded_seen, 1), 4), "epoch": run.batches.epoch()})
+        self.logger.log(
+            self.state.step,
+            "train",
+            {
+                "loss": losses[-1],
+                "lr": current_lr(run.scheduler, run.cfg.optim),
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": self.tokens_seen / (time.perf_counter() - self.t0),
+                "padding_share": round(1 - self.tokens_seen / max(self.padded_seen, 1), 4),
+                "epoch": run.batches.epoch(),
+            },
+        )
 
     def validate(self) -> dict[str, float]:
         """Validation metrics of the current weights; an out-of-memory halves the evaluation batch only."""
@@ -183,8 +217,14 @@ class Hooks:
         if self.is_main:
             state.position, state.wall_s = run.batches.position, self.wall_s()
             improved = self.update_best(path)  # before saving: the checkpoint's state knows it is the best
-            save_checkpoint(path, run.unwrapped, run.optimizer, run.scheduler, state.to_json(),
-                            fault=lambda: self.faults.kill("save", state.step))
+            save_checkpoint(
+                path,
+                run.unwrapped,
+                run.optimizer,
+                run.scheduler,
+                state.to_json(),
+                fault=lambda: self.faults.kill("save", state.step),
+            )
             self.retain(improved)
         run.engine.wait_for_everyone()
         return path
@@ -192,11 +232,20 @@ class Hooks:
     def update_best(self, path: Path) -> bool:
         """Makes ``path`` the best checkpoint if this step's validation beats the best so far."""
         seen, best, step = self.val_seen, self.state.best, self.state.step
-        if seen.get("step") != step or not math.isfinite(seen["value"]) or \
-                self.sign * seen["value"] >= self.sign * best.get("value", self.sign * math.inf):
+        if (
+            seen.get("step") != step
+            or not math.isfinite(seen["value"])
+            or self.sign * seen["value"] >= self.sign * best.get("value", self.sign * math.inf)
+        ):
             return False
-        best.update(metric=self.metric, mode="min" if self.sign > 0 else "max", value=seen["value"],
-                    loss=seen["loss"], path=str(path), step=step)
+        best.update(
+            metric=self.metric,
+            mode="min" if self.sign > 0 else "max",
+            value=seen["value"],
+            loss=seen["loss"],
+            path=str(path),
+            step=step,
+        )
         return True
 
     def retain(self, improved: bool) -> None:
@@ -214,10 +263,15 @@ class Hooks:
     def summary(self) -> dict:
         """The events of this session, for ``summary.json``."""
         padded = self.padded_seen
-        return {"events": self.events, "micro_batch_split": self.state.split, "stability": self.guard.summary(),
-                "early_stopping": self.early.summary(), "diagnostics_warnings": self.diagnostics.warnings,
-                # padding in the micro-batches this session computed (packing / length grouping lower it)
-                "padding_share": round(1 - self.tokens_seen / padded, 4) if padded else None}
+        return {
+            "events": self.events,
+            "micro_batch_split": self.state.split,
+            "stability": self.guard.summary(),
+            "early_stopping": self.early.summary(),
+            "diagnostics_warnings": self.diagnostics.warnings,
+            # padding in the micro-batches this session computed (packing / length grouping lower it)
+            "padding_share": round(1 - self.tokens_seen / padded, 4) if padded else None,
+        }
 
 
 def _progress(console: Console, enabled: bool):
@@ -230,6 +284,13 @@ def _progress(console: Console, enabled: bool):
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, disable=not enabled)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )

@@ -21,21 +21,48 @@ from dstune.rundir import RunDir
 
 # A resumed run continues the same optimisation only if these stay the same: they decide the data
 # order, the rows and their tokens, the per-step batch and the update size.
-RESUME_KEYS = ("optim.lr", "train.micro_batch_size", "train.grad_accum", "train.seed", "train.packing",
-               "train.group_by_length", "data.train", "data.validation", "data.mix", "data.format",
-               "data.split", "data.max_length", "data.overflow", "data.train_on", "data.max_samples",
-               "data.system", "data.reasoning", "data.text_column", "data.label_column")
+RESUME_KEYS = (
+    "optim.lr",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "train.seed",
+    "train.packing",
+    "train.group_by_length",
+    "data.train",
+    "data.validation",
+    "data.mix",
+    "data.format",
+    "data.split",
+    "data.max_length",
+    "data.overflow",
+    "data.train_on",
+    "data.max_samples",
+    "data.system",
+    "data.reasoning",
+    "data.text_column",
+    "data.label_column",
+)
 # Written by a run; removed when a run that crashed before its first checkpoint is started again.
-_RUN_FILES = (RunDir.CONFIG, RunDir.RUN, RunDir.DATA_REPORT, RunDir.METRICS, RunDir.SUMMARY, RunDir.BEST,
-              RunDir.CHANGES, RunDir.LABELS, RunDir.LOSS_PLOT)
+_RUN_FILES = (
+    RunDir.CONFIG,
+    RunDir.RUN,
+    RunDir.DATA_REPORT,
+    RunDir.METRICS,
+    RunDir.SUMMARY,
+    RunDir.BEST,
+    RunDir.CHANGES,
+    RunDir.LABELS,
+    RunDir.LOSS_PLOT,
+)
 
 
 class RunDirError(DstuneError, RuntimeError):
     """The output directory cannot be used as asked; the message says what to do instead."""
 
 
-def open_run_dir(run_dir: RunDir, cfg: RunConfig, resume: bool, allow_change: bool,
-                 console: Console) -> tuple[object, list[dict]]:
+def open_run_dir(
+    run_dir: RunDir, cfg: RunConfig, resume: bool, allow_change: bool, console: Console
+) -> tuple[object, list[dict]]:
     """Decides how a run starts in ``run_dir``; writes nothing except removing a crashed start's files.
 
     Returns:
@@ -48,16 +75,24 @@ def open_run_dir(run_dir: RunDir, cfg: RunConfig, resume: bool, allow_change: bo
     latest = run_dir.latest_checkpoint()
     if latest is None and run_dir.is_run():
         where = "--resume found no complete checkpoint" if resume else "it holds a run"
-        console.print(f"{run_dir}: {where}; that run stopped before its first checkpoint, so it is started "
-                      f"again from step 0", style="yellow", markup=False, highlight=False)
+        console.print(
+            f"{run_dir}: {where}; that run stopped before its first checkpoint, so it is started "
+            f"again from step 0",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )
         _clear(run_dir)
         return None, []
     if latest is None and resume:
-        raise RunDirError(f"--resume: {run_dir} holds no run to resume; run the same command without --resume "
-                          f"to start it")
+        raise RunDirError(
+            f"--resume: {run_dir} holds no run to resume; run the same command without --resume to start it"
+        )
     if latest is not None and not resume:
-        raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
-                          f"--output (nothing was changed)")
+        raise RunDirError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
+            f"--output (nothing was changed)"
+        )
     return latest, (config_changes(run_dir, cfg, allow_change) if latest is not None else [])
 
 
@@ -89,8 +124,11 @@ def config_changes(run_dir: RunDir, cfg: RunConfig, allow_change: bool) -> list[
     """
     saved = load_config(run_dir.config)
     was, now = _flat(saved.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
-    changes = [{"key": k, "was": was.get(k), "now": now.get(k)} for k in sorted(now)
-               if k != "output" and not k.startswith("tune.") and was.get(k) != now.get(k)]
+    changes = [
+        {"key": k, "was": was.get(k), "now": now.get(k)}
+        for k in sorted(now)
+        if k != "output" and not k.startswith("tune.") and was.get(k) != now.get(k)
+    ]
     info = run_dir.read_json(RunDir.RUN)
     for key, path in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation)):
         old = info.get("data_sha256" if key == "data.train" else "validation_sha256")
@@ -100,17 +138,21 @@ def config_changes(run_dir: RunDir, cfg: RunConfig, allow_change: bool) -> list[
     fixed = [c for c in changes if c["key"] in shape]
     if fixed:
         listed = "; ".join(f"{c['key']}: {c['was']} -> {c['now']}" for c in fixed)
-        raise RunDirError(f"cannot resume {run_dir.path} with {listed}: these decide the shapes of what its "
-                          f"checkpoints hold (--allow-config-change cannot override them). Start a new run with "
-                          f"another --output instead.")
+        raise RunDirError(
+            f"cannot resume {run_dir.path} with {listed}: these decide the shapes of what its "
+            f"checkpoints hold (--allow-config-change cannot override them). Start a new run with "
+            f"another --output instead."
+        )
     for c in changes:
         c["kind"] = "setup" if c["key"].split(" ")[0] in RESUME_KEYS else "other"
     setup = [c for c in changes if c["kind"] == "setup"]
     if setup and not allow_change:
         listed = "; ".join(f"{c['key']}: {c['was']} -> {c['now']}" for c in setup)
-        raise RunDirError(f"refusing to resume {run_dir.path} with a changed setup ({listed}). The resumed run "
-                          f"would not continue the same optimisation. Pass --allow-config-change to resume anyway "
-                          f"(the change is recorded in {RunDir.CHANGES}), or start a new --output.")
+        raise RunDirError(
+            f"refusing to resume {run_dir.path} with a changed setup ({listed}). The resumed run "
+            f"would not continue the same optimisation. Pass --allow-config-change to resume anyway "
+            f"(the change is recorded in {RunDir.CHANGES}), or start a new --output."
+        )
     return changes
 
 
@@ -118,9 +160,14 @@ def record_changes(run_dir: RunDir, changes: list[dict], step: int, console: Con
     """Prints the changes of a resume and appends them to ``config_changes.jsonl``."""
     if not changes:
         return
-    run_dir.append_jsonl(RunDir.CHANGES, {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step,
-                                          "changes": changes})
+    run_dir.append_jsonl(
+        RunDir.CHANGES, {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step, "changes": changes}
+    )
     if console is not None:
         listed = "; ".join(f"{c['key']}: {c['was']} -> {c['now']}" for c in changes)
-        console.print(f"resumed with changes ({listed}); recorded in {run_dir.changes}", style="yellow",
-                      markup=False, highlight=False)
+        console.print(
+            f"resumed with changes ({listed}); recorded in {run_dir.changes}",
+            style="yellow",
+            markup=False,
+            highlight=False,
+        )

@@ -51,9 +51,14 @@ class RunResult:
         return self.train_losses[-1] if self.train_losses else math.nan
 
 
-def train(cfg: RunConfig, *, resume: bool = False, allow_config_change: bool = False,
-          console: Console | None = None,
-          on_eval: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    allow_config_change: bool = False,
+    console: Console | None = None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+) -> RunResult:
     """Fine-tunes ``cfg.model`` on ``cfg.data`` with ``cfg.method`` and writes a run directory.
 
     Args:
@@ -96,8 +101,9 @@ def train_step(run: Run, state: TrainState, hooks: Hooks) -> tuple[torch.Tensor,
     while True:
         try:
             hooks.faults.oom("step", state.step + 1)
-            loss_sum, n_global = backward_window(run.model, split_window(window, state.split), run.engine,
-                                                 run.objective, hooks.after_micro)
+            loss_sum, n_global = backward_window(
+                run.model, split_window(window, state.split), run.engine, run.objective, hooks.after_micro
+            )
             break
         except torch.OutOfMemoryError as error:
             hooks.out_of_memory(window, error)
@@ -145,9 +151,13 @@ def restore(run: Run, state: TrainState, ckpt: Path, console: Console) -> None:
     if run.engine.is_main_process:
         console.print(f"resumed from {ckpt} at step {state.step}", markup=False, highlight=False)
         if phase is not None:
-            console.print(f"the run's length changed to {run.steps} steps: from step {state.step + 1} the lr "
-                          f"continues from {phase['factor']:.3g} x optim.lr and decays to the floor "
-                          f"(optim.min_lr_ratio) over the remaining steps", style="yellow", markup=False)
+            console.print(
+                f"the run's length changed to {run.steps} steps: from step {state.step + 1} the lr "
+                f"continues from {phase['factor']:.3g} x optim.lr and decays to the floor "
+                f"(optim.min_lr_ratio) over the remaining steps",
+                style="yellow",
+                markup=False,
+            )
 
 
 def start_files(run: Run, run_dir: RunDir, changes: list[dict], step: int, console: Console) -> None:
@@ -159,10 +169,19 @@ def start_files(run: Run, run_dir: RunDir, changes: list[dict], step: int, conso
     cfg = run.cfg
     save_config(cfg, run_dir.config)
     run_dir.write_json(RunDir.DATA_REPORT, run.data.report)
-    run_dir.write_json(RunDir.RUN, {
-        "base_model": run.resolved.path, "model": cfg.model.name, "family": run.resolved.family,
-        "method": cfg.method, "final": RunDir.FINAL, "data_sha256": file_sha256(cfg.data.train),
-        "validation_sha256": file_sha256(cfg.data.validation), "task": cfg.task})
+    run_dir.write_json(
+        RunDir.RUN,
+        {
+            "base_model": run.resolved.path,
+            "model": cfg.model.name,
+            "family": run.resolved.family,
+            "method": cfg.method,
+            "final": RunDir.FINAL,
+            "data_sha256": file_sha256(cfg.data.train),
+            "validation_sha256": file_sha256(cfg.data.validation),
+            "task": cfg.task,
+        },
+    )
     if (save := TASKS[cfg.task].save) is not None:
         save(run_dir.path, run.data.labels)
 
@@ -174,18 +193,29 @@ def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks) -> RunRes
     end_val = hooks.validate()
     if hooks.is_main and final_ckpt.exists():  # the last checkpoint can be the best one too
         hooks.retain(hooks.update_best(final_ckpt))
-    val = hooks.early.finish(state.step, end_val, run.unwrapped, hooks.validate)  # keep_best restores the best
+    val = hooks.early.finish(
+        state.step, end_val, run.unwrapped, hooks.validate
+    )  # keep_best restores the best
     final_dir = None
     if hooks.is_main:
         final_dir = save_final(run.unwrapped, run.tokenizer, run.template, run_dir / RunDir.FINAL)
         plot_loss(run_dir.path)
     hooks.logger.close()
-    summary = {"steps": state.step, "final_train_loss": state.losses[-1] if state.losses else None, "val": val,
-               **hooks.summary(), "trainable": run.trainable, "data": run.data.report, "speed": run.speed,
-               "wall_s": hooks.wall_s()}
+    summary = {
+        "steps": state.step,
+        "final_train_loss": state.losses[-1] if state.losses else None,
+        "val": val,
+        **hooks.summary(),
+        "trainable": run.trainable,
+        "data": run.data.report,
+        "speed": run.speed,
+        "wall_s": hooks.wall_s(),
+    }
     if hooks.is_main:
         run_dir.write_json(RunDir.SUMMARY, summary)
-    return RunResult(run_dir.path, state.step, state.losses, val, final_dir, summary, run.unwrapped, run.cfg.task)
+    return RunResult(
+        run_dir.path, state.step, state.losses, val, final_dir, summary, run.unwrapped, run.cfg.task
+    )
 
 
 def save_final(model, tokenizer, chat_template: str | None, out: Path) -> Path:
@@ -214,12 +244,17 @@ def split_window(window: list[dict], parts: int) -> list[dict]:
     for batch in window:
         rows = len(batch["input_ids"])
         size = -(-rows // parts)
-        out.extend({k: v[i:i + size] for k, v in batch.items()} for i in range(0, rows, size))
+        out.extend({k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size))
     return out
 
 
-def backward_window(model, window: list[dict], engine, objective: Objective | None = None,
-                    after_micro: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def backward_window(
+    model,
+    window: list[dict],
+    engine,
+    objective: Objective | None = None,
+    after_micro: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulates the gradients of one optimizer step's micro-batches into ``.grad``.
 
     The loss is normalised by the units (labelled tokens) of the whole window on every process, so

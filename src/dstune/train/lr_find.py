@@ -45,7 +45,7 @@ def smooth(losses: list[float], beta: float) -> list[float]:
     avg, out = 0.0, []
     for i, loss in enumerate(losses, start=1):
         avg = beta * avg + (1 - beta) * loss
-        out.append(avg / (1 - beta ** i))
+        out.append(avg / (1 - beta**i))
     return out
 
 
@@ -54,14 +54,24 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
     best = min(range(len(smoothed)), key=smoothed.__getitem__)
     # Slopes before the minimum, skipping the first tenth of the sweep where the average still warms up.
     first = max(1, len(lrs) // 10)
-    slopes = {i: (smoothed[i + 1] - smoothed[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]))
-              for i in range(first, best)}
+    slopes = {
+        i: (smoothed[i + 1] - smoothed[i]) / (math.log(lrs[i + 1]) - math.log(lrs[i]))
+        for i in range(first, best)
+    }
     steepest = lrs[min(slopes, key=slopes.__getitem__)] if slopes else lrs[best]
     return lrs[best] / 10, steepest
 
 
-def lr_find(cfg: RunConfig, *, steps: int = 100, start_lr: float = 1e-7, end_lr: float = 1.0,
-            beta: float = 0.9, diverge: float = 4.0, plot: str | Path | None = None) -> LRFindResult:
+def lr_find(
+    cfg: RunConfig,
+    *,
+    steps: int = 100,
+    start_lr: float = 1e-7,
+    end_lr: float = 1.0,
+    beta: float = 0.9,
+    diverge: float = 4.0,
+    plot: str | Path | None = None,
+) -> LRFindResult:
     """Runs the lr range test for ``cfg`` and returns the sweep and the suggested ``optim.lr``.
 
     Args:
@@ -110,12 +120,14 @@ def lr_find(cfg: RunConfig, *, steps: int = 100, start_lr: float = 1e-7, end_lr:
     out = plot_sweep(lrs, losses, smoothed, suggestion, Path(plot)) if plot else None
     # A minimum in the sweep's first tenth means the loss never fell: there is no lr to suggest.
     descended = min(range(len(smoothed)), key=smoothed.__getitem__) >= max(1, len(lrs) // 10)
-    return LRFindResult(lrs, losses, smoothed, suggestion, steepest, plot=out, stopped_early=stopped,
-                        descended=descended)
+    return LRFindResult(
+        lrs, losses, smoothed, suggestion, steepest, plot=out, stopped_early=stopped, descended=descended
+    )
 
 
-def plot_sweep(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float,
-               path: Path) -> Path:
+def plot_sweep(
+    lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float, path: Path
+) -> Path:
     """Loss against lr (log axis), raw and smoothed, with the suggestion marked; saved as PNG."""
     import matplotlib
 

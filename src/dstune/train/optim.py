@@ -26,10 +26,10 @@ class ParamInfo:
     """Where one trainable parameter sits, which decides its group."""
 
     name: str
-    part: str          # "embeddings", "layer", "head" or "other" (final norm, anything outside the layers)
+    part: str  # "embeddings", "layer", "head" or "other" (final norm, anything outside the layers)
     layer: int | None  # decoder-layer index for part == "layer"
-    decay: bool        # gets weight decay
-    lora_b: bool       # a LoRA B matrix (LoRA+ raises its lr)
+    decay: bool  # gets weight decay
+    lora_b: bool  # a LoRA B matrix (LoRA+ raises its lr)
 
 
 def _num_layers(model: nn.Module, infos: list[ParamInfo]) -> int:
@@ -65,8 +65,9 @@ def describe_params(model: nn.Module) -> list[tuple[ParamInfo, nn.Parameter]]:
         else:
             part = "other"
         decay = not (p.ndim < 2 or "norm" in name.lower() or id(p) in embedding_ids)
-        out.append((ParamInfo(name, part, index if part == "layer" else None, decay,
-                              bool(_LORA_B.search(name))), p))
+        out.append(
+            (ParamInfo(name, part, index if part == "layer" else None, decay, bool(_LORA_B.search(name))), p)
+        )
     return out
 
 
@@ -84,7 +85,7 @@ def param_lr(info: ParamInfo, n_layers: int, cfg: OptimConfig) -> float:
     if info.part == "head" and cfg.head_lr is not None:
         return cfg.head_lr
     depth = {"embeddings": n_layers + 1, "layer": n_layers - (info.layer or 0)}.get(info.part, 0)
-    lr = cfg.lr * cfg.layer_decay ** depth
+    lr = cfg.lr * cfg.layer_decay**depth
     return lr * cfg.lora_plus_ratio if info.lora_b else lr
 
 
@@ -112,9 +113,12 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         key = (label, info.decay)
         if key not in groups:
             suffix = "decay" if info.decay else "no_decay"
-            groups[key] = {"params": [], "name": f"{label} / {suffix}" if label else suffix,
-                           "lr": param_lr(info, n_layers, cfg),
-                           "weight_decay": cfg.weight_decay if info.decay else 0.0}
+            groups[key] = {
+                "params": [],
+                "name": f"{label} / {suffix}" if label else suffix,
+                "lr": param_lr(info, n_layers, cfg),
+                "weight_decay": cfg.weight_decay if info.decay else 0.0,
+            }
         groups[key]["params"].append(p)
     return list(groups.values())
 
@@ -124,18 +128,23 @@ def render_groups(optimizer: torch.optim.Optimizer) -> str:
     lines = [f"{'param group':<24}{'tensors':>8}{'params':>14}{'peak lr':>12}{'w. decay':>10}"]
     for g in optimizer.param_groups:
         lr = g.get("initial_lr", g["lr"])
-        lines.append(f"{g.get('name', '?'):<24}{len(g['params']):>8}{sum(p.numel() for p in g['params']):>14,}"
-                     f"{lr:>12.3g}{g.get('weight_decay', 0.0):>10.3g}")
+        lines.append(
+            f"{g.get('name', '?'):<24}{len(g['params']):>8}{sum(p.numel() for p in g['params']):>14,}"
+            f"{lr:>12.3g}{g.get('weight_decay', 0.0):>10.3g}"
+        )
     return "\n".join(lines)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | str | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device | str | None = None
+) -> torch.optim.Optimizer:
     """The optimizer named by ``optim.optimizer`` over ``param_groups(model, cfg)``.
 
     Args:
         model: the prepared model (only parameters with ``requires_grad`` are optimised).
         cfg: the ``optim`` section.
-        device: where training runs; AdamW uses its fused kernel on CUDA unless ``optim.fused`` says otherwise.
+        device: where training runs; AdamW uses its fused kernel on CUDA unless ``optim.fused`` says
+            otherwise.
 
     Raises:
         MissingExtra: ``adamw8bit`` without bitsandbytes installed, naming the extra to install.
@@ -150,15 +159,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | s
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise MissingExtra("optim.optimizer=adamw8bit needs bitsandbytes: pip install 'dstune[bnb]' "
-                              "(or choose optim.optimizer=adamw or adafactor)") from None
+            raise MissingExtra(
+                "optim.optimizer=adamw8bit needs bitsandbytes: pip install 'dstune[bnb]' "
+                "(or choose optim.optimizer=adamw or adafactor)"
+            ) from None
         return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     from transformers.optimization import Adafactor
 
     # An explicit lr with relative_step/scale_parameter off makes Adafactor follow our schedule and
     # param-group lrs; its own time-dependent lr would ignore both (Shazeer & Stern 2018, sec. 8).
-    return Adafactor(groups, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                     weight_decay=0.0)
+    return Adafactor(
+        groups, lr=cfg.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=0.0
+    )
 
 
 # --------------------------------------------------------------------------- clipping

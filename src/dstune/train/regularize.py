@@ -39,6 +39,7 @@ def add_neftune(model: nn.Module, alpha: float) -> torch.utils.hooks.RemovableHa
     The noise is uniform in ``[-m, m]`` with ``m = alpha / sqrt(L * d)``, L the (padded) sequence length
     and d the embedding width, as in transformers' ``neftune_post_forward_hook``.
     """
+
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return output
@@ -64,8 +65,10 @@ def add_layerdrop(model: nn.Module, probs: float | list[float]) -> list[int]:
     layers = decoder_layers(model)
     if isinstance(probs, list):
         if len(probs) != len(layers):
-            raise UsageError(f"regularize.layerdrop has {len(probs)} probabilities but the model has "
-                             f"{len(layers)} decoder layers; give one number or {len(layers)}")
+            raise UsageError(
+                f"regularize.layerdrop has {len(probs)} probabilities but the model has "
+                f"{len(layers)} decoder layers; give one number or {len(layers)}"
+            )
     else:
         probs = [probs] * len(layers)
     active = []
@@ -93,12 +96,16 @@ def set_attention_dropout(model: nn.Module, p: float) -> int:
     """
     n = 0
     for module in model.modules():
-        if hasattr(module, "attention_dropout") and isinstance(getattr(module, "attention_dropout"), (int, float)):
+        if hasattr(module, "attention_dropout") and isinstance(
+            getattr(module, "attention_dropout"), (int, float)
+        ):
             module.attention_dropout = p
             n += 1
     if n == 0:
-        raise UsageError("regularize.attention_dropout: no attention module of this model has an "
-                         "'attention_dropout' setting")
+        raise UsageError(
+            "regularize.attention_dropout: no attention module of this model has an "
+            "'attention_dropout' setting"
+        )
     return n
 
 
@@ -108,6 +115,7 @@ def add_hidden_dropout(model: nn.Module, p: float) -> int:
     DeepSeek, Llama and Qwen2 have no such dropout (their configs set none); this is the "residual
     dropout" of the original Transformer (Vaswani et al. 2017, sec. 5.4). Returns the hooked blocks.
     """
+
     def hook(module: nn.Module, args, output):
         if isinstance(output, tuple):  # attention returns (output, weights)
             return (F.dropout(output[0], p, module.training),) + tuple(output[1:])
@@ -135,9 +143,14 @@ def apply_regularization(model: nn.Module, cfg: RegularizeConfig) -> str | None:
     if (max(cfg.layerdrop) if isinstance(cfg.layerdrop, list) else cfg.layerdrop) > 0:
         said.append(f"LayerDrop on layers {add_layerdrop(model, cfg.layerdrop)}")
     if cfg.attention_dropout is not None:
-        said.append(f"attention dropout {cfg.attention_dropout:g} ({set_attention_dropout(model, cfg.attention_dropout)} modules)")
+        said.append(
+            f"attention dropout {cfg.attention_dropout:g} "
+            f"({set_attention_dropout(model, cfg.attention_dropout)} modules)"
+        )
     if cfg.hidden_dropout is not None and cfg.hidden_dropout > 0:
-        said.append(f"hidden dropout {cfg.hidden_dropout:g} ({add_hidden_dropout(model, cfg.hidden_dropout)} blocks)")
+        said.append(
+            f"hidden dropout {cfg.hidden_dropout:g} ({add_hidden_dropout(model, cfg.hidden_dropout)} blocks)"
+        )
     if cfg.label_smoothing > 0:
         said.append(f"label smoothing {cfg.label_smoothing:g}")
     return "regularisation: " + ", ".join(said) if said else None
@@ -153,7 +166,9 @@ class EarlyStopping:
     and a resumed run goes on counting; the best weights themselves are not checkpointed.
     """
 
-    def __init__(self, cfg: RegularizeConfig, metric: str = "loss", sign: int = 1, counters: dict | None = None):
+    def __init__(
+        self, cfg: RegularizeConfig, metric: str = "loss", sign: int = 1, counters: dict | None = None
+    ):
         self.cfg, self.metric, self.sign = cfg, metric, sign
         self.counters = counters if counters is not None else {"best": math.inf, "best_step": None, "bad": 0}
         self.stopped_at, self.last_step = None, None
@@ -194,6 +209,11 @@ class EarlyStopping:
 
     def summary(self) -> dict:
         best = None if math.isinf(self.counters["best"]) else self.sign * self.counters["best"]
-        return {"metric": self.metric, "best": best, "best_val_loss": best if self.metric == "loss" else None,
-                "best_step": self.best_step,
-                "stopped_at": self.stopped_at, "kept_best": bool(self.cfg.keep_best and self._best_state)}
+        return {
+            "metric": self.metric,
+            "best": best,
+            "best_val_loss": best if self.metric == "loss" else None,
+            "best_step": self.best_step,
+            "stopped_at": self.stopped_at,
+            "kept_best": bool(self.cfg.keep_best and self._best_state),
+        }

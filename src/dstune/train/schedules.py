@@ -120,8 +120,9 @@ def phased_factor(step: int, phases: list[dict], cfg: OptimConfig) -> float:
     return floor + (factor - floor) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total: int | list[dict],
-                    cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total: int | list[dict], cfg: OptimConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` over ``lr_factor`` (or ``phased_factor`` given a list of phases): each parameter
     group's own lr (layer decay, LoRA+) is scaled by the same factor. Its state is plain numbers, so it
     saves as JSON."""

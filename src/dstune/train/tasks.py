@@ -23,40 +23,64 @@ from dstune.models.load import load_model
 
 
 def _lm_data(cfg: RunConfig, tokenizer, template: str | None) -> PreparedData:
-    return cached_prepare(cfg.data, tokenizer, template, cfg.train.seed)  # tokenised once, then from the cache
+    return cached_prepare(
+        cfg.data, tokenizer, template, cfg.train.seed
+    )  # tokenised once, then from the cache
 
 
 def _lm_model(cfg: RunConfig, resolved, labels: list[str], pad: int) -> torch.nn.Module:
-    return load_model(resolved, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
-                      revision=cfg.model.revision, allow_pickle=cfg.model.allow_pickle)
+    return load_model(
+        resolved,
+        dtype=torch.float32,
+        trust_remote_code=cfg.model.trust_remote_code,
+        revision=cfg.model.revision,
+        allow_pickle=cfg.model.allow_pickle,
+    )
 
 
 def _lm_validate(run, micro: int) -> dict[str, float]:
     tc = run.cfg.train
-    metrics = evaluate_loss(run.model, run.data.val, micro, run.pad_id, run.engine, tc.eval_batches,
-                            run.objective.chunk_tokens)
+    metrics = evaluate_loss(
+        run.model, run.data.val, micro, run.pad_id, run.engine, tc.eval_batches, run.objective.chunk_tokens
+    )
     # Answers are generated one row at a time, so a smaller evaluation batch would not help them.
     if metrics and tc.eval_generate:
-        metrics.update(evaluate_answers(run.unwrapped, run.data.val, run.tokenizer, tc.eval_generate,
-                                        tc.eval_max_new_tokens))
+        metrics.update(
+            evaluate_answers(
+                run.unwrapped, run.data.val, run.tokenizer, tc.eval_generate, tc.eval_max_new_tokens
+            )
+        )
     return metrics
 
 
 def _classifier_data(cfg: RunConfig, tokenizer, template: str | None) -> PreparedData:
     # Head rows (data/classify.py); the token cache does not key on the task.
-    return prepare_data(cfg.data, tokenizer, template, cfg.train.seed, task="classification",
-                        class_weights=cfg.classify.class_weights)
+    return prepare_data(
+        cfg.data,
+        tokenizer,
+        template,
+        cfg.train.seed,
+        task="classification",
+        class_weights=cfg.classify.class_weights,
+    )
 
 
 def _classifier_model(cfg: RunConfig, resolved, labels: list[str], pad: int) -> torch.nn.Module:
     from dstune.models.classify import load_classifier
 
-    return load_classifier(resolved.path, labels, pad, trust_remote_code=cfg.model.trust_remote_code,
-                           pooling=cfg.classify.pooling)
+    return load_classifier(
+        resolved.path,
+        labels,
+        pad,
+        trust_remote_code=cfg.model.trust_remote_code,
+        pooling=cfg.classify.pooling,
+    )
 
 
 def _classifier_validate(run, micro: int) -> dict[str, float]:
-    return evaluate_classifier(run.model, run.data.val, micro, run.pad_id, run.engine, run.cfg.train.eval_batches)
+    return evaluate_classifier(
+        run.model, run.data.val, micro, run.pad_id, run.engine, run.cfg.train.eval_batches
+    )
 
 
 def _save_labels(run_dir: Path, labels: list[str]) -> None:
@@ -78,6 +102,7 @@ class Task:
 
 TASKS: dict[str, Task] = {
     "lm": Task(_lm_data, _lm_model, _lm_validate, tokens_per_row=True),
-    "classification": Task(_classifier_data, _classifier_model, _classifier_validate, tokens_per_row=False,
-                           save=_save_labels),
+    "classification": Task(
+        _classifier_data, _classifier_model, _classifier_validate, tokens_per_row=False, save=_save_labels
+    ),
 }

@@ -18,12 +18,23 @@ def trial_rows(study: optuna.Study) -> list[dict]:
     """One row per trial: number, state, value, steps, seconds, parameters and failure reason."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        row = {"trial": t.number, "state": t.state.name.lower(), "value": t.value,
-               "steps": t.user_attrs.get("steps", ""), "seconds": t.user_attrs.get("seconds", ""),
-               "worker": t.user_attrs.get("worker", "")}
+        row = {
+            "trial": t.number,
+            "state": t.state.name.lower(),
+            "value": t.value,
+            "steps": t.user_attrs.get("steps", ""),
+            "seconds": t.user_attrs.get("seconds", ""),
+            "worker": t.user_attrs.get("worker", ""),
+        }
         row.update({f"param:{k}": v for k, v in t.params.items()})
-        drawn = "drawn at random (tune.random_fraction)" if t.system_attrs.get("dstune:sampled") == "random" else ""
-        row["note"] = "; ".join(n for n in (t.user_attrs.get("error") or t.user_attrs.get("pruned"), drawn) if n)
+        drawn = (
+            "drawn at random (tune.random_fraction)"
+            if t.system_attrs.get("dstune:sampled") == "random"
+            else ""
+        )
+        row["note"] = "; ".join(
+            n for n in (t.user_attrs.get("error") or t.user_attrs.get("pruned"), drawn) if n
+        )
         rows.append(row)
     return rows
 
@@ -40,8 +51,7 @@ def _write_tables(rows: list[dict], study_dir: Path) -> None:
             return f"{v:.4g}"
         return str(v if v is not None else "").replace("|", "\\|")
 
-    lines = ["| " + " | ".join(c.removeprefix("param:") for c in columns) + " |",
-             "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(c.removeprefix("param:") for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
     (study_dir / "trials.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -94,8 +104,13 @@ def write_outputs(study: optuna.Study, base: RunConfig, study_dir: Path, console
     plots = _plots(study, study_dir, importances)
     counts = {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState}
     steps = sum(int(t.user_attrs.get("steps") or 0) for t in study.trials)
-    summary = {"trials": len(study.trials), "states": {k: v for k, v in counts.items() if v},
-               "total_steps": steps, "direction": study.direction.name.lower(), "plots": plots}
+    summary = {
+        "trials": len(study.trials),
+        "states": {k: v for k, v in counts.items() if v},
+        "total_steps": steps,
+        "direction": study.direction.name.lower(),
+        "plots": plots,
+    }
     best_path = None
     if complete:
         best = study.best_trial
@@ -106,7 +121,10 @@ def write_outputs(study: optuna.Study, base: RunConfig, study_dir: Path, console
         summary.update({"best_trial": best.number, "best_value": best.value, "best_params": best.params})
         console.print(f"best trial {best.number}: {best.value:.4f} with {best.params}", highlight=False)
     (study_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-    console.print(f"{len(study.trials)} trials ({summary['states']}), {steps} training steps in all; "
-                  f"results in {study_dir} (best.yaml, trials.md, trials.csv, importances.json, "
-                  f"{', '.join(plots)})", highlight=False)
+    console.print(
+        f"{len(study.trials)} trials ({summary['states']}), {steps} training steps in all; "
+        f"results in {study_dir} (best.yaml, trials.md, trials.csv, importances.json, "
+        f"{', '.join(plots)})",
+        highlight=False,
+    )
     return best_path

@@ -37,7 +37,9 @@ class Domain(BaseModel):
                 raise UsageError("a categorical domain needs 'choices: [...]'")
         else:
             if self.low is None or self.high is None or not self.low < self.high:
-                raise UsageError(f"a {self.type} domain needs low < high (got low={self.low}, high={self.high})")
+                raise UsageError(
+                    f"a {self.type} domain needs low < high (got low={self.low}, high={self.high})"
+                )
             if self.log and self.low <= 0:
                 raise UsageError("a log domain needs low > 0")
         return self
@@ -48,8 +50,10 @@ class Domain(BaseModel):
             return list(self.choices)
         if self.type == "int" and (self.high - self.low) / (self.step or 1) <= 16:
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
-        raise UsageError("grid search needs categorical domains (or small int ranges); "
-                         f"turn {self.low}..{self.high} into 'type: categorical, choices: [...]'")
+        raise UsageError(
+            "grid search needs categorical domains (or small int ranges); "
+            f"turn {self.low}..{self.high} into 'type: categorical, choices: [...]'"
+        )
 
 
 PRESETS: dict[str, dict[str, dict]] = {
@@ -81,7 +85,12 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 # The space a search uses when the config names none: the method's obvious one.
-DEFAULT_PRESET = {"lora": "lora-default", "qlora": "lora-default", "full": "full-default", "freeze": "full-default"}
+DEFAULT_PRESET = {
+    "lora": "lora-default",
+    "qlora": "lora-default",
+    "full": "full-default",
+    "freeze": "full-default",
+}
 
 
 def default_preset(method: str) -> str:
@@ -111,7 +120,9 @@ def parse_space(space: dict[str, Any], preset: str | None = None) -> dict[str, D
         except Exception as exc:  # pydantic's message names the field inside the domain
             raise ConfigError(f"tune.space.{key}: {exc}") from None
     if not out:
-        raise ConfigError("tune: the search space is empty; set tune.preset (e.g. lora-default) or tune.space")
+        raise ConfigError(
+            "tune: the search space is empty; set tune.preset (e.g. lora-default) or tune.space"
+        )
     return out
 
 

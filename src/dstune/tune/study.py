@@ -66,15 +66,15 @@ def grid_size(space: dict[str, Domain]) -> int:
 
 
 class _TrialSeeded(optuna.samplers.BaseSampler):
-    """Makes a sampler's random draws for trial N a function of (seed, N), not of how many trials this process
-    sampled before.
+    """Makes a sampler's random draws for trial N a function of (seed, N), not of how many trials this
+    process sampled before.
 
-    optuna's samplers keep one random stream per process, seeded once: a resumed study, or a second worker on a
-    shared study, starts that stream again and repeats the first trials' configurations (random search resumed
-    at trial 2 drew trial 0's learning rate again; two workers with the same seed drew the same sequence).
-    optuna's own ``reseed_rng()`` reseeds from the OS, which would lose reproducibility; so before each trial
-    every random stream of the wrapped sampler (its own and its start-up sampler's) is reseeded from the seed
-    and the trial number. Model-based proposals still depend on the finished trials, as they should.
+    optuna's samplers keep one random stream per process, seeded once: a resumed study, or a second worker
+    on a shared study, starts that stream again and repeats the first trials' configurations (random search
+    resumed at trial 2 drew trial 0's learning rate again; two workers with the same seed drew the same
+    sequence). optuna's own ``reseed_rng()`` reseeds from the OS, which would lose reproducibility; so before
+    each trial every random stream of the wrapped sampler (its own and its start-up sampler's) is reseeded
+    from the seed and the trial number. Model-based proposals still depend on the finished trials.
     """
 
     def __init__(self, inner: optuna.samplers.BaseSampler, seed: int) -> None:
@@ -129,8 +129,13 @@ class _Exploring(optuna.samplers.BaseSampler):
     (docs/benchmarks.md). ``tune.tpe_gamma`` (a quarter by default) widens the good set instead.
     """
 
-    def __init__(self, model: optuna.samplers.BaseSampler, random: optuna.samplers.BaseSampler, startup: int,
-                 fraction: float) -> None:
+    def __init__(
+        self,
+        model: optuna.samplers.BaseSampler,
+        random: optuna.samplers.BaseSampler,
+        startup: int,
+        fraction: float,
+    ) -> None:
         self.model, self.random, self.startup, self.fraction = model, random, startup, fraction
 
     def explores(self, number: int) -> bool:
@@ -183,11 +188,17 @@ def _unseeded_sampler(tc, space: dict[str, Domain]) -> optuna.samplers.BaseSampl
     # (removal planned for 6.0, hence the pin in pyproject.toml); the warning says only that.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`gamma` has been deprecated", category=FutureWarning)
-        tpe = optuna.samplers.TPESampler(seed=tc.seed, n_startup_trials=tc.startup_trials, multivariate=True,
-                                         gamma=functools.partial(_good_set, tc.tpe_gamma) if tc.tpe_gamma else None)
+        tpe = optuna.samplers.TPESampler(
+            seed=tc.seed,
+            n_startup_trials=tc.startup_trials,
+            multivariate=True,
+            gamma=functools.partial(_good_set, tc.tpe_gamma) if tc.tpe_gamma else None,
+        )
     if not tc.random_fraction:
         return tpe
-    return _Exploring(tpe, optuna.samplers.RandomSampler(seed=tc.seed + 1), tc.startup_trials, tc.random_fraction)
+    return _Exploring(
+        tpe, optuna.samplers.RandomSampler(seed=tc.seed + 1), tc.startup_trials, tc.random_fraction
+    )
 
 
 def _good_set(share: float, n: int) -> int:
@@ -206,10 +217,13 @@ def _pruner(tc, max_steps: int) -> optuna.pruners.BasePruner:
         # optuna's min_resource="auto" is read off the first *finished* trial, so that trial never records
         # its rung values and the second trial meets no competitor: it always survives, however bad (seen in
         # bench_tune). The trial budget is known here, so it is set up front.
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=tc.reduction_factor)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=first, reduction_factor=tc.reduction_factor
+        )
     if tc.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=max_steps,
-                                              reduction_factor=tc.reduction_factor)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=first, max_resource=max_steps, reduction_factor=tc.reduction_factor
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -221,7 +235,7 @@ def _storage_url(tc, study_dir: Path) -> str:
 def study_lock(url: str, name: str) -> Iterator[None]:
     """Serialises trial creation across workers: PostgreSQL advisory lock, or a file lock for SQLite."""
     if url.startswith("sqlite:///"):
-        lock_path = Path(url[len("sqlite:///"):] + ".lock")
+        lock_path = Path(url[len("sqlite:///") :] + ".lock")
         with open(lock_path, "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
@@ -242,8 +256,10 @@ def study_lock(url: str, name: str) -> Iterator[None]:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
         engine.dispose()
         return
-    raise ConfigError(f"tune.storage: '{url.split(':', 1)[0]}' is not supported; use a SQLite file "
-                      "(sqlite:///path.db) or PostgreSQL (postgresql://user:pass@host/db)")
+    raise ConfigError(
+        f"tune.storage: '{url.split(':', 1)[0]}' is not supported; use a SQLite file "
+        "(sqlite:///path.db) or PostgreSQL (postgresql://user:pass@host/db)"
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -272,7 +288,11 @@ def _claim(study: optuna.Study, url: str, name: str, total: int) -> optuna.Trial
     with study_lock(url, name):
         _fail_dead_workers(study)
         trials = study.get_trials(deepcopy=False)
-        counted = [t for t in trials if t.state in COUNTED or (t.state == TrialState.FAIL and not t.user_attrs.get("stale"))]
+        counted = [
+            t
+            for t in trials
+            if t.state in COUNTED or (t.state == TrialState.FAIL and not t.user_attrs.get("stale"))
+        ]
         if len(counted) >= total:
             return None
         trial = study.ask()
@@ -284,7 +304,9 @@ def _steps_done(run_dir: Path) -> int:
     path = RunDir(run_dir).metrics
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    steps = [
+        json.loads(line)["step"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
     return max(steps, default=0)
 
 
@@ -330,8 +352,14 @@ class DeliveredMetrics:
         return self.kept
 
 
-def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], study_dir: Path,
-              objective: str, console: Console) -> None:
+def run_trial(
+    trial: optuna.Trial,
+    base: RunConfig,
+    space: dict[str, Domain],
+    study_dir: Path,
+    objective: str,
+    console: Console,
+) -> None:
     """Runs one trial to the end, reporting validation metrics so the pruner can stop it early."""
     from dstune.train.loop import train
     from dstune.train.signals import TrainingInterrupted
@@ -345,8 +373,9 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
 
     def report(step: int, metrics: dict[str, float]) -> None:
         if objective not in metrics:
-            raise ObjectiveError(f"tune.objective: '{objective}' is not a validation metric; "
-                              f"available: {sorted(metrics)}")
+            raise ObjectiveError(
+                f"tune.objective: '{objective}' is not a validation metric; available: {sorted(metrics)}"
+            )
         kept = delivered(step, metrics)[objective]
         if step in reported:  # keep_best re-validates the kept weights at the last step: already reported
             return
@@ -394,7 +423,11 @@ def run_trial(trial: optuna.Trial, base: RunConfig, space: dict[str, Domain], st
         if warning:
             trial.set_user_attr("data_warning", warning)
     trial.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-    shown = f"{value:.4f}" if value is not None else trial.user_attrs.get("error", trial.user_attrs.get("pruned", ""))
+    shown = (
+        f"{value:.4f}"
+        if value is not None
+        else trial.user_attrs.get("error", trial.user_attrs.get("pruned", ""))
+    )
     console.print(f"trial {trial.number}: {state.name.lower()} {shown}  {values}", highlight=False)
 
 
@@ -414,19 +447,26 @@ def run_tune(cfg: RunConfig, *, console: Console | None = None, trials: int | No
     preset = tc.preset
     if not preset and not tc.space:
         preset = default_preset(cfg.method)
-        console.print(f"search space: tune.preset={preset} (the default for method={cfg.method}; set tune.preset "
-                      f"or tune.space to choose)", highlight=False)
+        console.print(
+            f"search space: tune.preset={preset} (the default for method={cfg.method}; set tune.preset "
+            f"or tune.space to choose)",
+            highlight=False,
+        )
     space = parse_space(tc.space, preset)
     if tc.sampler == "grid" and total > grid_size(space):
-        console.print(f"the grid has {grid_size(space)} points: running {grid_size(space)} trials, not {total}")
+        console.print(
+            f"the grid has {grid_size(space)} points: running {grid_size(space)} trials, not {total}"
+        )
         total = grid_size(space)
     if tc.pruner != "none" and not cfg.train.eval_every:
         # The pruner needs intermediate results: 8 evaluations per trial give ASHA's rungs (a quarter of the
         # steps, then x reduction_factor) an evaluation at or just after each of them.
         every = max(1, (tc.max_steps or cfg.train.max_steps or 1000) // 8)
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": every})})
-        console.print(f"tune.pruner={tc.pruner} needs evaluations during each trial: train.eval_every={every}",
-                      highlight=False)
+        console.print(
+            f"tune.pruner={tc.pruner} needs evaluations during each trial: train.eval_every={every}",
+            highlight=False,
+        )
     study_dir = Path(tc.output)
     study_dir.mkdir(parents=True, exist_ok=True)
     name = tc.study_name or study_dir.resolve().name
@@ -437,11 +477,19 @@ def run_tune(cfg: RunConfig, *, console: Console | None = None, trials: int | No
     # Under the lock: two workers starting at once would both create optuna's tables (a known race:
     # "duplicate key value violates unique constraint" on CREATE TYPE studydirection).
     with study_lock(url, name):
-        study = optuna.create_study(study_name=name, storage=url, direction=direction, load_if_exists=True,
-                                    sampler=_sampler(tc, space), pruner=_pruner(tc, max_steps))
+        study = optuna.create_study(
+            study_name=name,
+            storage=url,
+            direction=direction,
+            load_if_exists=True,
+            sampler=_sampler(tc, space),
+            pruner=_pruner(tc, max_steps),
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    console.print(f"study '{name}' in {url.split('@')[-1]}: {total} trials, {tc.sampler} sampler, "
-                  f"{tc.pruner} pruner, {direction} {tc.objective}")
+    console.print(
+        f"study '{name}' in {url.split('@')[-1]}: {total} trials, {tc.sampler} sampler, "
+        f"{tc.pruner} pruner, {direction} {tc.objective}"
+    )
     started = time.perf_counter()
     said: set[str] = set()
     while tc.timeout is None or time.perf_counter() - started < tc.timeout:
@@ -470,11 +518,17 @@ def _retrain(best_config: Path, study_dir: Path, console: Console) -> None:
 
     cfg = load_config(best_config)
     if cfg.data.validation:
-        raise ConfigError("tune.retrain merges the train and validation splits of data.train; with a separate "
-                          "data.validation file, retrain by hand: dstune train best.yaml")
+        raise ConfigError(
+            "tune.retrain merges the train and validation splits of data.train; with a separate "
+            "data.validation file, retrain by hand: dstune train best.yaml"
+        )
     train_r, val_r, test_r = cfg.data.split
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"split": (train_r + val_r, 0.0, test_r)}),
-                                 "output": str(study_dir / "best-retrained"),
-                                 "train": cfg.train.model_copy(update={"eval_every": 0})})
+    cfg = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"split": (train_r + val_r, 0.0, test_r)}),
+            "output": str(study_dir / "best-retrained"),
+            "train": cfg.train.model_copy(update={"eval_every": 0}),
+        }
+    )
     console.print(f"retraining the best configuration on train+val into {cfg.output}")
     train(cfg, console=console)
