@@ -212,6 +212,7 @@ def evaluate_run(
         DataError: a bad data file or row.
     """
     from dstune.generate import load_for_inference
+    from dstune.models.classify import read_labels
 
     run = Path(run_dir)
     if not RunDir(run).run_json.is_file() or not RunDir(run).config.is_file():
@@ -219,8 +220,7 @@ def evaluate_run(
             f"{run} is not a run directory (no run.json and config.yaml); give the --output "
             "directory of a dstune train run"
         )
-    cfg = load_config(RunDir(run).config)
-    dc = cfg.data
+    dc = load_config(RunDir(run).config).data
     loaded_data = load_examples(
         data,
         dc.format,
@@ -234,53 +234,92 @@ def evaluate_run(
     if dc.reasoning == "strip":
         examples = [strip_reasoning(ex) for ex in examples]
     loaded = load_for_inference(str(run))
-    tok = loaded.tokenizer
-    from dstune.models.classify import read_labels
-
     head_labels = read_labels(run)
-    if head_labels is not None:  # a classification head: no tokens to predict, no perplexity
-        if loaded_data.format != "classification":
-            raise DataError(
-                f"{run} is a classification run (labels {head_labels}) but {data} holds "
-                f"{loaded_data.format} rows; give a file with a text and a label column"
-            )
-        unknown = sorted({ex["label"] for ex in examples} - set(head_labels))
-        if unknown:
-            raise DataError(
-                f"{data}: labels {unknown} are not among the run's labels {head_labels} (labels.json)"
-            )
-        probs, loss, scored = _head_probabilities(loaded, examples, head_labels, dc.max_length, batch_size)
-        result = {
-            "run": str(run),
-            "data": str(data),
-            "format": "classification",
-            "task": "classification",
-            "head": "sequence classification",
-            "rows": total,
-            "max_samples": max_samples,
-            "scored_rows": scored,
-            "dropped": {},
-            "loss": loss,
-            "ppl": None,
-            "tokens": 0,
-            "labels": head_labels,
-        }
-        result.update(_classification(loaded, examples, head_labels, positive_label, target_recall, probs))
-        return _write_eval(run, result) if write else result
-    rows = tokenize_examples(examples, tok, loaded.chat_template, dc.max_length, dc.overflow, dc.train_on)
-    pad = pad_id(tok)
-    loss = evaluate_loss(loaded.model, rows.rows, batch_size, pad)
-    task = (
-        "classification"
-        if loaded_data.format == "classification"
-        else "text"
-        if loaded_data.format == "text"
-        else "generation"
+    common = dict(
+        total=total,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        positive_label=positive_label,
+        target_recall=target_recall,
     )
+    if head_labels is not None:  # a classification head: no tokens to predict, no perplexity
+        result = _evaluate_head(run, data, loaded, loaded_data.format, examples, head_labels, dc, **common)
+    else:
+        result = _evaluate_lm(
+            run, data, loaded, loaded_data.format, examples, dc, max_new_tokens=max_new_tokens, **common
+        )
+    return _write_eval(run, result) if write else result
+
+
+def _evaluate_head(
+    run: Path,
+    data,
+    loaded,
+    fmt: str,
+    examples: list[dict],
+    head_labels: list[str],
+    dc,
+    *,
+    total: int,
+    max_samples: int | None,
+    batch_size: int,
+    positive_label: str | None,
+    target_recall: float,
+) -> dict[str, Any]:
+    """The metrics of a classification-head run: its class probabilities, loss, accuracy and F1."""
+    if fmt != "classification":
+        raise DataError(
+            f"{run} is a classification run (labels {head_labels}) but {data} holds "
+            f"{fmt} rows; give a file with a text and a label column"
+        )
+    unknown = sorted({ex["label"] for ex in examples} - set(head_labels))
+    if unknown:
+        raise DataError(
+            f"{data}: labels {unknown} are not among the run's labels {head_labels} (labels.json)"
+        )
+    probs, loss, scored = _head_probabilities(loaded, examples, head_labels, dc.max_length, batch_size)
+    result = {
+        "run": str(run),
+        "data": str(data),
+        "format": "classification",
+        "task": "classification",
+        "head": "sequence classification",
+        "rows": total,
+        "max_samples": max_samples,
+        "scored_rows": scored,
+        "dropped": {},
+        "loss": loss,
+        "ppl": None,
+        "tokens": 0,
+        "labels": head_labels,
+    }
+    result.update(_classification(loaded, examples, head_labels, positive_label, target_recall, probs))
+    return result
+
+
+def _evaluate_lm(
+    run: Path,
+    data,
+    loaded,
+    fmt: str,
+    examples: list[dict],
+    dc,
+    total: int,
+    max_samples: int | None,
+    batch_size: int,
+    max_new_tokens: int,
+    positive_label: str | None,
+    target_recall: float,
+) -> dict[str, Any]:
+    """The metrics of a language-model run: loss and perplexity, then answers or labels by generation."""
+    tok = loaded.tokenizer
+    rows = tokenize_examples(examples, tok, loaded.chat_template, dc.max_length, dc.overflow, dc.train_on)
+    loss = evaluate_loss(loaded.model, rows.rows, batch_size, pad_id(tok))
+    task = "classification" if fmt == "classification" else "text" if fmt == "text" else "generation"
     result: dict[str, Any] = {
         "run": str(run),
         "data": str(data),
-        "format": loaded_data.format,
+        "format": fmt,
         "task": task,
         "rows": total,
         "max_samples": max_samples,
@@ -291,15 +330,14 @@ def evaluate_run(
         "tokens": loss.get("tokens", 0),
     }
     if task == "classification":
-        report_file = RunDir(run).data_report
-        info = json.loads(report_file.read_text(encoding="utf-8")) if report_file.is_file() else {}
+        info = RunDir(run).read_json(RunDir.DATA_REPORT)
         trained = info.get("read", {}).get("train", {}).get("labels")
         labels = sorted(set(trained or []) | {ex["label"] for ex in examples})
         result["labels"] = labels
         result.update(_classification(loaded, examples, labels, positive_label, target_recall))
     elif task == "generation":
         result.update(_generation(loaded, examples, max_new_tokens))
-    return _write_eval(run, result) if write else result
+    return result
 
 
 def _first(examples: list[dict], max_samples: int | None) -> list[dict]:
