@@ -47,15 +47,7 @@ class PreparedData:
 
 
 def _read_report(loaded: Loaded) -> dict:
-    report = {
-        "path": loaded.path,
-        "format": loaded.format,
-        "rows_read": loaded.rows_read,
-        "examples": len(loaded.examples),
-        "dropped": dict(loaded.dropped),
-        "first_dropped": dict(loaded.first_dropped),
-        "with_reasoning": sum(map(has_reasoning, loaded.examples)),
-    }
+    report = {**loaded.summary(), "with_reasoning": sum(map(has_reasoning, loaded.examples))}
     if loaded.format == "classification":  # the label names a classification run was trained with
         report["labels"] = sorted({ex["label"] for ex in loaded.examples})
     return report

@@ -192,16 +192,7 @@ def _read_inputs(
         )
         formats[loaded.path] = loaded.format
         dropped.update(loaded.dropped)
-        report["inputs"].append(
-            {
-                "path": loaded.path,
-                "format": loaded.format,
-                "rows_read": loaded.rows_read,
-                "examples": len(loaded.examples),
-                "dropped": dict(loaded.dropped),
-                "first_dropped": dict(loaded.first_dropped),
-            }
-        )
+        report["inputs"].append(loaded.summary())
         examples += loaded.examples
     return examples, formats
 

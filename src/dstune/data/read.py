@@ -44,6 +44,17 @@ class Loaded:
     rows_read: int = 0
     first_dropped: dict[str, str] = field(default_factory=dict)
 
+    def summary(self) -> dict:
+        """What a data report says about this file: path, format, rows read, examples, drops and where."""
+        return {
+            "path": self.path,
+            "format": self.format,
+            "rows_read": self.rows_read,
+            "examples": len(self.examples),
+            "dropped": dict(self.dropped),
+            "first_dropped": dict(self.first_dropped),
+        }
+
 
 def _lines(path: Path) -> Iterator[tuple[int, str | None]]:
     """Yields (line number, text) for each line; text is None for a line that is not UTF-8."""
