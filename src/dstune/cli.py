@@ -41,6 +41,7 @@ def train(
     from dstune.train.checkpoint import CheckpointError
     from dstune.train.loop import RunDirError, TrainingInterrupted
     from dstune.train.loop import train as run_train
+    from dstune.report.summary import summary_line
 
     values = {"model.name": model, "data.train": data, "method": method, "output": output,
               "train.max_steps": max_steps, "train.epochs": epochs, "model.allow_pickle": allow_pickle or None}
@@ -56,8 +57,7 @@ def train(
         raise typer.Exit(130) from None
     except (ConfigError, RunDirError, CheckpointError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    console.print(f"\n[bold green]done[/]: {result.steps} steps, final train loss {result.final_loss:.4f}"
-                  + (f", val loss {result.val['loss']:.4f} (ppl {result.val['ppl']:.2f})" if result.val else ""))
+    console.print("\n" + summary_line(result), highlight=False)  # the metrics the run's task has
     if result.final_dir is not None:  # None: another process of a distributed run wrote the run directory
         console.print(f"run directory: {result.run_dir}\n  model/adapter: {result.final_dir}\n"
                       f"  metrics: {result.run_dir / 'metrics.jsonl'}\n  loss curve: {result.run_dir / 'loss.png'}")

@@ -1,0 +1,58 @@
+"""The end of a classification run (``task: classification``) from the command line (issue 29): ``train``
+prints accuracy and F1 instead of failing on a missing perplexity. On tiny DeepSeek-LLM and real ChnSentiCorp
+reviews."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import SHARED_DATA
+from dstune.cli import app
+from dstune.train.loop import RunResult
+
+HOTEL = SHARED_DATA / "chnsenticorp_htl.csv"
+SHRINK = ["--max-steps", "2", "--set", "data.max_length=64", "--set", "data.max_samples=64",
+          "--set", "train.progress=false", "--set", "train.seed=5"]
+TEXTS = ["房间很干净，服务也很好，下次还会再来。", "隔音太差，空调坏了，前台态度恶劣。"]
+runner = CliRunner()
+
+
+def _plain(output: str) -> str:
+    return " ".join(output.split())
+
+
+def test_summary_line_names_the_metrics_each_task_has(tmp_path):
+    from dstune.report.summary import summary_line
+
+    lm = RunResult(tmp_path, 3, [2.5, 2.25], {"loss": 2.0, "ppl": math.exp(2.0), "tokens": 10})
+    cls = RunResult(tmp_path, 2, [0.7], {"loss": 0.69, "accuracy": 0.75, "precision_macro": 0.5,
+                                         "recall_macro": 0.5, "f1_macro": 0.4286, "examples": 8})
+    assert summary_line(lm) == "done: 3 steps, final train loss 2.2500, val loss 2.0000 (ppl 7.39)"
+    assert summary_line(cls) == ("done: 2 steps, final train loss 0.7000, val loss 0.6900 "
+                                 "(accuracy 0.7500, F1 macro 0.4286)")
+    assert summary_line(RunResult(tmp_path, 1, [1.0], {})) == "done: 1 steps, final train loss 1.0000"
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory):
+    """The issue's command, shrunk: a 2-step LoRA classifier; and a held-out file of other reviews."""
+    root = tmp_path_factory.mktemp("cls-cli")
+    res = runner.invoke(app, ["train", "--model", "tiny:deepseek-llm", "--data", str(HOTEL), "--set",
+                              "task=classification", "-o", str(root / "run"), *SHRINK])
+    lines = HOTEL.read_text(encoding="utf-8").splitlines()
+    (root / "held.csv").write_text("\n".join([lines[0], *lines[-16:]]) + "\n", encoding="utf-8")
+    return root, res
+
+
+def test_train_prints_accuracy_and_f1_and_exits_0(cls_run):
+    root, res = cls_run
+    assert res.exit_code == 0 and res.exception is None, res.output
+    summary = json.loads((root / "run" / "summary.json").read_text(encoding="utf-8"))
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("done:"))
+    assert f"accuracy {summary['val']['accuracy']:.4f}" in _plain(res.output)
+    assert f"F1 macro {summary['val']['f1_macro']:.4f}" in _plain(res.output)
+    assert "ppl" not in line
