@@ -1,6 +1,6 @@
 """The end of a classification run (``task: classification``) from the command line (issue 29): ``train``
-prints accuracy and F1 instead of failing on a missing perplexity. On tiny DeepSeek-LLM and real ChnSentiCorp
-reviews."""
+prints accuracy and F1 instead of failing on a missing perplexity, ``merge`` writes the decoder with its
+trained head. On tiny DeepSeek-LLM and real ChnSentiCorp reviews."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import SHARED_DATA
@@ -56,3 +57,27 @@ def test_train_prints_accuracy_and_f1_and_exits_0(cls_run):
     assert f"accuracy {summary['val']['accuracy']:.4f}" in _plain(res.output)
     assert f"F1 macro {summary['val']['f1_macro']:.4f}" in _plain(res.output)
     assert "ppl" not in line
+
+
+def _head_probs(model, tokenizer, text: str) -> list[float]:
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids]])
+    with torch.no_grad():
+        return torch.softmax(model(input_ids=ids).logits[0].float(), -1).tolist()
+
+
+def test_merge_of_a_classifier_writes_the_head_plain_transformers_loads(cls_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dstune.generate import load_for_inference
+
+    root, _ = cls_run
+    res = runner.invoke(app, ["merge", str(root / "run"), "--out", str(root / "merged")])
+    assert res.exit_code == 0, res.output
+    assert "AutoModelForSequenceClassification" in _plain(res.output)
+    merged = AutoModelForSequenceClassification.from_pretrained(str(root / "merged"), dtype=torch.float32).eval()
+    assert [merged.config.id2label[i] for i in range(2)] == ["0", "1"]
+    run = load_for_inference(str(root / "run"))
+    tok = AutoTokenizer.from_pretrained(str(root / "merged"))
+    for text in TEXTS:  # the merged head answers as the run's base + head + adapter
+        torch.testing.assert_close(torch.tensor(_head_probs(merged, tok, text)),
+                                   torch.tensor(_head_probs(run.model, run.tokenizer, text)), atol=1e-5, rtol=1e-4)

@@ -346,11 +346,9 @@ def merge(
         result = merge_run(run, out, max_shard_size=max_shard_size, dtype=dtype)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
         _fail(str(exc))
-    if result.merged:
-        console.print(f"merged {result.method} run into {result.out_dir} (safetensors, tokenizer, chat template); "
-                      f"load it with AutoModelForCausalLM.from_pretrained('{result.out_dir}')", highlight=False)
-    else:
-        console.print(f"[yellow]{result.method} cannot be merged:[/] {result.reason}", highlight=False)
+    auto = "AutoModelForSequenceClassification" if result.labels else "AutoModelForCausalLM"
+    console.print(f"merged {result.method} run into {result.out_dir} (safetensors, tokenizer, chat template); "
+                  f"load it with {auto}.from_pretrained('{result.out_dir}')", highlight=False)
 
 
 @app.command("chat")
