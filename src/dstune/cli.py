@@ -90,10 +90,11 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass"),
 ) -> None:
     """Answer prompts with a model or a trained run, using its chat template."""
-    from dstune.generate import generate_reply, load_for_inference
+    from dstune.generate import check_generates, generate_reply, load_for_inference
 
     try:
         loaded = load_for_inference(target)
+        check_generates(loaded, target)  # a classifier predicts labels: refused, saying what to use
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     for p in prompt:
