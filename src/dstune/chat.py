@@ -129,6 +129,8 @@ def chat(loaded: Loaded, *, system: str | None = None, max_new_tokens: int = 256
     console = console or Console()
     read = read or _read_stdin
     if loaded.labels is not None:
+        if system:
+            console.print("[dim](a classifier reads each text alone: the system prompt is not used)[/]")
         return classify_chat(loaded, read=read, console=console)
     history: list[dict] = []
     console.print("[dim]chat: /reset forgets the conversation, /exit ends it[/]")

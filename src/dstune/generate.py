@@ -85,18 +85,25 @@ def saved_classifier_labels(model_dir: str | Path) -> list[str] | None:
     return [id2label[k] for k in sorted(id2label, key=int)] or None
 
 
-def check_generates(loaded: Loaded, target: str) -> None:
+def check_generates(loaded: Loaded, target: str | None = None) -> None:
     """Refuses a classifier where text generation is asked for.
+
+    Args:
+        target: the run directory or model spec it was loaded from, named in the message with the
+            commands that classify instead.
 
     Raises:
         ValueError: ``loaded`` is a classification model, saying what to use instead.
     """
-    if loaded.labels is not None:
-        run = (Path(target) / "run.json").is_file()  # dstune eval takes run directories only
-        raise ValueError(f"{target} is a classifier (task: classification, labels {', '.join(loaded.labels)}): "
-                         f"it predicts a label and cannot generate text; classify texts with "
-                         f"'dstune chat {target}'" + (f" or a labelled file with 'dstune eval {target} --data FILE'"
-                                                      if run else ""))
+    if loaded.labels is None:
+        return
+    message = (f"{target or 'this model'} is a classifier (task: classification, labels "
+               f"{', '.join(loaded.labels)}): it predicts a label and cannot generate text")
+    if target is not None:
+        message += f"; classify texts with 'dstune chat {target}'"
+        if (Path(target) / "run.json").is_file():  # dstune eval takes run directories only
+            message += f" or a labelled file with 'dstune eval {target} --data FILE'"
+    raise ValueError(message)
 
 
 def generate_reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -115,7 +122,7 @@ def generate_replies(loaded: Loaded, conversations: list[list[dict]], *, max_new
     is not touched); generate derives position ids from the attention mask, so a padded row is answered
     as it would be alone, up to float summation order.
     """
-    check_generates(loaded, "this model")
+    check_generates(loaded)
     tok = loaded.tokenizer
     rows = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False,
                                         chat_template=loaded.chat_template), add_special_tokens=False)["input_ids"]
