@@ -218,7 +218,8 @@ def writes(cmd: Command, args: list[str], work: Path) -> str | None:
         # None while the config is still to be written (studies/study/best.yaml): its output is unknown
         return (_yaml_output(work / config, ("output",)) or "runs/run") if (work / config).is_file() else None
     if cmd.subcommand == "tune" and "--dashboard" not in args:
-        return (option(args, "--output", "-o") or _yaml_output(work / positional(args), ("tune", "output"))
+        config = positional(args)
+        return (option(args, "--output", "-o") or (config and _yaml_output(work / config, ("tune", "output")))
                 or "studies/study")
     if cmd.subcommand in ("data prepare", "merge"):
         return option(args, "--out", "-o")
