@@ -1,5 +1,6 @@
 """`dstune merge`: a sharded fp32 checkpoint with tokenizer and chat template that plain transformers loads
-and that answers like the unmerged run; methods that cannot merge say why and export the adapter."""
+and that answers like the unmerged run; methods that cannot merge are refused with the reason, and nothing
+is written (issue 30: they used to exit 0 with an exported folder no loader took as a model)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     data = write_data(root)
     out = {}
-    for name, method, extra in [("lora", "lora", {"lora": {"experts": "all"}}), ("prompt", "prompt", {})]:
+    for name, method, extra in [("lora", "lora", {"lora": {"experts": "all"}})]:
         cfg = cell_config("deepseek-v3", method, data, root / name, {**extra, "train": {"max_steps": 5}})
         out[name] = train(cfg, console=Console(quiet=True)).run_dir
     return root, out
@@ -52,15 +53,38 @@ def test_merge_writes_shards_tokenizer_template_and_answers_like_the_run(runs):
         generate_reply(unmerged, question, max_new_tokens=8)
 
 
-def test_merge_of_a_prompt_run_exports_the_adapter_and_says_why(runs):
-    root, run = runs
-    out = root / "prompt-export"
-    res = CliRunner().invoke(app, ["merge", str(run["prompt"]), "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    text = " ".join(res.output.split())
-    assert "cannot be merged" in text and "virtual-token" in text
-    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
-    assert (out / "tokenizer.json").is_file()
+UNMERGEABLE = {"adapter": "non-linearity", "prefix": "key/value positions", "ptuning": "virtual-token",
+               "prompt": "virtual-token"}
+
+
+@pytest.fixture(scope="module")
+def unmergeable(tmp_path_factory):
+    """A 1-step run of every method that cannot merge, on tiny DeepSeek-LLM."""
+    from rich.console import Console
+
+    root = tmp_path_factory.mktemp("unmergeable")
+    data = write_data(root)
+    return {method: train(cell_config("deepseek-llm", method, data, root / method, {"train": {"max_steps": 1}}),
+                          console=Console(quiet=True)).run_dir for method in UNMERGEABLE}
+
+
+@pytest.mark.parametrize("method", sorted(UNMERGEABLE))
+def test_merge_of_an_unmergeable_run_is_refused_and_writes_nothing(unmergeable, method, tmp_path):
+    run = unmergeable[method]
+    new, empty = tmp_path / "new" / "merged", tmp_path / "empty"
+    empty.mkdir()
+    for out in (new, empty):
+        res = CliRunner().invoke(app, ["merge", str(run), "--out", str(out)])
+        assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
+        text = " ".join(res.output.split())
+        assert text.count("error:") == 1 and "cannot be merged" in text and UNMERGEABLE[method] in text, text
+        assert f"dstune generate {run}" in text
+    assert not new.parent.exists() and not any(empty.iterdir())
+
+
+def test_the_run_an_unmerged_method_points_to_generates(unmergeable):
+    res = CliRunner().invoke(app, ["generate", str(unmergeable["prompt"]), "--prompt", "hi", "--max-new-tokens", "2"])
+    assert res.exit_code == 0 and "> hi" in res.output, res.output
 
 
 def test_merge_refuses_a_non_empty_output(runs, tmp_path):

@@ -9,6 +9,10 @@ its chat template strips it too.
 
 Commands typed instead of a message: ``/exit`` (or end of input) ends the chat, ``/reset`` forgets the
 conversation.
+
+A classification run (``task: classification``) has a head instead of a language-model head and cannot
+write replies: ``chat`` then classifies each line typed, tokenized as the run was trained (``bos + text``,
+cut to ``data.max_length``), and prints the predicted label with its probability (``classify_chat``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
+from dstune.core.facts import pad_id
+from dstune.errors import UsageError
 from dstune.generate import Loaded
 
 OPEN, CLOSE = "<think>", "</think>"
@@ -89,7 +96,7 @@ def stream_reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int = 
         torch.manual_seed(seed)
     kwargs = dict(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                   max_new_tokens=max_new_tokens, streamer=streamer, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **sampling)
+                  pad_token_id=pad_id(tok), **sampling)
     worker = Thread(target=torch.no_grad()(loaded.model.generate), kwargs=kwargs, daemon=True)
     worker.start()
 
@@ -123,6 +130,10 @@ def chat(loaded: Loaded, *, system: str | None = None, max_new_tokens: int = 256
     """
     console = console or Console()
     read = read or _read_stdin
+    if loaded.labels is not None:
+        if system:
+            console.print("[dim](a classifier reads each text alone: the system prompt is not used)[/]")
+        return classify_chat(loaded, read=read, console=console)
     history: list[dict] = []
     console.print("[dim]chat: /reset forgets the conversation, /exit ends it[/]")
     while True:
@@ -149,6 +160,57 @@ def chat(loaded: Loaded, *, system: str | None = None, max_new_tokens: int = 256
         _show(console, think.flush(), show_thinking)
         console.print()
         history.append({"role": "assistant", "content": "".join(think.answer).strip()})
+
+
+def classify_text(loaded: Loaded, text: str) -> dict[str, float]:
+    """The class probabilities of one text from a classifier, label -> probability in head order.
+
+    Raises:
+        UsageError: the text holds a control token of the tokenizer, which training drops too.
+    """
+    from dstune.data.classify import tokenize_classification
+    from dstune.evaluate.loss import classifier_outputs
+
+    labels = loaded.labels
+    example = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": labels[0]}],
+               "label": labels[0], "source": "input"}
+    rows = tokenize_classification([example], loaded.tokenizer, labels, loaded.max_length or 10**9).rows
+    if not rows:
+        raise UsageError("the text holds a special (control) token of the tokenizer; training drops such rows")
+    tok = loaded.tokenizer
+    pad = pad_id(tok)
+    _, probs, _ = classifier_outputs(loaded.model, rows, 1, pad)
+    return dict(zip(labels, probs[0]))
+
+
+def classify_chat(loaded: Loaded, *, read: Callable[[], str | None], console: Console) -> list[dict]:
+    """Classifies each line read until ``/exit`` or the end of input, printing the most probable label.
+
+    Returns:
+        The lines and their predictions, as chat messages (the assistant's content is the label).
+    """
+    history: list[dict] = []
+    console.print(f"[dim]classifier over labels {escape(', '.join(loaded.labels))}: type a text to classify it, "
+                  f"/exit ends[/]", highlight=False)
+    while True:
+        console.print("[bold]text>[/] ", end="")
+        line = read()
+        if line is None or line.strip() in ("/exit", "/quit"):
+            console.print()
+            return history
+        line = line.strip()
+        if not line or line == "/reset":  # nothing to forget: every line is classified alone
+            continue
+        try:
+            probs = classify_text(loaded, line)
+        except UsageError as exc:
+            console.print(f"[yellow]not classified:[/] {exc}", highlight=False)
+            continue
+        label = max(probs, key=probs.__getitem__)
+        others = ", ".join(f"{name} {p:.4f}" for name, p in probs.items() if name != label)
+        console.print(f"[bold]label>[/] {escape(label)} (probability {probs[label]:.4f}; {escape(others)})",
+                      highlight=False)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": label}]
 
 
 def _show(console: Console, pieces: list[tuple[str, bool]], show_thinking: bool) -> None:

@@ -97,7 +97,7 @@ def train(
         raise typer.Exit(130) from None
     except DstuneError as exc:
         _fail(str(exc))
-    console.print(f"\n[bold green]done[/]: {summary_line(result)}", highlight=False)
+    console.print("\n" + summary_line(result), highlight=False)  # the metrics the run's task has
     if result.final_dir is not None:  # None: another process of a distributed run wrote the run directory
         run_dir = RunDir(result.run_dir)
         console.print(f"run directory: {run_dir}\n  model/adapter: {result.final_dir}\n"
@@ -130,10 +130,11 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling mass"),
 ) -> None:
     """Answer prompts with a model or a trained run, using its chat template."""
-    from dstune.generate import generate_reply, load_for_inference
+    from dstune.generate import check_generates, generate_reply, load_for_inference
 
     try:
         loaded = load_for_inference(target)
+        check_generates(loaded, target)  # a classifier predicts labels: refused, saying what to use
     except DstuneError as exc:
         _fail(str(exc))
     for p in prompt:
@@ -399,11 +400,9 @@ def merge(
         result = merge_run(run, out, max_shard_size=max_shard_size, dtype=dtype)
     except DstuneError as exc:
         _fail(str(exc))
-    if result.merged:
-        console.print(f"merged {result.method} run into {result.out_dir} (safetensors, tokenizer, chat template); "
-                      f"load it with AutoModelForCausalLM.from_pretrained('{result.out_dir}')", highlight=False)
-    else:
-        console.print(f"[yellow]{result.method} cannot be merged:[/] {result.reason}", highlight=False)
+    auto = "AutoModelForSequenceClassification" if result.labels else "AutoModelForCausalLM"
+    console.print(f"merged {result.method} run into {result.out_dir} (safetensors, tokenizer, chat template); "
+                  f"load it with {auto}.from_pretrained('{result.out_dir}')", highlight=False)
 
 
 @app.command("chat")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from dstune.core.facts import pad_id
+from dstune.errors import UsageError
 from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
 from dstune.rundir import NotARunError
@@ -21,6 +23,10 @@ class Loaded:
     tokenizer: object
     chat_template: str
     family: str
+    # A classifier (``task: classification``): its class names in head order, and the tokens per text it
+    # was trained on (``data.max_length``). None for a language model, which generates text.
+    labels: list[str] | None = None
+    max_length: int | None = None
 
 
 def load_for_inference(target: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Loaded:
@@ -47,17 +53,59 @@ def load_for_inference(target: str, *, trust_remote_code: bool = False, revision
         cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
         # A classification run (labels.json) is rebuilt as base + head of its labels + adapter.
         labels = read_labels(run)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = pad_id(tokenizer)
         model = load_trained(final, info["base_model"], cfg, labels=labels, pad_id=pad if labels else None)
         family = info.get("family", "")
+        max_length = cfg.data.max_length if cfg is not None else None
     else:
         resolved = resolve_model_dir(target, revision=revision, trust_remote_code=trust_remote_code)
         tokenizer = load_tokenizer(resolved.path)
-        model = load_model(resolved, dtype=torch.float32, trust_remote_code=trust_remote_code, revision=revision)
+        labels, max_length = saved_classifier_labels(resolved.path), None
+        if labels is not None:  # a merged classification run: the decoder with its trained head
+            from dstune.models.classify import load_classifier
+
+            pad = pad_id(tokenizer)
+            model = load_classifier(resolved.path, labels, pad, trust_remote_code=trust_remote_code)
+        else:
+            model = load_model(resolved, dtype=torch.float32, trust_remote_code=trust_remote_code, revision=revision)
         family = resolved.family
     model.eval()
     template = resolve_chat_template(tokenizer, "auto", family)
-    return Loaded(model, tokenizer, template, family)
+    return Loaded(model, tokenizer, template, family, labels, max_length)
+
+
+def saved_classifier_labels(model_dir: str | Path) -> list[str] | None:
+    """The class names of a model directory saved as a sequence classifier (``dstune merge`` of a
+    classification run, architecture ``*ForSequenceClassification``), or None for any other model."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return None
+    id2label = config.get("id2label") or {}
+    return [id2label[k] for k in sorted(id2label, key=int)] or None
+
+
+def check_generates(loaded: Loaded, target: str | None = None) -> None:
+    """Refuses a classifier where text generation is asked for.
+
+    Args:
+        target: the run directory or model spec it was loaded from, named in the message with the
+            commands that classify instead.
+
+    Raises:
+        UsageError: ``loaded`` is a classification model, saying what to use instead.
+    """
+    if loaded.labels is None:
+        return
+    message = (f"{target or 'this model'} is a classifier (task: classification, labels "
+               f"{', '.join(loaded.labels)}): it predicts a label and cannot generate text")
+    if target is not None:
+        message += f"; classify texts with 'dstune chat {target}'"
+        if (Path(target) / "run.json").is_file():  # dstune eval takes run directories only
+            message += f" or a labelled file with 'dstune eval {target} --data FILE'"
+    raise UsageError(message)
 
 
 def generate_reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -76,11 +124,12 @@ def generate_replies(loaded: Loaded, conversations: list[list[dict]], *, max_new
     is not touched); generate derives position ids from the attention mask, so a padded row is answered
     as it would be alone, up to float summation order.
     """
+    check_generates(loaded)
     tok = loaded.tokenizer
     rows = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False,
                                         chat_template=loaded.chat_template), add_special_tokens=False)["input_ids"]
             for m in conversations]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -6,8 +6,13 @@ trained (peft docs, "merge_and_unload": merge on a full-precision base). A QLoRA
 the de-quantised base (the weights its adapter was trained against), never re-quantised.
 
 Methods that change the computation in a way no weight matrix can hold (prefix, P-tuning and prompt
-tuning add positions; bottleneck adapters add a non-linearity) cannot merge: the adapter is exported
-instead, with the tokenizer, and the result says why.
+tuning add positions; bottleneck adapters add a non-linearity) cannot merge: ``merge_run`` refuses them
+with the reason and writes nothing (a copy of the adapter would be a folder that no loader takes as a
+model); their run directory is what ``dstune generate``/``chat`` load.
+
+A classification run (``task: classification``, ``labels.json``) merges into the decoder with its trained
+head, a ``*ForSequenceClassification`` checkpoint (``AutoModelForSequenceClassification`` loads it; the
+head's ``classifier_pooling`` is kept in its config for ``dstune chat``/``eval``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from dstune.config import load_config
-from dstune.errors import UsageError
+from dstune.core.facts import pad_id
+from dstune.errors import DstuneError, UsageError
 from dstune.methods import MERGEABLE, load_trained
 from dstune.models.load import load_model, load_tokenizer
 from dstune.models.templates import resolve_chat_template
@@ -35,6 +41,10 @@ _WHY_NOT = {
 }
 
 
+class MergeError(DstuneError, ValueError):
+    """A run that cannot be merged (its method adds computation no weight can hold)."""
+
+
 @dataclass
 class MergeResult:
     """What ``merge_run`` wrote."""
@@ -43,6 +53,7 @@ class MergeResult:
     merged: bool
     method: str
     reason: str = ""
+    labels: list[str] | None = None  # a classifier's class names: the checkpoint is *ForSequenceClassification
 
 
 def merge_model(model: nn.Module) -> nn.Module:
@@ -66,6 +77,7 @@ def load_run_for_merge(run_dir: Path) -> tuple[nn.Module, dict, object]:
     """
     from dstune.methods import peft_model, quantize_like_training
     from dstune.methods.qlora import dequantize_
+    from dstune.models.classify import load_classifier, read_labels
 
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     final = run_dir / info.get("final", "final")
@@ -73,12 +85,19 @@ def load_run_for_merge(run_dir: Path) -> tuple[nn.Module, dict, object]:
         raise NotARunError(f"{run_dir} has no finished model at {final}; did the run end? "
                                 f"Resume it with: dstune train {run_dir / 'config.yaml'} --resume")
     cfg = load_config(run_dir / "config.yaml")
+    labels = read_labels(run_dir)  # a classifier: the base gets a head of its labels before the adapter
+    pad = _pad_id(final) if labels else None
     if cfg.method == "qlora":
-        base = load_model(info["base_model"], dtype=torch.float32)
+        base = (load_classifier(info["base_model"], labels, pad, pooling=cfg.classify.pooling) if labels
+                else load_model(info["base_model"], dtype=torch.float32))
         quantize_like_training(base, final, cfg)
         dequantize_(base)  # the adapter was trained against these de-quantised weights
         return peft_model.load(base, final), info, cfg
-    return load_trained(final, info["base_model"], cfg), info, cfg
+    return load_trained(final, info["base_model"], cfg, labels=labels, pad_id=pad), info, cfg
+
+
+def _pad_id(final: Path) -> int:
+    return pad_id(load_tokenizer(str(final)))
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, max_shard_size: str = "2GB",
@@ -92,30 +111,49 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, max_shard_size: str =
         dtype: ``fp32`` or ``bf16`` for the written weights (the merge itself is always fp32).
 
     Returns:
-        A MergeResult; ``merged`` is False for methods that cannot merge, with the reason.
+        A MergeResult of the written checkpoint.
 
     Raises:
+        MergeError: the run's method cannot merge (the reason is in the message); nothing is written.
         UsageError: when ``out_dir`` holds files.
         NotARunError: when ``run_dir`` is not a finished run.
     """
+    from dstune.models.classify import read_labels
+
     run, out = Path(run_dir), Path(out_dir)
     if not (run / "run.json").is_file():
         raise NotARunError(f"{run} is not a run directory (no run.json); pass the --output of a dstune train run")
+    method = json.loads((run / "run.json").read_text(encoding="utf-8"))["method"]
+    if method not in MERGEABLE:
+        raise MergeError(f"a {method} run cannot be merged: {_WHY_NOT.get(method, 'its method is not mergeable')}. "
+                         f"Nothing was written; use the run directory itself: dstune generate {run} (or chat, eval)")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} is not empty; choose another --out (nothing was written)")
-    method = json.loads((run / "run.json").read_text(encoding="utf-8"))["method"]
-    final = run / "final"
-    if method not in MERGEABLE:
-        shutil.copytree(final, out, dirs_exist_ok=True)
-        return MergeResult(out, False, method, _WHY_NOT.get(method, f"method {method} cannot be merged")
-                           + f"; the adapter and tokenizer were exported to {out} instead")
     model, info, _ = load_run_for_merge(run)
     merged = merge_model(model)
     if dtype == "bf16":
         merged = merged.to(torch.bfloat16)
-    tokenizer = load_tokenizer(str(final))
+    tokenizer = load_tokenizer(str(run / "final"))
     tokenizer.chat_template = resolve_chat_template(tokenizer, "auto", info.get("family", ""))
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    return MergeResult(out, True, method)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        merged.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+    except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint is left to be mistaken for one
+        _clear(out, created)
+        raise
+    return MergeResult(out, True, method, labels=read_labels(run))
+
+
+def _clear(out: Path, created: bool) -> None:
+    """Removes what a failed merge wrote: ``out`` itself when the merge created it, else its contents
+    (it was empty before)."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for path in out.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -1,21 +1,52 @@
-"""The one-line summary ``dstune train`` prints at the end of a run: the metrics its task has."""
+"""The one line ``dstune train`` prints at the end of a run, with the metrics its task has.
+
+A language-model run validates to loss and perplexity; a classification run (``task: classification``)
+to loss, accuracy and macro precision/recall/F1, and has no perplexity. The line names only what the
+run's validation produced, so no task's metrics are assumed for another's.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Any, Mapping
 
-def summary_line(result) -> str:
-    """``N steps, final train loss L`` and the validation metrics of the run's task.
+# (key in the validation metrics, how the line names it, format), in the order they are printed after
+# the validation loss. A key the run's validation did not produce is left out.
+_AFTER_LOSS = [
+    ("ppl", "ppl", ".2f"),
+    ("accuracy", "accuracy", ".4f"),
+    ("f1_macro", "F1 macro", ".4f"),
+    ("exact_match", "exact match", ".4f"),
+]
+
+
+def _number(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+
+
+def val_text(val: Mapping[str, Any] | None) -> str:
+    """``val loss 0.6912 (accuracy 0.6875, F1 macro 0.4074)``, or ``""`` when there was no validation.
 
     Args:
-        result: a ``train.loop.RunResult`` (its ``val`` holds loss and ppl for an LM, accuracy and macro F1
-            for a classifier).
+        val: the run's final validation metrics (``RunResult.val`` / ``summary.json``'s ``val``).
     """
-    val = result.val or {}
-    text = f"{result.steps} steps, final train loss {result.final_loss:.4f}"
-    if "accuracy" in val:
-        return text + (
-            f", val loss {val['loss']:.4f}, accuracy {val['accuracy']:.4f}, F1 (macro) {val['f1_macro']:.4f}"
-        )
-    if "ppl" in val:
-        return text + f", val loss {val['loss']:.4f} (ppl {val['ppl']:.2f})"
-    return text + (f", val loss {val['loss']:.4f}" if "loss" in val else "")
+    if not val:
+        return ""
+    extra = [f"{name} {_number(val[key], fmt)}" for key, name, fmt in _AFTER_LOSS if val.get(key) is not None]
+    head = f"val loss {_number(val['loss'], '.4f')}" if val.get("loss") is not None else "val"
+    return head + (f" ({', '.join(extra)})" if extra else "")
+
+
+def summary_line(result: Any) -> str:
+    """The end-of-run line: steps, final training loss and the validation metrics of the run's task.
+
+    Args:
+        result: what ``train`` returned (``steps``, ``final_loss`` and ``val`` are read).
+
+    Returns:
+        e.g. ``done: 2 steps, final train loss 0.7012, val loss 0.6912 (accuracy 0.6875, F1 macro 0.4074)``
+        for a classifier, ``..., val loss 11.7600 (ppl 128100.00)`` for a language model.
+    """
+    line = f"done: {result.steps} steps, final train loss {_number(result.final_loss, '.4f')}"
+    val = val_text(getattr(result, "val", None))
+    return line + (f", {val}" if val else "")
