@@ -54,12 +54,14 @@ class ThinkFilter:
             if at >= 0:
                 if at:
                     out.append((buf[:at], self.thinking))
-                buf, self.thinking = buf[at + len(tag):], not self.thinking
+                buf, self.thinking = buf[at + len(tag) :], not self.thinking
                 continue
-            keep = next((k for k in range(len(tag) - 1, 0, -1) if buf.endswith(tag[:k])), 0)  # a tag split in two
+            keep = next(
+                (k for k in range(len(tag) - 1, 0, -1) if buf.endswith(tag[:k])), 0
+            )  # a tag split in two
             if len(buf) > keep:
-                out.append((buf[:len(buf) - keep], self.thinking))
-            buf = buf[len(buf) - keep:] if keep else ""
+                out.append((buf[: len(buf) - keep], self.thinking))
+            buf = buf[len(buf) - keep :] if keep else ""
             break
         self._pending = buf
         self.answer.extend(t for t, reasoning in out if not reasoning)
@@ -73,8 +75,15 @@ class ThinkFilter:
         return [(rest, self.thinking)] if rest else []
 
 
-def stream_reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int = 256, temperature: float = 0.7,
-                 top_p: float = 0.95, seed: int | None = None) -> tuple[Iterable[str], bool]:
+def stream_reply(
+    loaded: Loaded,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    seed: int | None = None,
+) -> tuple[Iterable[str], bool]:
     """Starts generating the next assistant turn and returns its text pieces as they are produced.
 
     Returns:
@@ -84,19 +93,29 @@ def stream_reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int = 
     from transformers import TextIteratorStreamer
 
     tok = loaded.tokenizer
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
-                                   chat_template=loaded.chat_template)
+    text = tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, chat_template=loaded.chat_template
+    )
     starts_thinking = text.rfind(OPEN) > text.rfind(CLOSE)
     enc = tok(text, add_special_tokens=False, return_tensors="pt")
     device = next(loaded.model.parameters()).device
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
-                else {"do_sample": False})
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False}
+    )
     if seed is not None:
         torch.manual_seed(seed)
-    kwargs = dict(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                  max_new_tokens=max_new_tokens, streamer=streamer, eos_token_id=tok.eos_token_id,
-                  pad_token_id=pad_id(tok), **sampling)
+    kwargs = dict(
+        input_ids=enc["input_ids"].to(device),
+        attention_mask=enc["attention_mask"].to(device),
+        max_new_tokens=max_new_tokens,
+        streamer=streamer,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=pad_id(tok),
+        **sampling,
+    )
     worker = Thread(target=torch.no_grad()(loaded.model.generate), kwargs=kwargs, daemon=True)
     worker.start()
 
@@ -109,9 +128,18 @@ def stream_reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int = 
     return pieces(), starts_thinking
 
 
-def chat(loaded: Loaded, *, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
-         top_p: float = 0.95, show_thinking: bool = False, seed: int | None = None,
-         read: Callable[[], str | None] | None = None, console: Console | None = None) -> list[dict]:
+def chat(
+    loaded: Loaded,
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    show_thinking: bool = False,
+    seed: int | None = None,
+    read: Callable[[], str | None] | None = None,
+    console: Console | None = None,
+) -> list[dict]:
     """Runs the conversation until ``/exit`` or the end of input.
 
     Args:
@@ -151,8 +179,9 @@ def chat(loaded: Loaded, *, system: str | None = None, max_new_tokens: int = 256
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        pieces, starts_thinking = stream_reply(loaded, messages, max_new_tokens=max_new_tokens,
-                                               temperature=temperature, top_p=top_p, seed=seed)
+        pieces, starts_thinking = stream_reply(
+            loaded, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
         think = ThinkFilter(thinking=starts_thinking)
         console.print("[bold]assistant>[/] ", end="")
         for piece in pieces:
@@ -172,11 +201,16 @@ def classify_text(loaded: Loaded, text: str) -> dict[str, float]:
     from dstune.evaluate.loss import classifier_outputs
 
     labels = loaded.labels
-    example = {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": labels[0]}],
-               "label": labels[0], "source": "input"}
+    example = {
+        "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": labels[0]}],
+        "label": labels[0],
+        "source": "input",
+    }
     rows = tokenize_classification([example], loaded.tokenizer, labels, loaded.max_length or 10**9).rows
     if not rows:
-        raise UsageError("the text holds a special (control) token of the tokenizer; training drops such rows")
+        raise UsageError(
+            "the text holds a special (control) token of the tokenizer; training drops such rows"
+        )
     tok = loaded.tokenizer
     pad = pad_id(tok)
     _, probs, _ = classifier_outputs(loaded.model, rows, 1, pad)
@@ -190,8 +224,11 @@ def classify_chat(loaded: Loaded, *, read: Callable[[], str | None], console: Co
         The lines and their predictions, as chat messages (the assistant's content is the label).
     """
     history: list[dict] = []
-    console.print(f"[dim]classifier over labels {escape(', '.join(loaded.labels))}: type a text to classify it, "
-                  f"/exit ends[/]", highlight=False)
+    console.print(
+        f"[dim]classifier over labels {escape(', '.join(loaded.labels))}: type a text to classify it, "
+        f"/exit ends[/]",
+        highlight=False,
+    )
     while True:
         console.print("[bold]text>[/] ", end="")
         line = read()
@@ -208,8 +245,10 @@ def classify_chat(loaded: Loaded, *, read: Callable[[], str | None], console: Co
             continue
         label = max(probs, key=probs.__getitem__)
         others = ", ".join(f"{name} {p:.4f}" for name, p in probs.items() if name != label)
-        console.print(f"[bold]label>[/] {escape(label)} (probability {probs[label]:.4f}; {escape(others)})",
-                      highlight=False)
+        console.print(
+            f"[bold]label>[/] {escape(label)} (probability {probs[label]:.4f}; {escape(others)})",
+            highlight=False,
+        )
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": label}]
 
 

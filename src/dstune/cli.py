@@ -17,8 +17,12 @@ from rich.console import Console
 from dstune.config import METHODS, RunConfig, load_config
 from dstune.errors import DstuneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune DeepSeek models, and tune the fine-tuning itself.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune DeepSeek models, and tune the fine-tuning itself.",
+)
 console = Console()
 
 
@@ -27,8 +31,11 @@ class Interrupted(BaseException):
 
 
 @app.callback()
-def _options(verbose: bool = typer.Option(False, "--verbose", "-v",
-                                          help="show the libraries' progress bars and warnings too")) -> None:
+def _options(
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="show the libraries' progress bars and warnings too"
+    ),
+) -> None:
     from dstune.quiet import quiet_libraries
 
     quiet_libraries(not verbose)
@@ -55,8 +62,14 @@ def _set_option():
     return typer.Option([], "--set", help="override any config field: --set optim.lr=2e-4 (repeatable)")
 
 
-def run_config(config: Optional[Path], overrides: list[str], model: Optional[str] = None,
-               data: Optional[str] = None, method: Optional[str] = None, **values) -> RunConfig:
+def run_config(
+    config: Optional[Path],
+    overrides: list[str],
+    model: Optional[str] = None,
+    data: Optional[str] = None,
+    method: Optional[str] = None,
+    **values,
+) -> RunConfig:
     """The one way ``train``, ``lr-find`` and ``tune`` build a config: the YAML file (optional), then the
     flags, then ``--set``. ``values`` are further dotted keys from flags (None: not given)."""
     values = {"model.name": model, "data.train": data, "method": method, **values}
@@ -73,11 +86,19 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps (overrides --epochs)"),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="passes over the training data"),
     set_: list[str] = _set_option(),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --output from its newest checkpoint"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle",
-                                      help="load pickled .bin/.pt weights of a model without safetensors (runs code!)"),
-    allow_config_change: bool = typer.Option(False, "--allow-config-change",
-                                             help="resume even though lr, batch size, seed or data changed (recorded)"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue the run in --output from its newest checkpoint"
+    ),
+    allow_pickle: bool = typer.Option(
+        False,
+        "--allow-pickle",
+        help="load pickled .bin/.pt weights of a model without safetensors (runs code!)",
+    ),
+    allow_config_change: bool = typer.Option(
+        False,
+        "--allow-config-change",
+        help="resume even though lr, batch size, seed or data changed (recorded)",
+    ),
 ) -> None:
     """Fine-tune a model; writes a run directory with checkpoints, metrics, plots and the adapter."""
     from dstune.report.summary import summary_line
@@ -85,8 +106,12 @@ def train(
     from dstune.train.loop import train as run_train
     from dstune.train.signals import TrainingInterrupted
 
-    values = {"output": output, "train.max_steps": max_steps, "train.epochs": epochs,
-              "model.allow_pickle": allow_pickle or None}
+    values = {
+        "output": output,
+        "train.max_steps": max_steps,
+        "train.epochs": epochs,
+        "model.allow_pickle": allow_pickle or None,
+    }
     try:
         if resume and config is None and output:  # the run's own config, with the flags on top
             config = RunDir(output).config
@@ -100,8 +125,11 @@ def train(
     console.print("\n" + summary_line(result), highlight=False)  # the metrics the run's task has
     if result.final_dir is not None:  # None: another process of a distributed run wrote the run directory
         run_dir = RunDir(result.run_dir)
-        console.print(f"run directory: {run_dir}\n  model/adapter: {result.final_dir}\n"
-                      f"  metrics: {run_dir.metrics}\n  loss curve: {run_dir.loss_plot}", highlight=False)
+        console.print(
+            f"run directory: {run_dir}\n  model/adapter: {result.final_dir}\n"
+            f"  metrics: {run_dir.metrics}\n  loss curve: {run_dir.loss_plot}",
+            highlight=False,
+        )
     halt = (result.summary.get("stability") or {}).get("halt")
     if halt:  # the weights of the last good step were saved; a script must still see the run failed
         console.print(f"[bold red]halted by the stability guard[/]: {halt['message']}", highlight=False)
@@ -109,7 +137,11 @@ def train(
 
 
 @app.command()
-def inspect(model: str = typer.Argument(..., help="hub id, release name (e.g. deepseek-v3), local dir, or tiny:<family>")) -> None:
+def inspect(
+    model: str = typer.Argument(
+        ..., help="hub id, release name (e.g. deepseek-v3), local dir, or tiny:<family>"
+    ),
+) -> None:
     """Print a model's architecture and parameter counts from its config alone (no weights loaded)."""
     from dstune.models.inspect import inspect_model, render_report
 
@@ -138,8 +170,12 @@ def generate(
     except DstuneError as exc:
         _fail(str(exc))
     for p in prompt:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-        reply = generate_reply(loaded, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": p}
+        ]
+        reply = generate_reply(
+            loaded, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+        )
         console.print(f"[bold]> {p}[/]\n{reply}\n", highlight=False)
 
 
@@ -163,44 +199,78 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare (clean, split, check)
 app.add_typer(data_app, name="data")
 
 
+# fmt: off
+# One option per line reads as a table of the command's options; the formatter would spread each over four.
 @data_app.command("prepare")
 def data_prepare(
-    inputs: list[Path] = typer.Argument(..., help="data files (json, jsonl, csv, parquet, txt), cleaned and split together"),
-    out: Path = typer.Option(..., "--out", "-o", help="output directory for train/val/test.jsonl and report.json/.md"),
+    inputs: list[Path] = typer.Argument(..., help="data files (json, jsonl, csv, parquet, txt), cleaned and "
+                                        "split together"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory for train/val/test.jsonl and report"),
     format_: str = typer.Option("auto", "--format", help="auto | text | alpaca | messages | classification"),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="classification text column (default: text, review, ...)"),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="classification label column (default: label)"),
-    lenient: bool = typer.Option(False, "--lenient", help="drop and count bad rows instead of stopping at the first"),
-    system: Optional[str] = typer.Option(None, "--system", help="system prompt for conversations without one"),
-    reasoning: str = typer.Option("keep", "--reasoning", help="keep | strip reasoning traces (reasoning_content, <think>)"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="classification text column "
+                                              "(default: text, review, ...)"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="classification label column "
+                                               "(default: label)"),
+    lenient: bool = typer.Option(False, "--lenient", help="drop and count bad rows instead of stopping"),
+    system: Optional[str] = typer.Option(None, "--system", help="system prompt for chats without one"),
+    reasoning: str = typer.Option("keep", "--reasoning", help="keep | strip reasoning traces"),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="read at most N examples per file"),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="unicode normalisation, zero-width characters removed"),
-    unicode_form: str = typer.Option("NFKC", "--unicode-form", help="NFKC (full-width to ASCII) | NFC (keeps Chinese punctuation)"),
-    scrub_pii: bool = typer.Option(True, "--scrub-pii/--no-scrub-pii", help="replace e-mails, phones, ID and bank cards by placeholders"),
+    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="unicode normalisation, "
+                                   "zero-width characters removed"),
+    unicode_form: str = typer.Option("NFKC", "--unicode-form", help="NFKC (full-width to ASCII) | NFC "
+                                     "(keeps Chinese punctuation)"),
+    scrub_pii: bool = typer.Option(True, "--scrub-pii/--no-scrub-pii", help="replace e-mails, phones, ID and "
+                                   "bank cards by placeholders"),
     min_chars: int = typer.Option(2, "--min-chars", help="drop rows with fewer characters"),
     max_chars: Optional[int] = typer.Option(20000, "--max-chars", help="drop rows with more characters"),
     dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="drop exact duplicates (normalised text)"),
-    near_dedup: bool = typer.Option(True, "--near-dedup/--no-near-dedup", help="drop near duplicates (MinHash LSH)"),
-    near_threshold: float = typer.Option(0.8, "--near-threshold", help="Jaccard similarity of character 5-grams"),
-    split: tuple[float, float, float] = typer.Option((0.8, 0.1, 0.1), "--split", help="train val test ratios"),
+    near_dedup: bool = typer.Option(True, "--near-dedup/--no-near-dedup", help="drop near duplicates"),
+    near_threshold: float = typer.Option(0.8, "--near-threshold", help="Jaccard of character 5-grams"),
+    split: tuple[float, float, float] = typer.Option((0.8, 0.1, 0.1), "--split", help="train val test"),
     seed: int = typer.Option(42, "--seed", help="split seed"),
-    stratify: bool = typer.Option(True, "--stratify/--no-stratify", help="split classification rows per label"),
-    eval_file: list[Path] = typer.Option([], "--eval-file", help="further held-out file to check train against (repeatable)"),
-    ngram: int = typer.Option(13, "--ngram", help="n-gram length of the contamination check (words; CJK characters)"),
-    decontaminate: bool = typer.Option(False, "--decontaminate", help="remove train rows that overlap held-out rows"),
+    stratify: bool = typer.Option(True, "--stratify/--no-stratify", help="split labels evenly"),
+    eval_file: list[Path] = typer.Option([], "--eval-file", help="further held-out file to check train "
+                                         "against (repeatable)"),
+    ngram: int = typer.Option(13, "--ngram", help="n-gram length of the contamination check (words; CJK "
+                              "characters)"),
+    decontaminate: bool = typer.Option(False, "--decontaminate", help="remove train rows that overlap "
+                                       "held-out rows"),
     model: Optional[str] = typer.Option(None, "--model", help="model whose tokenizer measures token lengths"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="drop rows longer than N tokens (needs --model)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="drop rows longer than N tokens "
+                                             "(needs --model)"),
 ) -> None:
     """Clean, deduplicate, scrub, split 8:1:1 and check for contamination; write the splits and a report."""
     from dstune.data.clean import CleanOptions
     from dstune.data.prepare import PrepareOptions, prepare_files, render_report_md
 
-    clean = CleanOptions(normalize=normalize, unicode_form=unicode_form, scrub_pii=scrub_pii, min_chars=min_chars,
-                         max_chars=max_chars, dedup=dedup, near_dedup=near_dedup, near_threshold=near_threshold)
-    options = PrepareOptions(fmt=format_, text_column=text_column, label_column=label_column, lenient=lenient,
-                             system=system, reasoning=reasoning, max_samples=max_samples, clean=clean, split=split,
-                             seed=seed, stratify=stratify, eval_files=[str(f) for f in eval_file], ngram=ngram,
-                             decontaminate=decontaminate, model=model, max_tokens=max_tokens)
+    clean = CleanOptions(
+        normalize=normalize,
+        unicode_form=unicode_form,
+        scrub_pii=scrub_pii,
+        min_chars=min_chars,
+        max_chars=max_chars,
+        dedup=dedup,
+        near_dedup=near_dedup,
+        near_threshold=near_threshold,
+    )
+    options = PrepareOptions(
+        fmt=format_,
+        text_column=text_column,
+        label_column=label_column,
+        lenient=lenient,
+        system=system,
+        reasoning=reasoning,
+        max_samples=max_samples,
+        clean=clean,
+        split=split,
+        seed=seed,
+        stratify=stratify,
+        eval_files=[str(f) for f in eval_file],
+        ngram=ngram,
+        decontaminate=decontaminate,
+        model=model,
+        max_tokens=max_tokens,
+    )
     try:
         report = prepare_files(inputs, out, options)
     except DstuneError as exc:
@@ -209,11 +279,17 @@ def data_prepare(
     console.print(f"wrote {out}/train.jsonl, val.jsonl, test.jsonl, report.json, report.md", highlight=False)
 
 
+# fmt: on
+
+
 @data_app.command("inspect")
 def data_inspect(
     file: Path = typer.Argument(..., help="data file"),
-    model: str = typer.Option("tiny:deepseek-llm", "--model",
-                              help="tokenizer and chat template to render with (default: DeepSeek's); 'none' skips tokens"),
+    model: str = typer.Option(
+        "tiny:deepseek-llm",
+        "--model",
+        help="tokenizer and chat template to render with (default: DeepSeek's); 'none' skips tokens",
+    ),
     format_: str = typer.Option("auto", "--format", help="auto | text | alpaca | messages | classification"),
     text_column: Optional[str] = typer.Option(None, "--text-column", help="classification text column"),
     label_column: Optional[str] = typer.Option(None, "--label-column", help="classification label column"),
@@ -224,9 +300,15 @@ def data_inspect(
     from dstune.data.inspect import inspect_file, render_inspection
 
     try:
-        report = inspect_file(file, model=None if model.lower() == "none" else model, fmt=format_,
-                              text_column=text_column, label_column=label_column, examples=examples,
-                              max_length=max_length)
+        report = inspect_file(
+            file,
+            model=None if model.lower() == "none" else model,
+            fmt=format_,
+            text_column=text_column,
+            label_column=label_column,
+            examples=examples,
+            max_length=max_length,
+        )
     except DstuneError as exc:
         _fail(str(exc))
     console.print(render_inspection(report), markup=False, highlight=False)
@@ -234,7 +316,9 @@ def data_inspect(
 
 @app.command("lr-find")
 def lr_find(
-    config: Optional[Path] = typer.Argument(None, help="YAML run config (the model, data, method and optim settings)"),
+    config: Optional[Path] = typer.Argument(
+        None, help="YAML run config (the model, data, method and optim settings)"
+    ),
     model: Optional[str] = _model_option(),
     data: Optional[str] = _data_option(),
     method: Optional[str] = _method_option(),
@@ -254,52 +338,81 @@ def lr_find(
         result = run_lr_find(cfg, steps=steps, start_lr=start_lr, end_lr=end_lr, plot=plot)
     except DstuneError as exc:
         _fail(str(exc))
-    console.print(f"swept {len(result.lrs)} steps, lr {result.lrs[0]:.2e} .. {result.lrs[-1]:.2e}"
-                  + (" (stopped: loss diverged)" if result.stopped_early else "") + f"\nplot: {result.plot}",
-                  highlight=False)
+    console.print(
+        f"swept {len(result.lrs)} steps, lr {result.lrs[0]:.2e} .. {result.lrs[-1]:.2e}"
+        + (" (stopped: loss diverged)" if result.stopped_early else "")
+        + f"\nplot: {result.plot}",
+        highlight=False,
+    )
     if not result.descended:
-        console.print(f"[yellow]the loss did not fall anywhere in the sweep[/] (lowest at its start, "
-                      f"{result.lrs[0]:.2e}): no lr to suggest. Widen the range (--start-lr, --end-lr) or sweep "
-                      f"more --steps", highlight=False)
+        console.print(
+            f"[yellow]the loss did not fall anywhere in the sweep[/] (lowest at its start, "
+            f"{result.lrs[0]:.2e}): no lr to suggest. Widen the range (--start-lr, --end-lr) or sweep "
+            f"more --steps",
+            highlight=False,
+        )
         raise typer.Exit(1)
     lr = f"{result.suggestion:.2e}"
-    base = str(config) if config else " ".join(f"{flag} {v}" for flag, v in
-                                               (("--model", model), ("--data", data), ("--method", method)) if v)
+    base = (
+        str(config)
+        if config
+        else " ".join(
+            f"{flag} {v}" for flag, v in (("--model", model), ("--data", data), ("--method", method)) if v
+        )
+    )
     again = " ".join(f"--set {item}" for item in set_ if not item.startswith(("optim.lr=", "output=")))
     # The config's own output may hold a run already: the suggested command trains into a new directory.
     out = f" --output {cfg.output}-lr{lr}" if RunDir(cfg.output).is_run() or config is None else ""
-    console.print(f"suggested lr: [bold]{lr}[/] ({result.rule}); steepest descent at {result.steepest:.2e}\n"
-                  f"use it: dstune train {base} {again} --set optim.lr={lr}{out}".replace("  ", " "), highlight=False)
+    console.print(
+        f"suggested lr: [bold]{lr}[/] ({result.rule}); steepest descent at {result.steepest:.2e}\n"
+        f"use it: dstune train {base} {again} --set optim.lr={lr}{out}".replace("  ", " "),
+        highlight=False,
+    )
 
 
+# fmt: off
 @app.command()
 def tune(
-    config: Optional[Path] = typer.Argument(None, help="base run config (YAML); its tune: section holds the search settings"),
+    config: Optional[Path] = typer.Argument(None, help="base run config (YAML); its tune: section holds the "
+                                            "search settings"),
     model: Optional[str] = _model_option(),
     data: Optional[str] = _data_option(),
     method: Optional[str] = _method_option(),
-    trials: Optional[int] = typer.Option(None, "--trials", help="trials in the study, all workers together (default: tune.trials, 20)"),
-    space: Optional[str] = typer.Option(None, "--space", help="built-in space (lora-default, full-default, method) or a YAML file of dotted key -> domain"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="tpe | random | grid | gp | cmaes (default: tpe)"),
-    pruner: Optional[str] = typer.Option(None, "--pruner", help="none | median | asha | hyperband (default: asha)"),
-    objective: Optional[str] = typer.Option(None, "--objective", help="validation metric to optimise (default: loss)"),
-    direction: Optional[str] = typer.Option(None, "--direction", help="minimize | maximize (default: minimize loss and ppl, maximize others)"),
-    storage: Optional[str] = typer.Option(None, "--storage", help="optuna storage URL, e.g. postgresql://u:p@host/db (default: SQLite in the study directory)"),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="study directory (default: studies/study)"),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="seconds after which no new trial starts"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="trials in the study, all workers together "
+                                         "(default: tune.trials, 20)"),
+    space: Optional[str] = typer.Option(None, "--space", help="built-in space (lora-default, full-default, "
+                                        "method, lr) or a YAML file of dotted key -> domain"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="tpe | random | grid | gp | cmaes "
+                                          "(default: tpe)"),
+    pruner: Optional[str] = typer.Option(None, "--pruner", help="none | median | asha | hyperband "
+                                         "(default: asha)"),
+    objective: Optional[str] = typer.Option(None, "--objective", help="validation metric to optimise "
+                                            "(default: loss)"),
+    direction: Optional[str] = typer.Option(None, "--direction", help="minimize | maximize (default: "
+                                            "minimize loss and ppl, maximize others)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="optuna storage URL, e.g. "
+                                          "postgresql://u:p@host/db (default: SQLite in the study "
+                                          "directory)"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="study directory "
+                                         "(default: studies/study)"),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="no new trial starts after this many "
+                                           "seconds"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps per trial"),
-    retrain: bool = typer.Option(False, "--retrain", help="retrain the best configuration on train+val at the end"),
+    retrain: bool = typer.Option(False, "--retrain", help="retrain the best configuration on train+val at "
+                                 "the end"),
     set_: list[str] = _set_option(),
-    dashboard: bool = typer.Option(False, "--dashboard", help="open optuna-dashboard on the study (extra: dashboard)"),
+    dashboard: bool = typer.Option(False, "--dashboard", help="open optuna-dashboard on the study (extra: "
+                                   "dashboard)"),
     dashboard_port: int = typer.Option(8080, "--dashboard-port", help="port of --dashboard, on 127.0.0.1"),
 ) -> None:
     """Search hyperparameters: every trial is a normal run; workers sharing --storage share one study."""
     from dstune.train.signals import TrainingInterrupted
     from dstune.tune.study import run_tune
 
-    values = {"tune.trials": trials, "tune.sampler": sampler, "tune.pruner": pruner, "tune.objective": objective,
-              "tune.direction": direction, "tune.storage": storage, "tune.output": output, "tune.timeout": timeout,
-              "tune.max_steps": max_steps, "tune.retrain": retrain or None}
+    values = {"tune.trials": trials, "tune.sampler": sampler, "tune.pruner": pruner,
+              "tune.objective": objective, "tune.direction": direction, "tune.storage": storage,
+              "tune.output": output, "tune.timeout": timeout, "tune.max_steps": max_steps,
+              "tune.retrain": retrain or None}
     try:
         if space and Path(space).is_file():
             import yaml
@@ -309,57 +422,66 @@ def tune(
             values["tune.preset"] = space
         cfg = run_config(config, set_, model, data, method, **values)
         if dashboard:
-            _dashboard(cfg, dashboard_port)
+            from dstune.tune.dashboard import open_dashboard
+
+            open_dashboard(cfg, dashboard_port, console)
             return
         run_tune(cfg, console=console)
     except TrainingInterrupted:
-        console.print("[bold yellow]search interrupted[/]: finished trials are kept; run the same command "
-                      "again to continue the study", highlight=False)
+        console.print(
+            "[bold yellow]search interrupted[/]: finished trials are kept; run the same command "
+            "again to continue the study",
+            highlight=False,
+        )
         raise typer.Exit(130) from None
     except DstuneError as exc:
         _fail(str(exc))
 
 
-def _dashboard(cfg, port: int) -> None:
-    import os
-    import shutil
 
-    from dstune.tune.study import _storage_url
-
-    # The script beside this interpreter first: the extra installs it into the same environment.
-    exe = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which("optuna-dashboard")
-    if exe is None:
-        _fail("optuna-dashboard is not installed: pip install 'dstune[dashboard]'")
-    study_dir = Path(cfg.tune.output)
-    if cfg.tune.storage is None and not (study_dir / "study.db").is_file():
-        _fail(f"{study_dir} holds no study yet (no study.db): run dstune tune first, or pass --storage")
-    url = _storage_url(cfg.tune, study_dir)
-    console.print(f"optuna-dashboard for {url} at http://127.0.0.1:{port} (Ctrl-C to stop)", highlight=False)
-    sys.stdout.flush()
-    # The dashboard replaces this process (no child left behind when dstune is sent SIGTERM).
-    os.execv(exe, [exe, url, "--host", "127.0.0.1", "--port", str(port)])
+# fmt: on
 
 
 @app.command("eval")
 def eval_(
     run: Path = typer.Argument(..., help="run directory written by dstune train"),
     data: Path = typer.Option(..., "--data", help="data file to evaluate on (any format dstune reads)"),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="use only the first N rows for every metric, loss included (default: all rows)"),
+    max_samples: Optional[int] = typer.Option(
+        None,
+        "--max-samples",
+        help="use only the first N rows for every metric, loss included (default: all rows)",
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="tokens generated per answer (greedy)"),
     batch_size: int = typer.Option(4, "--batch-size", help="rows per forward pass for the loss"),
-    positive_label: Optional[str] = typer.Option(None, "--positive-label", help="binary tasks: the positive class (default: last label sorted)"),
-    target_recall: float = typer.Option(0.9, "--target-recall", help="binary tasks: recall the second tuned threshold must reach"),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="classification text column (default: the run's)"),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="classification label column (default: the run's)"),
+    positive_label: Optional[str] = typer.Option(
+        None, "--positive-label", help="binary tasks: the positive class (default: last label sorted)"
+    ),
+    target_recall: float = typer.Option(
+        0.9, "--target-recall", help="binary tasks: recall the second tuned threshold must reach"
+    ),
+    text_column: Optional[str] = typer.Option(
+        None, "--text-column", help="classification text column (default: the run's)"
+    ),
+    label_column: Optional[str] = typer.Option(
+        None, "--label-column", help="classification label column (default: the run's)"
+    ),
 ) -> None:
-    """Perplexity, BLEU/ROUGE/exact match or accuracy/F1 of a run; writes eval.json, eval.md and plots into it."""
+    """Perplexity, BLEU/ROUGE/exact match or accuracy/F1 of a run; writes eval.json, eval.md and plots."""
     from dstune.evaluate.run import evaluate_run
     from dstune.rundir import RunDir
 
     try:
-        result = evaluate_run(run, data, max_samples=max_samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              positive_label=positive_label, target_recall=target_recall, text_column=text_column,
-                              label_column=label_column)
+        result = evaluate_run(
+            run,
+            data,
+            max_samples=max_samples,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            positive_label=positive_label,
+            target_recall=target_recall,
+            text_column=text_column,
+            label_column=label_column,
+        )
     except DstuneError as exc:
         _fail(str(exc))
     rd = RunDir(run)
@@ -369,8 +491,12 @@ def eval_(
 
 @app.command("report")
 def report(
-    runs: list[Path] = typer.Argument(..., help="run directories to compare, or study directories (their trials)"),
-    out: Path = typer.Option(Path("runs/report"), "--out", "-o", help="directory for report.md and compare.png"),
+    runs: list[Path] = typer.Argument(
+        ..., help="run directories to compare, or study directories (their trials)"
+    ),
+    out: Path = typer.Option(
+        Path("runs/report"), "--out", "-o", help="directory for report.md and compare.png"
+    ),
 ) -> None:
     """Compare runs side by side: one table (losses, eval metrics) and one plot of their loss curves."""
     from dstune.report.compare import compare_runs, console_tables
@@ -381,7 +507,9 @@ def report(
         _fail(str(exc))
     for part in console_tables(result, console):  # split to the terminal's width: no cell cut short
         console.print(part, highlight=False)
-    console.print(f"wrote {result['markdown']}" + (f" and {result['plot']}" if result["plot"] else ""), highlight=False)
+    console.print(
+        f"wrote {result['markdown']}" + (f" and {result['plot']}" if result["plot"] else ""), highlight=False
+    )
 
 
 @app.command("merge")
@@ -389,7 +517,9 @@ def merge(
     run: Path = typer.Argument(..., help="run directory written by dstune train"),
     out: Path = typer.Option(..., "--out", "-o", help="directory for the merged checkpoint (must be empty)"),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="safetensors shard size"),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 | bf16: dtype of the written weights (the merge is fp32)"),
+    dtype: str = typer.Option(
+        "fp32", "--dtype", help="fp32 | bf16: dtype of the written weights (the merge is fp32)"
+    ),
 ) -> None:
     """Fold a run's adapter into its base model (fp32) and write one checkpoint plain transformers loads."""
     from dstune.merge import merge_run
@@ -401,19 +531,25 @@ def merge(
     except DstuneError as exc:
         _fail(str(exc))
     auto = "AutoModelForSequenceClassification" if result.labels else "AutoModelForCausalLM"
-    console.print(f"merged {result.method} run into {result.out_dir} (safetensors, tokenizer, chat template); "
-                  f"load it with {auto}.from_pretrained('{result.out_dir}')", highlight=False)
+    console.print(
+        f"merged {result.method} run into {result.out_dir} (safetensors, tokenizer, chat template); "
+        f"load it with {auto}.from_pretrained('{result.out_dir}')",
+        highlight=False,
+    )
 
 
 @app.command("chat")
 def chat(
-    target: str = typer.Argument(..., help="run directory, or a model spec (hub id, local dir, .gguf, tiny:<family>)"),
+    target: str = typer.Argument(
+        ..., help="run directory, or a model spec (hub id, local dir, .gguf, tiny:<family>)"
+    ),
     system: Optional[str] = typer.Option(None, "--system", help="system prompt"),
     temperature: float = typer.Option(0.7, "--temperature", help="0 decodes greedily"),
     top_p: float = typer.Option(0.95, "--top-p", help="nucleus sampling mass"),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="longest reply in tokens"),
-    show_thinking: bool = typer.Option(False, "--show-thinking/--hide-thinking",
-                                       help="show R1-style <think> reasoning before the answer"),
+    show_thinking: bool = typer.Option(
+        False, "--show-thinking/--hide-thinking", help="show R1-style <think> reasoning before the answer"
+    ),
     seed: Optional[int] = typer.Option(None, "--seed", help="sampling seed, for reproducible replies"),
 ) -> None:
     """Talk to a model or a trained run: multi-turn, streamed; /reset forgets, /exit ends."""
@@ -424,8 +560,16 @@ def chat(
         loaded = load_for_inference(target)
     except DstuneError as exc:
         _fail(str(exc))
-    run_chat(loaded, system=system, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-             show_thinking=show_thinking, seed=seed, console=console)
+    run_chat(
+        loaded,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        show_thinking=show_thinking,
+        seed=seed,
+        console=console,
+    )
 
 
 def _interrupt(signum, frame) -> None:
@@ -440,8 +584,11 @@ def main() -> None:
     try:
         app()
     except Interrupted:
-        console.print("\n[bold yellow]interrupted[/] (Ctrl-C); a training run saves a checkpoint only once its "
-                      "loop has started: run the same command again", highlight=False)
+        console.print(
+            "\n[bold yellow]interrupted[/] (Ctrl-C); a training run saves a checkpoint only once its "
+            "loop has started: run the same command again",
+            highlight=False,
+        )
         sys.exit(130)
 
 

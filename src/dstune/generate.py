@@ -29,7 +29,9 @@ class Loaded:
     max_length: int | None = None
 
 
-def load_for_inference(target: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Loaded:
+def load_for_inference(
+    target: str, *, trust_remote_code: bool = False, revision: str | None = None
+) -> Loaded:
     """Loads a run directory (base model plus adapter, or a full fine-tune) or any model spec.
 
     Args:
@@ -41,8 +43,10 @@ def load_for_inference(target: str, *, trust_remote_code: bool = False, revision
         info = json.loads((run / "run.json").read_text(encoding="utf-8"))
         final = run / info.get("final", "final")
         if not final.is_dir():
-            raise NotARunError(f"{run} has no finished model at {final}; did the run end? "
-                                    f"Resume it with: dstune train {run / 'config.yaml'} --resume")
+            raise NotARunError(
+                f"{run} has no finished model at {final}; did the run end? "
+                f"Resume it with: dstune train {run / 'config.yaml'} --resume"
+            )
         tokenizer = load_tokenizer(str(final))
         # Every method's saved form (peft adapter, bottleneck adapters, QLoRA, full model) loads the way
         # it was trained; the run's config says how a QLoRA base was quantised.
@@ -67,7 +71,9 @@ def load_for_inference(target: str, *, trust_remote_code: bool = False, revision
             pad = pad_id(tokenizer)
             model = load_classifier(resolved.path, labels, pad, trust_remote_code=trust_remote_code)
         else:
-            model = load_model(resolved, dtype=torch.float32, trust_remote_code=trust_remote_code, revision=revision)
+            model = load_model(
+                resolved, dtype=torch.float32, trust_remote_code=trust_remote_code, revision=revision
+            )
         family = resolved.family
     model.eval()
     template = resolve_chat_template(tokenizer, "auto", family)
@@ -99,8 +105,10 @@ def check_generates(loaded: Loaded, target: str | None = None) -> None:
     """
     if loaded.labels is None:
         return
-    message = (f"{target or 'this model'} is a classifier (task: classification, labels "
-               f"{', '.join(loaded.labels)}): it predicts a label and cannot generate text")
+    message = (
+        f"{target or 'this model'} is a classifier (task: classification, labels "
+        f"{', '.join(loaded.labels)}): it predicts a label and cannot generate text"
+    )
     if target is not None:
         message += f"; classify texts with 'dstune chat {target}'"
         if (Path(target) / "run.json").is_file():  # dstune eval takes run directories only
@@ -108,16 +116,31 @@ def check_generates(loaded: Loaded, target: str | None = None) -> None:
     raise UsageError(message)
 
 
-def generate_reply(loaded: Loaded, messages: list[dict], *, max_new_tokens: int = 128, temperature: float = 0.0,
-                   top_p: float = 1.0, seed: int = 0) -> str:
+def generate_reply(
+    loaded: Loaded,
+    messages: list[dict],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
     """The assistant's next reply to ``messages`` (greedy when ``temperature`` is 0)."""
-    return generate_replies(loaded, [messages], max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, seed=seed)[0]
+    return generate_replies(
+        loaded, [messages], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )[0]
 
 
 @torch.no_grad()
-def generate_replies(loaded: Loaded, conversations: list[list[dict]], *, max_new_tokens: int = 128,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
+def generate_replies(
+    loaded: Loaded,
+    conversations: list[list[dict]],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
     """The next reply to each conversation, from one batched ``generate`` call.
 
     Rows are left-padded by hand (the tokenizer may have no pad token and is shared, so its padding side
@@ -126,19 +149,35 @@ def generate_replies(loaded: Loaded, conversations: list[list[dict]], *, max_new
     """
     check_generates(loaded)
     tok = loaded.tokenizer
-    rows = [tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False,
-                                        chat_template=loaded.chat_template), add_special_tokens=False)["input_ids"]
-            for m in conversations]
+    rows = [
+        tok(
+            tok.apply_chat_template(
+                m, add_generation_prompt=True, tokenize=False, chat_template=loaded.chat_template
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for m in conversations
+    ]
     pad = pad_id(tok)
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     device = next(loaded.model.parameters()).device
     torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    out = loaded.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                pad_token_id=pad, eos_token_id=tok.eos_token_id, **sampling)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    out = loaded.model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=tok.eos_token_id,
+        **sampling,
+    )
     return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]

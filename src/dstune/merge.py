@@ -37,7 +37,8 @@ _WHY_NOT = {
     "prefix": "prefix tuning adds learned key/value positions to every layer; no weight matrix can hold them",
     "ptuning": "P-tuning adds virtual-token positions to the input; no weight matrix can hold them",
     "prompt": "prompt tuning adds virtual-token positions to the input; no weight matrix can hold them",
-    "adapter": "bottleneck adapters apply a non-linearity (down, activation, up), which a linear weight cannot express",
+    "adapter": "bottleneck adapters apply a non-linearity (down, activation, up), which a linear weight "
+    "cannot express",
 }
 
 
@@ -53,7 +54,9 @@ class MergeResult:
     merged: bool
     method: str
     reason: str = ""
-    labels: list[str] | None = None  # a classifier's class names: the checkpoint is *ForSequenceClassification
+    labels: list[str] | None = (
+        None  # a classifier's class names: the checkpoint is *ForSequenceClassification
+    )
 
 
 def merge_model(model: nn.Module) -> nn.Module:
@@ -82,14 +85,19 @@ def load_run_for_merge(run_dir: Path) -> tuple[nn.Module, dict, object]:
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     final = run_dir / info.get("final", "final")
     if not final.is_dir():
-        raise NotARunError(f"{run_dir} has no finished model at {final}; did the run end? "
-                                f"Resume it with: dstune train {run_dir / 'config.yaml'} --resume")
+        raise NotARunError(
+            f"{run_dir} has no finished model at {final}; did the run end? "
+            f"Resume it with: dstune train {run_dir / 'config.yaml'} --resume"
+        )
     cfg = load_config(run_dir / "config.yaml")
     labels = read_labels(run_dir)  # a classifier: the base gets a head of its labels before the adapter
     pad = _pad_id(final) if labels else None
     if cfg.method == "qlora":
-        base = (load_classifier(info["base_model"], labels, pad, pooling=cfg.classify.pooling) if labels
-                else load_model(info["base_model"], dtype=torch.float32))
+        base = (
+            load_classifier(info["base_model"], labels, pad, pooling=cfg.classify.pooling)
+            if labels
+            else load_model(info["base_model"], dtype=torch.float32)
+        )
         quantize_like_training(base, final, cfg)
         dequantize_(base)  # the adapter was trained against these de-quantised weights
         return peft_model.load(base, final), info, cfg
@@ -100,8 +108,9 @@ def _pad_id(final: Path) -> int:
     return pad_id(load_tokenizer(str(final)))
 
 
-def merge_run(run_dir: str | Path, out_dir: str | Path, *, max_shard_size: str = "2GB",
-              dtype: str = "fp32") -> MergeResult:
+def merge_run(
+    run_dir: str | Path, out_dir: str | Path, *, max_shard_size: str = "2GB", dtype: str = "fp32"
+) -> MergeResult:
     """Merges a run's adapter into its base and writes a standalone checkpoint, or exports the adapter.
 
     Args:
@@ -122,11 +131,15 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, max_shard_size: str =
 
     run, out = Path(run_dir), Path(out_dir)
     if not (run / "run.json").is_file():
-        raise NotARunError(f"{run} is not a run directory (no run.json); pass the --output of a dstune train run")
+        raise NotARunError(
+            f"{run} is not a run directory (no run.json); pass the --output of a dstune train run"
+        )
     method = json.loads((run / "run.json").read_text(encoding="utf-8"))["method"]
     if method not in MERGEABLE:
-        raise MergeError(f"a {method} run cannot be merged: {_WHY_NOT.get(method, 'its method is not mergeable')}. "
-                         f"Nothing was written; use the run directory itself: dstune generate {run} (or chat, eval)")
+        raise MergeError(
+            f"a {method} run cannot be merged: {_WHY_NOT.get(method, 'its method is not mergeable')}. "
+            f"Nothing was written; use the run directory itself: dstune generate {run} (or chat, eval)"
+        )
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} is not empty; choose another --out (nothing was written)")
     model, info, _ = load_run_for_merge(run)
