@@ -11,10 +11,10 @@ import re
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from _documented import run_cli
 from conftest import SHARED_DATA
+from typer.testing import CliRunner
+
 from dstune.cli import app
 from dstune.train.loop import RunResult
 

@@ -10,10 +10,31 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _documented import (
+    ALIASES,
+    ANGLE,
+    FAST,
+    FIXTURE_FILES,
+    HUB,
+    NETWORK,
+    OFFLINE_HUB,
+    ROOT,
+    SHRINK,
+    STDIN,
+    Command,
+    Outcome,
+    Session,
+    documented_commands,
+    example_commands,
+    make_work_dir,
+    mapped_args,
+    option,
+    positional,
+    readme_commands,
+    readme_space,
+    required_entries,
+)
 
-from _documented import (ALIASES, ANGLE, FAST, FIXTURE_FILES, HUB, NETWORK, OFFLINE_HUB, ROOT, SHRINK, STDIN,
-                         Command, Outcome, Session, documented_commands, example_commands, make_work_dir,
-                         mapped_args, option, positional, readme_commands, readme_space, required_entries)
 from dstune.config import load_config
 
 COMMANDS = documented_commands()
