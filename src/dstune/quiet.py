@@ -1,7 +1,8 @@
 """Quiet by default: library output a dstune user cannot act on stays off unless ``--verbose``.
 
-transformers prints a "Loading weights" bar for every model it loads (several per command) and warns
-that ``is_gradient_checkpointing`` is deprecated from inside its own code; neither is the user's to fix.
+transformers prints a "Loading weights" bar for every model it loads (several per command), a GGUF
+conversion bar, and warns that ``is_gradient_checkpointing`` is deprecated from inside its own code; none
+of it is the user's to fix.
 dstune's own progress bars and warnings are unaffected.
 """
 
@@ -13,6 +14,8 @@ import warnings
 
 def quiet_libraries(quiet: bool = True) -> None:
     """Turns library progress bars, info logs and deprecation warnings off (``quiet``) or back on."""
+    if quiet:  # before tqdm is imported: it reads TQDM_* then (transformers' GGUF conversion bar)
+        os.environ.setdefault("TQDM_DISABLE", "1")
     from transformers.utils import logging as hf_logging
 
     if quiet:
