@@ -93,3 +93,8 @@ def test_every_example_config_validates(path):
 
 def test_examples_exist():
     assert len(EXAMPLES) >= 3
+
+
+def test_retrain_with_a_validation_file_is_refused_before_the_search():
+    with pytest.raises(ConfigError, match="tune.retrain.*data.validation"):
+        load_config(overrides=["tune.retrain=true", "data.validation=val.jsonl"])

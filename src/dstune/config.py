@@ -532,6 +532,15 @@ class RunConfig(_Section):
         _absolute_paths(data, Path(base or Path.cwd()), output=True)
         return RunConfig.model_validate(data)
 
+    @model_validator(mode="after")
+    def _retrain_needs_one_file(self) -> "RunConfig":
+        if self.tune.retrain and self.data.validation:
+            raise ValueError(
+                "tune.retrain merges the train and validation splits of data.train; with a separate "
+                "data.validation file, retrain by hand after the search: dstune train STUDY/best.yaml"
+            )
+        return self
+
     def best_metric_sign(self) -> int:
         """+1 when a lower ``train.best_metric`` is better (loss, ppl), -1 when higher is."""
         mode = self.train.best_mode

@@ -12,7 +12,7 @@ from dstune.core.facts import pad_id
 from dstune.errors import UsageError
 from dstune.models.load import load_model, load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
-from dstune.rundir import NotARunError
+from dstune.rundir import NotARunError, RunDir
 
 
 @dataclass
@@ -38,14 +38,13 @@ def load_for_inference(
         target: a run directory written by ``dstune train``, or a model spec (hub id, local dir,
             ``.gguf`` file, ``tiny:<family>``).
     """
-    run = Path(target)
-    if (run / "run.json").is_file():
-        info = json.loads((run / "run.json").read_text(encoding="utf-8"))
-        final = run / info.get("final", "final")
+    run, rd = Path(target), RunDir(target)
+    if rd.run_json.is_file():
+        info, final = rd.read_json(RunDir.RUN), rd.final
         if not final.is_dir():
             raise NotARunError(
                 f"{run} has no finished model at {final}; did the run end? "
-                f"Resume it with: dstune train {run / 'config.yaml'} --resume"
+                f"Resume it with: dstune train {rd.config} --resume"
             )
         tokenizer = load_tokenizer(str(final))
         # Every method's saved form (peft adapter, bottleneck adapters, QLoRA, full model) loads the way
@@ -54,7 +53,7 @@ def load_for_inference(
         from dstune.methods import load_trained
         from dstune.models.classify import read_labels
 
-        cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
+        cfg = load_config(rd.config) if rd.config.is_file() else None
         # A classification run (labels.json) is rebuilt as base + head of its labels + adapter.
         labels = read_labels(run)
         pad = pad_id(tokenizer)
@@ -111,7 +110,7 @@ def check_generates(loaded: Loaded, target: str | None = None) -> None:
     )
     if target is not None:
         message += f"; classify texts with 'dstune chat {target}'"
-        if (Path(target) / "run.json").is_file():  # dstune eval takes run directories only
+        if RunDir(target).run_json.is_file():  # dstune eval takes run directories only
             message += f" or a labelled file with 'dstune eval {target} --data FILE'"
     raise UsageError(message)
 

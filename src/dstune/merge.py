@@ -17,7 +17,6 @@ head's ``classifier_pooling`` is kept in its config for ``dstune chat``/``eval``
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from dstune.errors import DstuneError, UsageError
 from dstune.methods import MERGEABLE, load_trained
 from dstune.models.load import load_model, load_tokenizer
 from dstune.models.templates import resolve_chat_template
-from dstune.rundir import NotARunError
+from dstune.rundir import NotARunError, RunDir
 
 _WHY_NOT = {
     "prefix": "prefix tuning adds learned key/value positions to every layer; no weight matrix can hold them",
@@ -82,14 +81,14 @@ def load_run_for_merge(run_dir: Path) -> tuple[nn.Module, dict, object]:
     from dstune.methods.qlora import dequantize_
     from dstune.models.classify import load_classifier, read_labels
 
-    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    final = run_dir / info.get("final", "final")
+    rd = RunDir(run_dir)
+    info, final = rd.read_json(RunDir.RUN), rd.final
     if not final.is_dir():
         raise NotARunError(
             f"{run_dir} has no finished model at {final}; did the run end? "
-            f"Resume it with: dstune train {run_dir / 'config.yaml'} --resume"
+            f"Resume it with: dstune train {rd.config} --resume"
         )
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(rd.config)
     labels = read_labels(run_dir)  # a classifier: the base gets a head of its labels before the adapter
     pad = _pad_id(final) if labels else None
     if cfg.method == "qlora":
@@ -130,11 +129,11 @@ def merge_run(
     from dstune.models.classify import read_labels
 
     run, out = Path(run_dir), Path(out_dir)
-    if not (run / "run.json").is_file():
+    if not RunDir(run).run_json.is_file():
         raise NotARunError(
             f"{run} is not a run directory (no run.json); pass the --output of a dstune train run"
         )
-    method = json.loads((run / "run.json").read_text(encoding="utf-8"))["method"]
+    method = RunDir(run).read_json(RunDir.RUN)["method"]
     if method not in MERGEABLE:
         raise MergeError(
             f"a {method} run cannot be merged: {_WHY_NOT.get(method, 'its method is not mergeable')}. "
@@ -146,7 +145,7 @@ def merge_run(
     merged = merge_model(model)
     if dtype == "bf16":
         merged = merged.to(torch.bfloat16)
-    tokenizer = load_tokenizer(str(run / "final"))
+    tokenizer = load_tokenizer(str(RunDir(run).final))
     tokenizer.chat_template = resolve_chat_template(tokenizer, "auto", info.get("family", ""))
     created = not out.exists()
     try:
