@@ -14,14 +14,18 @@ import warnings
 
 def quiet_libraries(quiet: bool = True) -> None:
     """Turns library progress bars, info logs and deprecation warnings off (``quiet``) or back on."""
-    if quiet:  # before tqdm is imported: it reads TQDM_* then (transformers' GGUF conversion bar)
+    # Before tqdm is imported: it reads TQDM_* then (transformers' GGUF conversion bar).
+    if quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    else:  # --verbose: also undo what a quiet call in this process (or its parent) set
+        for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+            os.environ.pop(name, None)
     from transformers.utils import logging as hf_logging
 
     if quiet:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     else:
