@@ -1,0 +1,318 @@
+"""Typed run configuration: YAML in, dotted ``--set`` overrides, errors that name the key.
+
+Every field has a default, so ``RunConfig()`` is a valid (if useless) run. The CLI builds a config from a
+YAML file (its relative paths taken from the file's folder), then flags, then ``--set key.sub=value``
+overrides, in that order. Every rule that ties two keys together is a validator of ``RunConfig``, so a
+bad config is refused before anything is written. The sections are in ``sections.py``, the method and
+task registry in ``registry.py``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from dstune.config.registry import GENERATION_METRICS, METHODS, TASK_METRICS, MethodSpec
+from dstune.config.sections import (
+    AdapterConfig,
+    ClassifyConfig,
+    DataConfig,
+    FreezeConfig,
+    Ia3Config,
+    LoraConfig,
+    MixSource,
+    ModelConfig,
+    OptimConfig,
+    PromptConfig,
+    QloraConfig,
+    RegularizeConfig,
+    StabilityConfig,
+    TrainConfig,
+    TuneConfig,
+    _Section,
+)
+from dstune.errors import DstuneError
+
+
+class ConfigError(DstuneError, ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+__all__ = [  # the sections and the registry are re-exported: callers import everything from dstune.config
+    "ConfigError", "RunConfig", "load_config", "save_config", "apply_override", "parse_value",
+    "METHODS", "MethodSpec", "TASK_METRICS", "GENERATION_METRICS",
+    "AdapterConfig", "ClassifyConfig", "DataConfig", "FreezeConfig", "Ia3Config", "LoraConfig", "MixSource",
+    "ModelConfig", "OptimConfig", "PromptConfig", "QloraConfig", "RegularizeConfig", "StabilityConfig",
+    "TrainConfig", "TuneConfig",
+]  # fmt: skip
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: Literal[tuple(TASK_METRICS)] = Field(  # type: ignore[valid-type]
+        "lm",
+        description="lm: next-token loss (classification data trains generatively, the reply is the label); "
+        "classification: a [classes, hidden] head on the last token replaces the LM head",
+    )
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: Literal[tuple(METHODS)] = Field("lora", description=" | ".join(METHODS))  # type: ignore[valid-type]
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    qlora: QloraConfig = Field(default_factory=QloraConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    ia3: Ia3Config = Field(default_factory=Ia3Config)
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
+    stability: StabilityConfig = Field(default_factory=StabilityConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    output: str = Field("runs/run", description="run directory")
+
+    @model_validator(mode="after")
+    def _classification_settings(self) -> "RunConfig":
+        if self.task == "classification":
+            if self.train.packing:
+                raise ValueError(
+                    "task=classification cannot pack examples (each row is one example with one "
+                    "label): set train.packing=false"
+                )
+        elif self.classify.class_weights != "none":
+            raise ValueError("classify.class_weights needs task=classification (a classification head)")
+        elif self.classify.pooling != "last":
+            raise ValueError("classify.pooling needs task=classification (a classification head)")
+        return self
+
+    @model_validator(mode="after")
+    def _best_metric_is_computed(self) -> "RunConfig":
+        name, generate = self.train.best_metric, self.train.eval_generate and self.task == "lm"
+        if name in GENERATION_METRICS and self.task == "lm" and not generate:
+            raise ValueError(
+                f"train.best_metric={name!r} needs answers at each evaluation: set train.eval_generate "
+                f"to the number of validation prompts to answer (e.g. 32)"
+            )
+        known = TASK_METRICS[self.task] + (GENERATION_METRICS if generate else ())
+        if name not in known:
+            raise ValueError(
+                f"train.best_metric={name!r} is not computed by the validation of task={self.task}; "
+                f"choose one of {list(known)}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluations(self) -> "RunConfig":
+        rc = self.regularize
+        for key, on in (
+            ("regularize.keep_best", rc.keep_best),
+            ("regularize.early_stop_patience", rc.early_stop_patience),
+        ):
+            if on and not self.train.eval_every:
+                raise ValueError(
+                    f"{key} needs periodic validation, but train.eval_every is 0 (evaluate only at "
+                    f"the end): set train.eval_every to a number of steps, e.g. --set train.eval_every=50"
+                )
+        return self
+
+    def absolute(self, base: str | Path | None = None) -> "RunConfig":
+        """A copy whose file paths (data files, a local model, ``output``) are absolute, relative paths taken
+        from ``base`` (default: the working directory). A run saves this copy, so its ``config.yaml``
+        reproduces the run from any folder."""
+        data = self.model_dump(mode="json")
+        _absolute_paths(data, Path(base or Path.cwd()), output=True)
+        return RunConfig.model_validate(data)
+
+    @model_validator(mode="after")
+    def _retrain_needs_one_file(self) -> "RunConfig":
+        if self.tune.retrain and self.data.validation:
+            raise ValueError(
+                "tune.retrain merges the train and validation splits of data.train; with a separate "
+                "data.validation file, retrain by hand after the search: dstune train STUDY/best.yaml"
+            )
+        return self
+
+    def best_metric_sign(self) -> int:
+        """+1 when a lower ``train.best_metric`` is better (loss, ppl), -1 when higher is."""
+        mode = self.train.best_mode
+        if mode == "auto":
+            mode = "min" if self.train.best_metric in ("loss", "ppl") else "max"
+        return 1 if mode == "min" else -1
+
+    def shape_keys(self) -> list[str]:
+        """The dotted keys that decide the shapes of what a checkpoint holds (a resume cannot change them)."""
+        keys = ["model.name", "model.revision", "task", "method", "optim.optimizer"]
+        for section in METHODS[self.method].sections:
+            keys += [
+                f"{section}.{k}" for k in type(getattr(self, section)).model_fields if k not in _SHAPE_FREE
+            ]
+        return keys
+
+
+# Method keys that change values, not shapes: a resume may change them like any other recorded change.
+_SHAPE_FREE = {"alpha", "dropout", "init", "use_rslora", "alpha_pattern", "init_text", "compute_dtype"}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, dotted + "."))
+    return keys
+
+
+# Names users bring from other tools (HF TrainingArguments, peft, LLaMA-Factory), mapped to ours,
+# because difflib alone maps "learning_rate" to "warmup_ratio".
+_ALIASES = {
+    "learning_rate": "optim.lr",
+    "lr_scheduler_type": "optim.schedule",
+    "max_grad_norm": "optim.max_grad_norm",
+    "rank": "lora.r",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "target_modules": "lora.targets",
+    "lora_target": "lora.targets",
+    "batch_size": "train.micro_batch_size",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "num_train_epochs": "train.epochs",
+    "cutoff_len": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "bf16": "train.precision",
+    "output_dir": "output",
+    "model_name_or_path": "model.name",
+    "dataset": "data.train",
+}
+
+
+def _closest(key: str) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in _ALIASES:
+        return f"; did you mean '{_ALIASES[leaf]}'?"
+    candidates = _known_keys(RunConfig)
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not match:  # try the last component alone: "optim.learning_rate" -> "optim.lr"
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        hit = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.5)
+        match = [leaves[hit[0]]] if hit else []
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'{_closest(key)}")
+        else:
+            value = e.get("input")
+            shown = "" if isinstance(value, (dict, BaseModel)) else f" (got {value!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg}{shown}" if key else msg)
+    return ConfigError(f"invalid config in {source}:\n  " + "\n  ".join(lines))
+
+
+def _absolute_paths(data: dict, base: Path, output: bool = False) -> None:
+    """Makes the file paths of a config dict absolute against ``base``, in place: data files always; the
+    model when ``base/name`` exists (else it is a hub id or a preset); ``output`` only when asked (a config
+    file's ``output`` stays relative to where dstune runs, like other tools' ``output_dir``)."""
+    section = data.get("data")
+    if isinstance(section, dict):
+        for key in ("train", "validation"):
+            if isinstance(section.get(key), str):
+                section[key] = str((base / os.path.expanduser(section[key])).absolute())
+        for source in section.get("mix") or []:
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                source["path"] = str((base / os.path.expanduser(source["path"])).absolute())
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("name"), str) and (base / model["name"]).exists():
+        model["name"] = str((base / model["name"]).absolute())
+    if output and isinstance(data.get("output"), str):
+        data["output"] = str((base / data["output"]).absolute())
+
+
+def parse_value(text: str) -> Any:
+    """Parses the right-hand side of ``--set key=value`` as YAML, so 2e-4, true, [a, b] and null work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    """Sets ``data[a][b][c] = value`` for ``dotted == 'a.b.c'``, naming the key when it does not exist."""
+    parts = dotted.split(".")
+    known = set(_known_keys(RunConfig))
+    if dotted not in known:
+        raise ConfigError(f"unknown key '{dotted}' in --set{_closest(dotted)}")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, values: dict[str, Any] | None = None
+) -> RunConfig:
+    """Builds a RunConfig from a YAML file, then ``values`` (dotted keys), then ``key=value`` overrides.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: strings like ``"optim.lr=2e-4"`` as given to ``--set``.
+        values: dotted keys already parsed, e.g. from CLI flags; None values are ignored.
+
+    Raises:
+        ConfigError: naming the file, the key and the closest valid key.
+    """
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
+        data = loaded
+        _absolute_paths(data, path.parent)  # a config's files are where the config says, from any folder
+    for key, value in (values or {}).items():
+        if value is not None:
+            apply_override(data, key, value)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.sub=value, got '{item}'")
+        key, text = item.split("=", 1)
+        apply_override(data, key.strip(), parse_value(text))
+    if overrides:
+        source += " with --set overrides"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, source) from None
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Writes the resolved config as YAML, loadable by ``load_config``."""
+    Path(path).write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )

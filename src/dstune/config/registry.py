@@ -1,0 +1,40 @@
+"""The registry of methods and tasks: what the rest of dstune needs to know about each, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the rest of dstune needs to know about a method; its ``prepare`` function is in ``methods``.
+
+    Args:
+        sections: the config sections it reads (their keys decide the checkpoint's shapes).
+        merges: whether ``dstune merge`` can fold it into the base weights.
+        help: one line for ``--help`` and the README's method table.
+    """
+
+    sections: tuple[str, ...]
+    merges: bool
+    help: str
+
+
+# The one registry of methods: adding a method is a line here and its prepare function in methods.METHODS.
+METHODS: dict[str, MethodSpec] = {
+    "full": MethodSpec((), True, "every parameter"),
+    "freeze": MethodSpec(("freeze",), True, "the top decoder layers (freeze.top_layers) and the head"),
+    "lora": MethodSpec(("lora",), True, "LoRA adapters (peft) on lora.targets"),
+    "qlora": MethodSpec(("lora", "qlora"), True, "LoRA on a 4- or 8-bit quantised base (bitsandbytes)"),
+    "adapter": MethodSpec(("adapter",), False, "bottleneck adapters after attention and/or MLP"),
+    "prefix": MethodSpec(("prompt",), False, "learned key/value prefixes in every layer (peft)"),
+    "ptuning": MethodSpec(("prompt",), False, "virtual-token embeddings from a prompt encoder (peft)"),
+    "prompt": MethodSpec(("prompt",), False, "learned input embeddings (peft prompt tuning)"),
+    "ia3": MethodSpec(("ia3",), True, "IA3 vectors rescaling keys, values and MLP activations (peft)"),
+}
+# The validation metrics each task computes; with train.eval_generate an LM run also scores its answers.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "lm": ("loss", "ppl"),
+    "classification": ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro"),
+}
+GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")
