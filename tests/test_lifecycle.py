@@ -133,3 +133,16 @@ def test_keep_best_without_eval_every_is_refused_before_anything_is_written(smal
     assert not (tmp_path / "run").exists()
     fixed = _cli(*args, "--set", "regularize.keep_best=true", "--set", "train.eval_every=1")
     assert fixed.returncode == 0, fixed.stdout[-2000:] + fixed.stderr[-2000:]
+
+
+def test_a_finished_run_without_checkpoints_is_never_started_over(small_file, tmp_path):
+    import shutil
+
+    cfg = make_cfg(small_file, tmp_path / "run", train__max_steps=1)
+    train(cfg)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # a user freeing disk space keeps final/
+    before = (tmp_path / "run" / "final" / "adapter_model.safetensors").read_bytes()
+    for resume in (False, True):
+        with pytest.raises(RunDirError, match="holds a finished run"):
+            train(cfg, resume=resume)
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").read_bytes() == before

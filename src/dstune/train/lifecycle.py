@@ -73,6 +73,12 @@ def open_run_dir(
             what to do.
     """
     latest = run_dir.latest_checkpoint()
+    finished = run_dir.summary.is_file() or (run_dir / RunDir.FINAL).is_dir()
+    if latest is None and run_dir.is_run() and finished:  # its checkpoints were deleted: keep its final/
+        raise RunDirError(
+            f"{run_dir} holds a finished run (final/, summary.json) without checkpoints to resume "
+            f"from; choose another --output (nothing was changed)"
+        )
     if latest is None and run_dir.is_run():
         where = "--resume found no complete checkpoint" if resume else "it holds a run"
         console.print(
