@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from dstune.config import GENERATION_METRICS  # noqa: F401  (re-exported)
 from dstune.core.facts import pad_id
 from dstune.data.tokenize import IGNORE
 from dstune.evaluate import metrics as M

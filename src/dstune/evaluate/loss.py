@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from dstune.config import TASK_METRICS
 from dstune.core.collate import eval_batches
 from dstune.core.forward import loss_sum
 from dstune.core.loss import count_loss_tokens
@@ -45,9 +44,6 @@ def evaluate_loss(
         model.train()
     loss = (total / tokens.clamp(min=1)).item()
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens.item())}
-
-
-CLASSIFICATION_METRICS = TASK_METRICS["classification"]
 
 
 @torch.no_grad()
