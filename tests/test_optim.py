@@ -173,10 +173,23 @@ def test_defaults_keep_two_groups_and_no_decay_on_norms_biases_embeddings(tiny):
 # --------------------------------------------------------------------------- optimizers
 
 
-def test_fused_adamw_on_cuda_only_and_adamw8bit_names_its_extra(tiny):
+def test_fused_adamw_by_default_and_adamw8bit_names_its_extra(tiny):
     model = _model(tiny, "lora", r=4)
     assert build_optimizer(model, OptimConfig(), "cuda").defaults["fused"] is True
-    assert not build_optimizer(model, OptimConfig(), "cpu").defaults["fused"]
+    assert build_optimizer(model, OptimConfig(), "cpu").defaults["fused"] is True
+    assert not build_optimizer(model, OptimConfig(fused=False), "cpu").defaults["fused"]
+    # the fused kernel is the same update as torch's loop: one step of each from the same state agrees
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    after = {}
+    for fused in (True, False):
+        for p, s in zip(params, start):
+            p.data.copy_(s)
+            p.grad = torch.ones_like(p) * 0.01
+        build_optimizer(model, OptimConfig(fused=fused, lr=1e-2), "cpu").step()
+        after[fused] = [p.detach().clone() for p in params]
+    for a, b in zip(after[True], after[False]):
+        torch.testing.assert_close(a, b)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

@@ -173,7 +173,7 @@ class FreezeConfig(_Section):
 
 class OptimConfig(_Section):
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = Field(
-        "adamw", description="adamw (fused on CUDA), adamw8bit (bitsandbytes), adafactor (transformers)"
+        "adamw", description="adamw (fused kernel), adamw8bit (bitsandbytes), adafactor (transformers)"
     )
     lr: float = Field(2e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(
@@ -181,7 +181,7 @@ class OptimConfig(_Section):
     )
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
-    fused: bool | None = Field(None, description="fused AdamW kernel; null: on when the device is CUDA")
+    fused: bool | None = Field(None, description="fused AdamW kernel; null: on (CPU and CUDA)")
     schedule: Literal["constant", "linear", "cosine", "cosine_restarts", "polynomial", "wsd"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="used when warmup_steps is 0")

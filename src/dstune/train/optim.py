@@ -135,6 +135,9 @@ def render_groups(optimizer: torch.optim.Optimizer) -> str:
     return "\n".join(lines)
 
 
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, device: torch.device | str | None = None
 ) -> torch.optim.Optimizer:
@@ -143,17 +146,18 @@ def build_optimizer(
     Args:
         model: the prepared model (only parameters with ``requires_grad`` are optimised).
         cfg: the ``optim`` section.
-        device: where training runs; AdamW uses its fused kernel on CUDA unless ``optim.fused`` says
-            otherwise.
+        device: where training runs; AdamW uses torch's fused kernel (CPU and CUDA) unless
+            ``optim.fused`` says otherwise.
 
     Raises:
         MissingExtra: ``adamw8bit`` without bitsandbytes installed, naming the extra to install.
     """
     groups = param_groups(model, cfg)
     if cfg.optimizer == "adamw":
-        fused = cfg.fused if cfg.fused is not None else torch.device(device or "cpu").type == "cuda"
-        # fused=None (not False) keeps torch's default single-tensor path on CPU, which the golden
-        # loss curve was recorded with.
+        # The fused kernel is the same update in one pass over all parameters; torch's default on CPU is
+        # a loop of ~10 small ops per tensor (0.20 -> 0.04 CPU s a step for SmolLM2's 240 LoRA tensors,
+        # docs/benchmarks.md "Where the time goes").
+        fused = cfg.fused if cfg.fused is not None else torch.device(device or "cpu").type in _FUSED_DEVICES
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
     if cfg.optimizer == "adamw8bit":
         try:
