@@ -33,7 +33,8 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
     out = {}
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        out[t.name] = data.reshape(tuple(int(n) for n in reversed(t.shape)))  # GGUF lists dims innermost first
+        # GGUF lists dimensions innermost first, torch outermost first.
+        out[t.name] = data.reshape(tuple(int(n) for n in reversed(t.shape)))
     return out
 
 
