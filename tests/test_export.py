@@ -196,7 +196,9 @@ def test_modelfile_holds_the_go_template_stops_and_defaults():
     chatml = modelfile_text("m.gguf", "{{'<|im_start|>' + message['role']}}", "<|im_end|>", 2048)
     assert "<|im_start|>assistant" in chatml and chatml.count('PARAMETER stop "<|im_end|>"') == 1
     other = modelfile_text("m.gguf", "{{ messages }}", "</s>", 2048)
-    assert "TEMPLATE" not in other and "embedded in the GGUF" in other and 'PARAMETER stop "</s>"' in other
+    assert (
+        'TEMPLATE """' not in other and "embedded in the GGUF" in other and 'PARAMETER stop "</s>"' in other
+    )
 
 
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
