@@ -58,7 +58,7 @@ SHRINK: dict[str, list[str]] = {
     "data prepare": ["--max-samples", "200"],
     "data inspect": ["--examples", "1"],
     "lr-find": ["--steps", "4", *[a for s in _SETS for a in ("--set", s)]],
-    "merge": [], "report": [], "inspect": [],
+    "merge": [], "report": [], "inspect": [], "export": [],
 }
 HUB = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "tiny:r1-distill-qwen"}
 OFFLINE_HUB = {"inspect"}  # subcommands that read a hub id's architecture from dstune's tables
@@ -221,7 +221,7 @@ def writes(cmd: Command, args: list[str], work: Path) -> str | None:
         config = positional(args)
         return (option(args, "--output", "-o") or (config and _yaml_output(work / config, ("tune", "output")))
                 or "studies/study")
-    if cmd.subcommand in ("data prepare", "merge"):
+    if cmd.subcommand in ("data prepare", "merge", "export"):
         return option(args, "--out", "-o")
     if cmd.subcommand == "demo":
         return option(args, "--output", "-o") or "runs/demo"
@@ -347,7 +347,7 @@ class Session:
         owner = self.owners.get(wrote.rstrip("/")) if wrote else None
         if wrote and (owner.id != cmd.id if owner else (self.work / wrote).exists()):  # taken: a place of its own
             wrote = f"{wrote.rstrip('/')}-{re.sub(r'[^a-z0-9]+', '-', cmd.id.lower())}"
-            args += ["--out" if cmd.subcommand in ("data prepare", "merge") else "--output", wrote]
+            args += ["--out" if cmd.subcommand in ("data prepare", "merge", "export") else "--output", wrote]
         if "--dashboard" in args:
             code, output = run_server(args, self.work)
         else:

@@ -92,7 +92,7 @@ def test_every_command_is_shrunk_and_needs_no_network_or_unknown_file(tmp_path):
                 assert produced or (work / a).exists(), f"{cmd.id}: {a} exists nowhere (add it to FIXTURE_FILES)"
         if cmd.text in FAST:
             assert not session.needs(cmd), f"{cmd.id} reads another command's output: it cannot be FAST"
-        if "--resume" in cmd.args or cmd.subcommand in ("eval", "merge", "report", "generate", "chat"):
+        if "--resume" in cmd.args or cmd.subcommand in ("eval", "merge", "export", "report", "generate", "chat"):
             assert session.needs(cmd), f"{cmd.id}: no command writes what it reads"
     assert all(k in readme_space() for k in ("optim.lr", "type"))
     assert HUB and NETWORK and ALIASES and ANGLE and STDIN and FIXTURE_FILES

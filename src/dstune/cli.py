@@ -16,6 +16,7 @@ from rich.console import Console
 
 from dstune.config import METHODS, RunConfig, load_config
 from dstune.errors import DstuneError
+from dstune.export.cli import export_command
 
 app = typer.Typer(
     add_completion=False,
@@ -197,6 +198,7 @@ def demo(
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare (clean, split, check) and inspect data files.")
 app.add_typer(data_app, name="data")
+app.command("export")(export_command)
 
 
 # fmt: off
