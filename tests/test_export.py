@@ -70,6 +70,7 @@ def _train(family: str, root) -> str:
     return str(train(cfg, console=Console(quiet=True)).run_dir)
 
 
+@pytest.mark.slow  # a 20-step run per family: 70-190 s each on 2 cores
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_each_tiny_family_round_trips_f16_exactly_and_q8_0_within_5_percent(family, tmp_path):
     run = _train(family, tmp_path)
