@@ -88,7 +88,13 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "busy": worker.busy, "waiting": worker.waiting, "served": worker.served}
+        return {
+            "status": "ok",
+            "busy": worker.busy,
+            "waiting": worker.waiting,
+            "served": worker.served,
+            "tokens": worker.tokens,
+        }
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
@@ -173,14 +179,14 @@ async def _whole(job: Job, request: Request, reply: Reply, start: dict) -> dict:
             raise payload
         else:
             break
-    text = "".join(pieces)
-    reasoning = None
-    if reply.chat:
+    text, reasoning = "".join(pieces), None
+    if reply.chat:  # leading blanks dropped as in a stream, where trailing ones cannot be known in time
         think = ThinkFilter(thinking=start["thinking"])
         parts = think.feed(text) + think.flush()
         thoughts = [t for t, is_reasoning in parts if is_reasoning]
         if start["thinking"] or thoughts:
-            reasoning, text = "".join(thoughts).strip(), "".join(think.answer).strip()
+            reasoning = "".join(thoughts).lstrip()
+        text = "".join(think.answer).lstrip()
     counts = usage(start["prompt_tokens"], payload["completion_tokens"])
     return reply.whole(text, reasoning, payload["finish_reason"], counts)
 

@@ -80,7 +80,8 @@ class GenerationWorker:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="dstune-serve-worker", daemon=True)
         self.busy = False
-        self.served = 0
+        self.served = 0  # jobs taken off the queue
+        self.tokens = 0  # tokens generated, for /health and the load test
 
     def start(self) -> None:
         self._thread.start()
@@ -157,6 +158,7 @@ class GenerationWorker:
             pad_token_id=pad_id(tok),
             **sampling,
         )
+        self.tokens += len(sink.ids)
         if job.cancel.is_set():
             return
         if sink.stopped is None and time.monotonic() > job.deadline:
