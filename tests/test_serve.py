@@ -65,8 +65,13 @@ def runs(tmp_path_factory):
     data = write_data(root)
     out = {}
     for name, seed, lr in (("alpha", 1, 3e-2), ("beta", 2, 5e-2)):
-        cfg = cell_config("deepseek-llm", "lora", data, root / name, {"train": {"max_steps": 5, "seed": seed},
-                                                                      "optim": {"lr": lr}})
+        cfg = cell_config(
+            "deepseek-llm",
+            "lora",
+            data,
+            root / name,
+            {"train": {"max_steps": 5, "seed": seed}, "optim": {"lr": lr}},
+        )
         out[name] = train(cfg, console=Console(quiet=True)).run_dir
     return out
 
@@ -95,7 +100,7 @@ def chat(client, model="alpha", **fields):
 
 def events(response) -> list:
     """The JSON payloads of a server-sent event stream, up to ``[DONE]`` (asserted to be last)."""
-    lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    lines = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]", lines[-3:]
     return [json.loads(line) for line in lines[:-1]]
 
@@ -103,7 +108,9 @@ def events(response) -> list:
 def stream_chat(client, model="alpha", **fields) -> list:
     body = {"model": model, "messages": HI, "max_tokens": 6, "temperature": 0, "stream": True, **fields}
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(
+            "text/event-stream"
+        )
         return events(response)
 
 
@@ -160,20 +167,25 @@ def test_completions_continue_raw_text_streamed_or_not(client):
 
 
 def test_adapters_picked_by_model_answer_as_each_run_alone_and_unlike_the_base(client, runs):
-    served = {m: chat(client, m, max_tokens=8).json()["choices"][0]["message"]["content"].strip()
-              for m in ("alpha", "beta", BASE)}
+    served = {
+        m: chat(client, m, max_tokens=8).json()["choices"][0]["message"]["content"].strip()
+        for m in ("alpha", "beta", BASE)
+    }
     assert len(set(served.values())) == 3, served
     alone = {"beta": str(runs["beta"]), BASE: BASE}
     for model, target in alone.items():
         assert served[model] == generate_reply(load_for_inference(target), HI, max_new_tokens=8), model
     # switching back and forth leaves no adapter behind
-    assert chat(client, "alpha", max_tokens=8).json()["choices"][0]["message"]["content"].strip() == served["alpha"]
+    assert (
+        chat(client, "alpha", max_tokens=8).json()["choices"][0]["message"]["content"].strip()
+        == served["alpha"]
+    )
 
 
 def test_stop_sequence_cuts_the_reply_where_it_first_appears(client):
     body = {"model": "alpha", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
     full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
-    stop = full[len(full) // 2: len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     expected = full[: full.find(stop)]
     cut = client.post("/v1/completions", json={**body, "stop": [stop, "never-there"]}).json()
     assert cut["choices"][0]["text"] == expected and cut["choices"][0]["finish_reason"] == "stop"
@@ -215,7 +227,9 @@ BAD = {
 def test_a_bad_request_gets_an_openai_error_and_the_server_keeps_serving(client, case):
     body, status, param = BAD[case]
     if isinstance(body, str):
-        response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        response = client.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
     else:
         response = chat(client, **body)
     error = assert_openai_error(response, status, param)
@@ -237,8 +251,10 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(client):
 def test_a_client_leaving_mid_stream_stops_generation_and_the_server_goes_on(client, url):
     before = client.get("/health").json()
     body = {"model": "alpha", "messages": HI, "max_tokens": 2000, "temperature": 0, "stream": True}
-    with httpx.Client(base_url=url, timeout=60) as other, other.stream("POST", "/v1/chat/completions",
-                                                                       json=body) as response:
+    with (
+        httpx.Client(base_url=url, timeout=60) as other,
+        other.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
         lines = response.iter_lines()
         assert sum(1 for _, line in zip(range(6), lines) if line.startswith("data: ")) >= 2
     t0 = time.monotonic()
@@ -252,12 +268,16 @@ def test_a_client_leaving_mid_stream_stops_generation_and_the_server_goes_on(cli
 def test_a_full_queue_answers_429_at_once_and_the_queued_request_is_served(client, url):
     long = {"model": "alpha", "messages": HI, "max_tokens": 1500, "temperature": 0, "stream": True}
     queued: dict = {}
-    with httpx.Client(base_url=url, timeout=120) as busy, busy.stream("POST", "/v1/chat/completions",
-                                                                      json=long) as running:
+    with (
+        httpx.Client(base_url=url, timeout=120) as busy,
+        busy.stream("POST", "/v1/chat/completions", json=long) as running,
+    ):
         lines = running.iter_lines()  # kept open: a closed iterator would close the connection
         while not next(lines).startswith("data: "):  # generating now
             pass
-        waiter = threading.Thread(target=lambda: queued.update(r=chat(httpx.Client(base_url=url, timeout=120))))
+        waiter = threading.Thread(
+            target=lambda: queued.update(r=chat(httpx.Client(base_url=url, timeout=120)))
+        )
         waiter.start()
         deadline = time.monotonic() + 20
         while client.get("/health").json()["waiting"] < 1:
@@ -280,8 +300,12 @@ def test_an_api_key_is_required_when_set(host):
             assert_openai_error(c.post("/v1/chat/completions", json={}, headers=headers), 401)
         good = {"Authorization": "Bearer s3cret"}
         assert c.get("/v1/models", headers=good).status_code == 200
-        assert c.post("/v1/chat/completions", headers=good,
-                      json={"model": "alpha", "messages": HI, "max_tokens": 1}).status_code == 200
+        assert (
+            c.post(
+                "/v1/chat/completions", headers=good, json={"model": "alpha", "messages": HI, "max_tokens": 1}
+            ).status_code
+            == 200
+        )
 
 
 def test_a_request_over_the_timeout_gets_504_and_the_next_is_served(host):
@@ -323,10 +347,12 @@ def test_streamed_think_tags_split_across_pieces_become_reasoning_and_content_de
         for piece in ["Let me th", "ink.</th", "ink>\n\nIt is", " 4."]:
             job.events.put_nowait(("text", piece))
         job.events.put_nowait(("end", {"finish_reason": "stop", "completion_tokens": 9}))
-        return [c async for c in _stream(job, Reply("m", chat=True), {"thinking": True, "prompt_tokens": 3},
-                                         False)]
+        return [
+            c
+            async for c in _stream(job, Reply("m", chat=True), {"thinking": True, "prompt_tokens": 3}, False)
+        ]
 
-    chunks = [json.loads(e[len("data: "):]) for e in asyncio.run(run())[:-1]]
+    chunks = [json.loads(e[len("data: ") :]) for e in asyncio.run(run())[:-1]]
     assert delta_text(chunks, "reasoning_content") == "Let me think." and delta_text(chunks) == "It is 4."
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
@@ -340,8 +366,13 @@ def test_the_official_openai_client_streamed_and_not(url, runs):
     assert [m.id for m in client.models.list()][1:] == ["beta", BASE]
     reply = client.chat.completions.create(model="beta", messages=HI, max_tokens=6, temperature=0)
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 6
-    stream = client.chat.completions.create(model="beta", messages=HI, max_tokens=6, temperature=0, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply.choices[0].message.content
+    stream = client.chat.completions.create(
+        model="beta", messages=HI, max_tokens=6, temperature=0, stream=True
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        == reply.choices[0].message.content
+    )
     text = client.completions.create(model="alpha", prompt="Hello", max_tokens=4, temperature=0)
     assert text.usage.completion_tokens == 4
     with pytest.raises(openai.NotFoundError):
@@ -386,8 +417,13 @@ def test_vllm_gets_the_base_and_each_lora_by_name(runs):
     argv = vllm_argv(str(runs["alpha"]), [("beta", str(runs["beta"]))], host="127.0.0.1", port=9, api_key="k")
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "--enable-lora" in argv
     at = argv.index("--lora-modules")
-    assert argv[at + 1:] == [f"{runs['alpha'].name}={runs['alpha'] / 'final'}", f"beta={runs['beta'] / 'final'}"]
-    assert argv[argv.index("--model") + 1] == json.loads((runs["alpha"] / "run.json").read_text())["base_model"]
+    assert argv[at + 1 :] == [
+        f"{runs['alpha'].name}={runs['alpha'] / 'final'}",
+        f"beta={runs['beta'] / 'final'}",
+    ]
+    assert (
+        argv[argv.index("--model") + 1] == json.loads((runs["alpha"] / "run.json").read_text())["base_model"]
+    )
 
 
 def test_binding_beyond_loopback_without_a_key_warns(monkeypatch):
@@ -422,7 +458,9 @@ def test_the_served_demo_run_answers_held_out_identity_questions_with_its_new_na
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         whole, streamed = [], []
         for q in heldout["questions"]:
-            ask = dict(model=run.name, messages=[{"role": "user", "content": q}], max_tokens=48, temperature=0)
+            ask = dict(
+                model=run.name, messages=[{"role": "user", "content": q}], max_tokens=48, temperature=0
+            )
             whole.append(client.chat.completions.create(**ask).choices[0].message.content)
             chunks = client.chat.completions.create(**ask, stream=True)
             streamed.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
