@@ -335,6 +335,21 @@ def test_r1_reasoning_comes_apart_from_the_answer(r1):
     assert delta_text(chunks, "reasoning_content") == alone and delta_text(chunks) == ""
 
 
+def test_the_openai_client_reads_r1_reasoning_apart(r1):
+    openai = pytest.importorskip("openai")
+    model = "tiny:r1-distill-qwen"
+    with serving(create_app(r1)) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        ask = dict(model=model, messages=HI, max_tokens=6, temperature=0)
+        message = client.chat.completions.create(**ask).choices[0].message
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert message.reasoning_content == generate_reply(r1.loaded, HI, max_new_tokens=6)  # an extra field
+    streamed = "".join(
+        getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices
+    )
+    assert streamed == message.reasoning_content and not message.content
+
+
 def test_streamed_think_tags_split_across_pieces_become_reasoning_and_content_deltas():
     import asyncio
 

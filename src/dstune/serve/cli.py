@@ -1,4 +1,8 @@
-"""``dstune serve``: the command; registered in ``dstune.cli`` (kept apart so cli.py stays short)."""
+"""``dstune serve``: the command; registered in ``dstune.cli`` (kept apart so cli.py stays short).
+
+It prints errors as ``dstune.cli`` does (one ``error:`` line, exit status 2) with a console of its own:
+importing ``dstune.cli`` here would make a cycle between the two packages (tests/test_layers.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import subprocess
 from typing import List, Optional
 
 import typer
+from rich.console import Console
 
 from dstune.errors import DstuneError, MissingExtra, UsageError
 
@@ -36,10 +41,10 @@ def serve_command(
         "dstune", "--engine", help="dstune (built in, CPU or GPU) or vllm (vLLM's server; needs a GPU)"
     ),
 ) -> None:
-    """Serve a model or run over an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions,
-    /v1/completions), streaming included; --adapter adds LoRA runs selectable by the request's model."""
-    from dstune.cli import _fail, console
+    """Serve a model or run over an OpenAI-compatible HTTP API, streamed or not; LoRA adapters by name.
 
+    Routes /v1/models, /v1/chat/completions and /v1/completions; R1 reasoning comes back apart as
+    reasoning_content; errors have OpenAI's shape. One request generates at a time."""
     try:
         adapters = [_parse_adapter(a) for a in adapter or []]
         if engine not in ("dstune", "vllm"):
@@ -64,6 +69,14 @@ def serve_command(
         highlight=False,
     )
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+console = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    raise typer.Exit(2)
 
 
 def _build(target, adapters, api_key, max_queue, timeout):

@@ -80,6 +80,7 @@ class GenerationWorker:
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="dstune-serve-worker", daemon=True)
         self.busy = False
+        self._current: Job | None = None
         self.served = 0  # jobs taken off the queue
         self.tokens = 0  # tokens generated, for /health and the load test
 
@@ -87,7 +88,9 @@ class GenerationWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ends the thread after the running job (queued jobs are dropped)."""
+        """Ends the thread: the running job stops at its next token, queued jobs are answered 503."""
+        if self._current is not None:
+            self._current.cancel.set()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -111,7 +114,7 @@ class GenerationWorker:
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
-            self.busy = True
+            self.busy, self._current = True, job
             try:
                 if job.cancel.is_set():
                     continue
@@ -129,7 +132,7 @@ class GenerationWorker:
                     ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error"),
                 )
             finally:
-                self.busy = False
+                self.busy, self._current = False, None
                 self.served += 1
 
     @torch.no_grad()
