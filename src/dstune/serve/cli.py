@@ -7,6 +7,7 @@ importing ``dstune.cli`` here would make a cycle between the two packages (tests
 from __future__ import annotations
 
 import ipaddress
+import signal
 import socket
 import subprocess
 from typing import List, Optional
@@ -68,7 +69,16 @@ def serve_command(
         f"serving {', '.join(served)} at http://{host}:{port}/v1 (queue {max_queue}, timeout {timeout:g} s)",
         highlight=False,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # Ctrl-C stops the server; uvicorn re-raises the signal once it has shut down, which dstune's own
+    # handler would report as an interrupted command (exit 130): here it is the normal way to stop.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    console.print("server stopped")
 
 
 console = Console()
