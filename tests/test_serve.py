@@ -182,6 +182,19 @@ def test_adapters_picked_by_model_answer_as_each_run_alone_and_unlike_the_base(c
     )
 
 
+def test_adapters_on_a_bare_base_model_spec(runs):
+    """``dstune serve tiny:deepseek-llm --adapter alpha=RUN --adapter beta=RUN``: the spec is the base."""
+    bare = load_host(BASE, [("alpha", str(runs["alpha"])), ("beta", str(runs["beta"]))])
+    assert list(bare.adapters) == [BASE, "alpha", "beta"]
+    with serving(create_app(bare)) as base, httpx.Client(base_url=base, timeout=60) as c:
+        served = {
+            m: chat(c, m, max_tokens=8).json()["choices"][0]["message"]["content"].strip()
+            for m in bare.adapters
+        }
+    for model, target in {BASE: BASE, "alpha": str(runs["alpha"]), "beta": str(runs["beta"])}.items():
+        assert served[model] == generate_reply(load_for_inference(target), HI, max_new_tokens=8), model
+
+
 def test_stop_sequence_cuts_the_reply_where_it_first_appears(client):
     body = {"model": "alpha", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
     full = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
@@ -313,6 +326,12 @@ def test_a_request_over_the_timeout_gets_504_and_the_next_is_served(host):
         t0 = time.monotonic()
         error = assert_openai_error(chat(c, max_tokens=1500), 504)
         assert error["code"] == "timeout" and time.monotonic() - t0 < 10
+        body = {"model": "alpha", "messages": HI, "max_tokens": 1500, "temperature": 0, "stream": True}
+        with c.stream(
+            "POST", "/v1/chat/completions", json=body
+        ) as response:  # started: the error is an event
+            last = [line for line in response.iter_lines() if line.startswith("data: ")][-1]
+        assert json.loads(last[len("data: ") :])["error"]["code"] == "timeout"
         assert chat(c, max_tokens=1).status_code == 200
 
 

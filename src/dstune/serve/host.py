@@ -83,21 +83,21 @@ def load_host(target: str, adapters: list[tuple[str, str]] | None = None) -> Mod
         if name in hosted or name == base_id:
             raise UsageError(f"--adapter {name}={run}: the served id {name!r} is already taken; pick another")
         final = _lora_final(name, run, info.get("base_model") or _model_dir(target))
-        if not _is_peft(loaded.model):
+        if not _is_peft(loaded.model):  # a bare base model: the first adapter wraps it
             from dstune.methods import peft_model
 
             loaded.model = peft_model.load(loaded.model, final)
             hosted[name] = "default"
+        elif _peft_type(loaded.model) != "LORA":
+            raise UsageError(
+                f"--adapter needs RUN_OR_MODEL to be a model or a LoRA run; {target} is a "
+                f"{_peft_type(loaded.model)} run: serve it alone, or merge it with 'dstune merge'"
+            )
         else:
-            if hosted[default] != "default" or _peft_type(loaded.model) != "LORA":
-                raise UsageError(
-                    f"--adapter needs RUN_OR_MODEL to be a model or a LoRA run; {target} is a "
-                    f"{_peft_type(loaded.model)} run: serve it alone, or merge it with 'dstune merge'"
-                )
             loaded.model.load_adapter(str(final), adapter_name=name)
             hosted[name] = name
         loaded.model.eval()
-    if _is_peft(loaded.model):
+    if is_run and _is_peft(loaded.model):  # a model spec is its own base id already
         hosted[base_id] = BASE
     return ModelHost(loaded, hosted, default)
 
