@@ -5,8 +5,8 @@
 
 1. ``dstune serve MODEL`` starts as a subprocess on a free loopback port (``--max-queue``, ``--timeout``).
 2. ``--clients`` threads send chat completions (greedy, ``--max-tokens``, the held-out identity questions
-   in turn) for ``--duration`` seconds; a 429 is counted and the client waits a moment before its next
-   request; any other answer or a broken connection counts as lost. Requests still in flight when time is up
+   in turn) for ``--duration`` seconds; a 429 is counted and the client waits what Retry-After says (1 s,
+   or ``--retry-wait``) before its next request; any other answer or a broken connection counts as lost. Requests still in flight when time is up
    are waited for, so every request sent is accounted for: ok + 429 + lost = sent.
 3. The server stops; the same prompts then go through a plain transformers ``generate`` loop in this
    process (``dstune.generate.load_for_inference``, batch 1, greedy) for the same duration.
@@ -74,7 +74,7 @@ def _start_server(model: str, port: int, max_queue: int, timeout: float) -> tupl
     raise SystemExit("the server did not start within 600 s")
 
 
-def _client(url, model, questions, max_tokens, stop_at, offset, log, lock) -> None:
+def _client(url, model, questions, max_tokens, stop_at, offset, log, lock, retry_wait) -> None:
     with httpx.Client(base_url=url, timeout=600) as http:
         i = offset
         while time.monotonic() < stop_at:
@@ -86,10 +86,13 @@ def _client(url, model, questions, max_tokens, stop_at, offset, log, lock) -> No
             }
             i += 1
             t0 = time.monotonic()
+            wait = retry_wait
             try:
                 response = http.post("/v1/chat/completions", json=body)
                 status = response.status_code
                 tokens = response.json()["usage"]["completion_tokens"] if status == 200 else 0
+                if wait is None:  # as the openai client does: wait what the server's Retry-After says
+                    wait = float(response.headers.get("retry-after", 1))
             except (httpx.HTTPError, ValueError, KeyError):
                 status, tokens = -1, 0
             with lock:
@@ -102,10 +105,10 @@ def _client(url, model, questions, max_tokens, stop_at, offset, log, lock) -> No
                     }
                 )
             if status == 429:
-                time.sleep(0.25)
+                time.sleep(wait or 0)
 
 
-def bench_server(model, clients, duration, max_tokens, max_queue) -> dict:
+def bench_server(model, clients, duration, max_tokens, max_queue, retry_wait=None) -> dict:
     proc, url = _start_server(model, _free_port(), max_queue, timeout=600)
     try:
         served = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
@@ -113,7 +116,8 @@ def bench_server(model, clients, duration, max_tokens, max_queue) -> dict:
         t0 = time.monotonic()
         threads = [
             threading.Thread(
-                target=_client, args=(url, served, questions, max_tokens, t0 + duration, k, log, lock)
+                target=_client,
+                args=(url, served, questions, max_tokens, t0 + duration, k, log, lock, retry_wait),
             )
             for k in range(clients)
         ]
@@ -196,9 +200,15 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load, and of the plain loop")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-queue", type=int, default=8, help="the server's --max-queue")
+    parser.add_argument(
+        "--retry-wait", type=float, help="seconds a client waits after a 429; default: the Retry-After header"
+    )
+    parser.add_argument("--result", help="where the JSON goes; default benchmarks/results/serve_<model>.json")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    server = bench_server(args.model, args.clients, args.duration, args.max_tokens, args.max_queue)
+    server = bench_server(
+        args.model, args.clients, args.duration, args.max_tokens, args.max_queue, args.retry_wait
+    )
     load_mid = os.getloadavg()
     loop = bench_loop(args.model, args.duration, args.max_tokens)
     result = {
@@ -207,6 +217,7 @@ def main() -> None:
         "duration_s": args.duration,
         "max_tokens": args.max_tokens,
         "max_queue": args.max_queue,
+        "retry_wait": args.retry_wait,
         "cpu_count": os.cpu_count(),
         "loadavg_before": load_before,
         "loadavg_after_server": load_mid,
@@ -214,7 +225,8 @@ def main() -> None:
         "server": server,
         "plain_generate_loop": loop,
     }
-    out = ROOT / "benchmarks" / "results" / f"serve_{Path(args.model).name.replace(':', '_')}.json"
+    name = Path(args.model).name.replace(":", "_")
+    out = Path(args.result) if args.result else ROOT / "benchmarks" / "results" / f"serve_{name}.json"
     out.write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(json.dumps(result, indent=2))
     assert server["lost"] == 0, "requests were lost"
