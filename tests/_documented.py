@@ -16,8 +16,8 @@ A command runs as written, in a work directory laid out like the checkout (``exa
   (``dstune inspect`` reads hub ids from its own tables, offline, and keeps them);
 - ``NETWORK``: tokens that reach a server (a PostgreSQL URL), replaced by a local equivalent;
 - ``ALIASES`` and ``ANGLE``: placeholder run directories and ``<...>`` placeholders, mapped to paths;
-- ``STDIN``: what interactive commands read (``dstune chat``); ``--dashboard`` starts a server, which is
-  checked to answer and then stopped.
+- ``STDIN``: what interactive commands read (``dstune chat``); ``--dashboard`` and ``dstune serve`` start a
+  server, which is checked to answer on a free port and then stopped.
 
 Every path a command reads that another command writes (a run directory, a study, a prepared data set)
 is produced first by the first command that writes it ("owner"); a later command writing the same
@@ -58,7 +58,7 @@ SHRINK: dict[str, list[str]] = {
     "data prepare": ["--max-samples", "200"],
     "data inspect": ["--examples", "1"],
     "lr-find": ["--steps", "4", *[a for s in _SETS for a in ("--set", s)]],
-    "merge": [], "report": [], "inspect": [], "export": [],
+    "merge": [], "report": [], "inspect": [], "export": [], "serve": [],
 }
 HUB = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "tiny:r1-distill-qwen"}
 OFFLINE_HUB = {"inspect"}  # subcommands that read a hub id's architecture from dstune's tables
@@ -286,20 +286,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_server(args: list[str], cwd: Path, timeout: float = 120) -> tuple[int, str]:
-    """Starts a serving command (``tune --dashboard``) on a free port, waits until it answers HTTP, stops it.
+def run_server(args: list[str], cwd: Path, timeout: float = 120, port_flag: str = "--dashboard-port",
+               path: str = "/") -> tuple[int, str]:
+    """Starts a serving command (``tune --dashboard``, ``serve``) on a free port, waits until ``path``
+    answers HTTP, stops it.
 
     Returns:
         0 and the output when the server answered with status 200; else the exit status (or 1) and output.
     """
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dstune.cli", *args, "--dashboard-port", str(port)], cwd=cwd,
+    proc = subprocess.Popen([sys.executable, "-m", "dstune.cli", *args, port_flag, str(port)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
     answered, deadline = False, time.monotonic() + timeout
     try:
         while not answered and time.monotonic() < deadline and proc.poll() is None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
                     answered = response.status == 200
             except OSError:  # not listening yet
                 time.sleep(1)
@@ -350,6 +352,8 @@ class Session:
             args += ["--out" if cmd.subcommand in ("data prepare", "merge", "export") else "--output", wrote]
         if "--dashboard" in args:
             code, output = run_server(args, self.work)
+        elif cmd.subcommand == "serve":  # the later --port wins
+            code, output = run_server(args, self.work, port_flag="--port", path="/v1/models")
         else:
             code, output = run_cli(args, self.work, stdin=STDIN.get(cmd.subcommand))
         self.done[cmd.id] = Outcome(args, code, output, self.work / wrote if wrote else None)

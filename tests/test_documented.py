@@ -92,7 +92,7 @@ def test_every_command_is_shrunk_and_needs_no_network_or_unknown_file(tmp_path):
                 assert produced or (work / a).exists(), f"{cmd.id}: {a} exists nowhere (add it to FIXTURE_FILES)"
         if cmd.text in FAST:
             assert not session.needs(cmd), f"{cmd.id} reads another command's output: it cannot be FAST"
-        if "--resume" in cmd.args or cmd.subcommand in ("eval", "merge", "export", "report", "generate", "chat"):
+        if "--resume" in cmd.args or cmd.subcommand in ("eval", "merge", "export", "report", "generate", "chat", "serve"):
             assert session.needs(cmd), f"{cmd.id}: no command writes what it reads"
     assert all(k in readme_space() for k in ("optim.lr", "type"))
     assert HUB and NETWORK and ALIASES and ANGLE and STDIN and FIXTURE_FILES
@@ -188,6 +188,8 @@ def _problems(cmd: Command, outcome: Outcome, work: Path) -> list[str]:
         problems += [] if ("assistant>" in out or "label>" in out) else ["no reply printed"]
     elif sub == "inspect":
         problems += [] if "layers" in out else ["no architecture printed"]
+    elif sub == "serve":  # run_server checked that /v1/models answered 200
+        problems += [] if "serving " in out else ["no 'serving' line printed"]
     return problems
 
 
