@@ -306,6 +306,11 @@ class TrainConfig(_Section):
     group_by_length: bool = Field(
         False, description="without packing: batch rows of similar length (less padding)"
     )
+    split_by_length: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="cut each micro-batch into sub-batches of similar length when that saves padded "
+        "compute (exact: same examples, same loss); auto: on CPU",
+    )
     prefetch: int = Field(2, ge=0, description="micro-batches collated ahead on a thread (0: none)")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="attention kernel; auto: flash_attention_2 on CUDA when installed, else sdpa"

@@ -234,8 +234,20 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
         else 0
     )
     speed["chunk_tokens"] = chunk
+    speed["split_by_length"] = length_split_overhead(tc.split_by_length, device.type)
     objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce)
     return model, speed, objective, regularization
+
+
+# One more forward/backward pass over fewer rows costs about as much as this many padded tokens on a
+# CPU (SmolLM2, 2 cores: splitting micro-batches of 4 into single rows saved nothing; into two groups of
+# similar length, 10%; docs/benchmarks.md "Where the time goes"). Not measured on GPUs, hence CPU only.
+LENGTH_SPLIT_OVERHEAD = 128
+
+
+def length_split_overhead(setting: str, device_type: str) -> int:
+    """``train.split_by_length`` as the overhead ``batching.split_by_length`` weighs (0: off)."""
+    return LENGTH_SPLIT_OVERHEAD if setting == "on" or (setting == "auto" and device_type == "cpu") else 0
 
 
 def cast_frozen(model: torch.nn.Module, precision: str) -> None:

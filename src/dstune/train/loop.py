@@ -22,6 +22,7 @@ from dstune.core.facts import file_sha256
 from dstune.errors import DstuneError
 from dstune.report.charts import plot_loss
 from dstune.rundir import RunDir
+from dstune.train.batching import split_by_length
 from dstune.train.build import Run, build
 from dstune.train.checkpoint import load_checkpoint, read_loop_state
 from dstune.train.hooks import Hooks
@@ -101,13 +102,14 @@ def train_step(run: Run, state: TrainState, hooks: Hooks) -> tuple[torch.Tensor,
     while True:
         try:
             hooks.faults.oom("step", state.step + 1)
+            passes = split_by_length(split_window(window, state.split), run.speed["split_by_length"])
             loss_sum, n_global = backward_window(
-                run.model, split_window(window, state.split), run.engine, run.objective, hooks.after_micro
+                run.model, passes, run.engine, run.objective, hooks.after_micro
             )
             break
         except torch.OutOfMemoryError as error:
             hooks.out_of_memory(window, error)
-    hooks.count_tokens(window)
+    hooks.count_tokens(passes)  # the padding computed, after split_by_length trimmed it
     loss_sum = hooks.guard.inject(state.step + 1, loss_sum, run.params)
     hooks.diagnostics.before_step(state.step + 1)
     grad_norm = clip_gradients(run.params, cfg.optim, run.engine)
