@@ -144,3 +144,13 @@ def _assert_readable(text: str, result: dict) -> None:
             assert shown in cells, (shown, text)
     for title in result["columns"]:
         assert all(word in cells for word in title.split()), (title, text)
+
+
+def test_padding_hint_says_what_packing_would_have_saved():
+    from dstune.report.summary import padding_hint
+
+    hint = padding_hint({"padding_share": 0.4, "wall_s": 100.0}, packing=False)
+    assert hint and "40%" in hint and "about 40 s of its 100 s" in hint and "train.packing=true" in hint
+    assert padding_hint({"padding_share": 0.4, "wall_s": 100.0}, packing=True) is None
+    assert padding_hint({"padding_share": 0.1, "wall_s": 100.0}, packing=False) is None
+    assert padding_hint({"padding_share": None, "wall_s": 100.0}, packing=False) is None

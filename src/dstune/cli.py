@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
+from dstune.clikit import console
+from dstune.clikit import fail as _fail
 from dstune.config import METHODS, RunConfig, load_config
 from dstune.errors import DstuneError
 from dstune.export.cli import export_command
@@ -25,7 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Fine-tune DeepSeek models, and tune the fine-tuning itself.",
 )
-console = Console()
 
 
 class Interrupted(BaseException):
@@ -41,11 +41,6 @@ def _options(
     from dstune.quiet import quiet_libraries
 
     quiet_libraries(not verbose)
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
-    raise typer.Exit(2)
 
 
 def _model_option():
@@ -103,7 +98,7 @@ def train(
     ),
 ) -> None:
     """Fine-tune a model; writes a run directory with checkpoints, metrics, plots and the adapter."""
-    from dstune.report.summary import summary_line
+    from dstune.report.summary import padding_hint, summary_line
     from dstune.rundir import RunDir
     from dstune.train.loop import train as run_train
     from dstune.train.signals import TrainingInterrupted
@@ -125,6 +120,8 @@ def train(
     except DstuneError as exc:
         _fail(str(exc))
     console.print("\n" + summary_line(result), highlight=False)  # the metrics the run's task has
+    if hint := padding_hint(result.summary, cfg.train.packing):
+        console.print(hint, style="yellow", highlight=False)
     if result.final_dir is not None:  # None: another process of a distributed run wrote the run directory
         run_dir = RunDir(result.run_dir)
         console.print(

@@ -28,7 +28,8 @@ def export_command(
 ) -> None:
     """Export a run (merged in fp32) or a model as one GGUF file with an Ollama Modelfile, or as a
     bitsandbytes-quantised safetensors checkpoint."""
-    from dstune.cli import _fail, console
+    from dstune.clikit import console
+    from dstune.clikit import fail as _fail
     from dstune.export import export_model
 
     try:

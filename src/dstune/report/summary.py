@@ -50,3 +50,19 @@ def summary_line(result: Any) -> str:
     line = f"done: {result.steps} steps, final train loss {_number(result.final_loss, '.4f')}"
     val = val_text(getattr(result, "val", None))
     return line + (f", {val}" if val else "")
+
+
+def padding_hint(summary: dict, packing: bool, threshold: float = 0.3) -> str | None:
+    """After a run whose computed batches were mostly padding: how much training time packing would save.
+
+    The estimate takes the step time as proportional to the tokens computed (padding included), which holds
+    when the matmuls dominate, as they do from SmolLM2's size up (docs/benchmarks.md, "Where the time goes").
+    """
+    share, wall = summary.get("padding_share"), summary.get("wall_s")
+    if packing or not share or share <= threshold or not wall:
+        return None
+    return (
+        f"hint: {share:.0%} of the tokens this run computed were padding; --set train.packing=true packs "
+        f"several examples per row and computes none, which would have saved about {share * wall:.0f} s "
+        f"of its {wall:.0f} s (an estimate: a step's time grows with the tokens it computes)"
+    )

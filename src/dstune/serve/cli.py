@@ -1,6 +1,6 @@
 """``dstune serve``: the command; registered in ``dstune.cli`` (kept apart so cli.py stays short).
 
-It prints errors as ``dstune.cli`` does (one ``error:`` line, exit status 2) with a console of its own:
+It prints errors as ``dstune.cli`` does (one ``error:`` line, exit status 2), through ``dstune.clikit``:
 importing ``dstune.cli`` here would make a cycle between the two packages (tests/test_layers.py).
 """
 
@@ -13,8 +13,9 @@ import subprocess
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
+from dstune.clikit import console
+from dstune.clikit import fail as _fail
 from dstune.errors import DstuneError, MissingExtra, UsageError
 
 
@@ -79,14 +80,6 @@ def serve_command(
     finally:
         signal.signal(signal.SIGINT, previous)
     console.print("server stopped")
-
-
-console = Console()
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
-    raise typer.Exit(2)
 
 
 def _build(target, adapters, api_key, max_queue, timeout):
