@@ -47,8 +47,9 @@ def _collate_preference(rows: list[dict], pad_id: int, batch: dict[str, torch.Te
     """Adds the prefixed second rows (padded on their own) and the per-example numbers to ``batch``."""
     for prefix in _SECOND_ROWS:
         if prefix + "input_ids" in rows[0]:
-            second = collate([{"input_ids": r[prefix + "input_ids"], "labels": r[prefix + "labels"]} for r in rows],
-                             pad_id)  # fmt: skip
+            second = collate(
+                [{"input_ids": r[prefix + "input_ids"], "labels": r[prefix + "labels"]} for r in rows], pad_id
+            )
             batch.update({prefix + k: v for k, v in second.items()})
     for key, dtype in _NUMBERS.items():
         if key in rows[0]:

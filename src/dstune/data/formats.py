@@ -71,8 +71,8 @@ def detect_format(
         text_column: the text key of a classification row; None accepts any of ``TEXT_COLUMNS``.
 
     Returns:
-        "preference", "kto", "messages", "alpaca", "classification" or "text"; None when no row is a dict (the caller
-        reports the rows).
+        "preference", "kto", "messages", "alpaca", "classification" or "text"; None when no row is a
+        dict (the caller reports the rows).
 
     Raises:
         DataError: when dict rows exist but none has the keys of any format.

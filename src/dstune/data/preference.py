@@ -5,7 +5,8 @@ Accepted rows (TRL's "standard" and "conversational" shapes, and LLaMA-Factory's
 
     {"prompt": "text", "chosen": "text", "rejected": "text"}
     {"prompt": [{"role": "user", "content": ...}], "chosen": [{"role": "assistant", ...}], "rejected": [...]}
-    {"conversations": [{"from": "human", "value": ...}], "chosen": {"from": "gpt", "value": ...}, "rejected": ...}
+    {"conversations": [{"from": "human", "value": ...}], "chosen": {"from": "gpt", "value": ...},
+     "rejected": {"from": "gpt", "value": ...}}
     {"prompt": "text" | [...], "completion": "text" | [...], "label": true | false}
 
 Each becomes ``{"prompt": [messages], "chosen": str, "rejected": str, "source"}`` (or ``"completion"`` and
