@@ -385,7 +385,9 @@ class TuneConfig(_Section):
     direction: Literal["minimize", "maximize"] | None = Field(
         None, description="null: minimize loss/ppl, else maximize"
     )
-    preset: str | None = Field(None, description="built-in space: lora-default, full-default, method")
+    preset: str | None = Field(
+        None, description="built-in space: lora-default, full-default, method, lr, preference"
+    )
     space: dict[str, dict] = Field(
         default_factory=dict,
         description="dotted key -> {type: float|int|categorical, low, high, log, choices}",
