@@ -374,3 +374,12 @@ def test_objective_and_data_must_agree(files, tmp_path, small_file):
         train(make_cfg(files["pairs"], tmp_path / "a", "sft"), console=Console(quiet=True))
     with pytest.raises(DataError, match="prompt/completion/label"):
         train(make_cfg(files["pairs"], tmp_path / "b", "kto"), console=Console(quiet=True))
+
+
+def test_data_inspect_shows_both_answers_of_a_pair(files):
+    from dstune.data.inspect import inspect_file, render_inspection
+
+    report = inspect_file(files["pairs"], model="tiny:deepseek-llm", examples=1)
+    text = render_inspection(report)
+    assert report["format"] == "preference" and "line 1 chosen" in text and "line 1 rejected" in text
+    assert "[[Ada from Lab." in text and "[[Bob from Corp." in text
