@@ -383,3 +383,14 @@ def test_data_inspect_shows_both_answers_of_a_pair(files):
     text = render_inspection(report)
     assert report["format"] == "preference" and "line 1 chosen" in text and "line 1 rejected" in text
     assert "[[Ada from Lab." in text and "[[Bob from Corp." in text
+
+
+def test_report_shows_the_preference_columns(files, tmp_path):
+    from dstune.report.compare import compare_runs
+
+    train(
+        make_cfg(files["pairs"], tmp_path / "run", "simpo", train__max_steps=2), console=Console(quiet=True)
+    )
+    result = compare_runs([tmp_path / "run"], tmp_path / "report")
+    row = dict(zip(result["columns"], result["rows"][0]))
+    assert row["objective"] == "simpo" and 0 <= row["val reward acc"] <= 1 and "val margin" in row
