@@ -17,7 +17,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from dstune.config.registry import GENERATION_METRICS, METHODS, TASK_METRICS, MethodSpec
+from dstune.config.registry import (
+    GENERATION_METRICS,
+    METHODS,
+    OBJECTIVE_FORMATS,
+    OBJECTIVES,
+    PREFERENCE_METRICS,
+    TASK_METRICS,
+    MethodSpec,
+)
 from dstune.config.sections import (
     AdapterConfig,
     ClassifyConfig,
@@ -28,6 +36,7 @@ from dstune.config.sections import (
     MixSource,
     ModelConfig,
     OptimConfig,
+    PreferenceConfig,
     PromptConfig,
     QloraConfig,
     RegularizeConfig,
@@ -45,7 +54,9 @@ class ConfigError(DstuneError, ValueError):
 
 __all__ = [  # the sections and the registry are re-exported: callers import everything from dstune.config
     "ConfigError", "RunConfig", "load_config", "save_config", "apply_override", "parse_value",
-    "METHODS", "MethodSpec", "TASK_METRICS", "GENERATION_METRICS",
+    "METHODS", "MethodSpec", "TASK_METRICS", "GENERATION_METRICS", "OBJECTIVES", "OBJECTIVE_FORMATS",
+    "PREFERENCE_METRICS",
+    "PreferenceConfig",
     "AdapterConfig", "ClassifyConfig", "DataConfig", "FreezeConfig", "Ia3Config", "LoraConfig", "MixSource",
     "ModelConfig", "OptimConfig", "PromptConfig", "QloraConfig", "RegularizeConfig", "StabilityConfig",
     "TrainConfig", "TuneConfig",
@@ -60,6 +71,10 @@ class RunConfig(_Section):
         "classification: a [classes, hidden] head on the last token replaces the LM head",
     )
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    objective: Literal[tuple(OBJECTIVES)] = Field(  # type: ignore[valid-type]
+        "sft", description="; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items())
+    )
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: Literal[tuple(METHODS)] = Field("lora", description=" | ".join(METHODS))  # type: ignore[valid-type]
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -90,8 +105,45 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _preference_settings(self) -> "RunConfig":
+        if self.objective == "sft":
+            return self
+        if self.task != "lm":
+            raise ValueError(
+                f"objective={self.objective} trains a language model on preferences: it needs task=lm, "
+                f"not task={self.task}"
+            )
+        if self.train.packing:
+            # Each pair's log-probabilities are sums over one row's answer tokens; packed rows would mix
+            # examples, and pairs are short enough that padding costs little.
+            raise ValueError(f"objective={self.objective} cannot pack examples: set train.packing=false")
+        if self.train.eval_generate:
+            raise ValueError(
+                f"train.eval_generate scores generated answers of supervised data; objective="
+                f"{self.objective} validates preference metrics: set train.eval_generate=0"
+            )
+        fmt, want = self.data.format, OBJECTIVE_FORMATS[self.objective]
+        if fmt not in ("auto", want):
+            raise ValueError(
+                f"objective={self.objective} reads data.format={want} rows, not data.format={fmt}"
+            )
+        if self.regularize.label_smoothing:
+            raise ValueError(
+                "regularize.label_smoothing smooths the next-token loss of objective=sft; for DPO use "
+                "preference.label_smoothing"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _best_metric_is_computed(self) -> "RunConfig":
         name, generate = self.train.best_metric, self.train.eval_generate and self.task == "lm"
+        if self.objective != "sft":
+            if name not in PREFERENCE_METRICS:
+                raise ValueError(
+                    f"train.best_metric={name!r} is not computed by the validation of objective="
+                    f"{self.objective}; choose one of {list(PREFERENCE_METRICS)}"
+                )
+            return self
         if name in GENERATION_METRICS and self.task == "lm" and not generate:
             raise ValueError(
                 f"train.best_metric={name!r} needs answers at each evaluation: set train.eval_generate "
@@ -140,12 +192,12 @@ class RunConfig(_Section):
         """+1 when a lower ``train.best_metric`` is better (loss, ppl), -1 when higher is."""
         mode = self.train.best_mode
         if mode == "auto":
-            mode = "min" if self.train.best_metric in ("loss", "ppl") else "max"
+            mode = "min" if self.train.best_metric in ("loss", "ppl", "rewards/rejected") else "max"
         return 1 if mode == "min" else -1
 
     def shape_keys(self) -> list[str]:
         """The dotted keys that decide the shapes of what a checkpoint holds (a resume cannot change them)."""
-        keys = ["model.name", "model.revision", "task", "method", "optim.optimizer"]
+        keys = ["model.name", "model.revision", "task", "method", "optim.optimizer", "objective"]
         for section in METHODS[self.method].sections:
             keys += [
                 f"{section}.{k}" for k in type(getattr(self, section)).model_fields if k not in _SHAPE_FREE

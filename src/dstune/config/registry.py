@@ -38,3 +38,17 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("loss", "accuracy", "precision_macro", "recall_macro", "f1_macro"),
 }
 GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")
+# Training objectives (``train.objective``): the loss a run optimises. sft is next-token cross-entropy; the
+# others learn from preferences (``train.preference``). GRPO will be one more name with its own section.
+OBJECTIVES: dict[str, str] = {
+    "sft": "next-token cross-entropy on the answers (supervised fine-tuning)",
+    "dpo": "direct preference optimisation on prompt/chosen/rejected pairs, against a reference model",
+    "orpo": "odds-ratio preference optimisation: SFT on chosen plus an odds-ratio term, no reference",
+    "simpo": "simple preference optimisation: length-normalised rewards with a margin, no reference",
+    "kto": "Kahneman-Tversky optimisation on unpaired prompt/completion/label rows, against a reference",
+}
+# The data format each preference objective reads.
+OBJECTIVE_FORMATS: dict[str, str] = {"dpo": "preference", "orpo": "preference", "simpo": "preference",
+                                     "kto": "kto"}  # fmt: skip
+# Validation metrics of a preference run (the same as logged on training steps).
+PREFERENCE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")

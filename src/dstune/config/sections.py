@@ -54,7 +54,11 @@ class DataConfig(_Section):
         default_factory=list, description="several data sets with sampling weights, instead of data.train"
     )
     validation: str | None = Field(None, description="validation file; without it the train file is split")
-    format: Literal["auto", "text", "alpaca", "messages", "classification"] = "auto"
+    format: Literal["auto", "text", "alpaca", "messages", "classification", "preference", "kto"] = Field(
+        "auto",
+        description="auto: detected from the keys; preference: prompt/chosen/rejected pairs; kto: "
+        "prompt/completion/label rows",
+    )
     split: tuple[float, float, float] = Field(
         (0.8, 0.1, 0.1), description="train/val/test ratios when no validation file"
     )
@@ -342,6 +346,26 @@ class TrainConfig(_Section):
     progress: bool = Field(True, description="show a progress bar")
 
 
+class PreferenceConfig(_Section):
+    """Settings of the preference objectives (``objective: dpo | orpo | simpo | kto``)."""
+
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO/KTO: strength of the KL tie to the reference; ORPO: lambda, the weight of the "
+        "odds-ratio term; SimPO: reward scale (the paper uses 2.0-2.5)",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid", description="DPO loss: sigmoid (DPO paper), ipo (IPO, mean log-probs), hinge (SLiC)"
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="DPO/SimPO sigmoid: assumed share of flipped labels (conservative DPO)"
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin gamma")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable (label true) rows")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable (label false) rows")
+
+
 class ClassifyConfig(_Section):
     """Settings of ``task: classification`` (a sequence-classification head)."""
 
@@ -366,7 +390,9 @@ class TuneConfig(_Section):
     direction: Literal["minimize", "maximize"] | None = Field(
         None, description="null: minimize loss/ppl, else maximize"
     )
-    preset: str | None = Field(None, description="built-in space: lora-default, full-default, method")
+    preset: str | None = Field(
+        None, description="built-in space: lora-default, full-default, method, lr, preference"
+    )
     space: dict[str, dict] = Field(
         default_factory=dict,
         description="dotted key -> {type: float|int|categorical, low, high, log, choices}",

@@ -32,7 +32,28 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if packed:
         batch["position_ids"] = pos
+    _collate_preference(rows, pad_id, batch)
     return batch
+
+
+# Preference rows (``data.preference``) carry a second token row per example (the rejected answer, or
+# KTO's mismatched completion) and per-example numbers (KTO's label, cached reference log-probabilities).
+_SECOND_ROWS = ("rejected_", "kl_")
+_NUMBERS = {"desirable": torch.long, "ref_chosen": torch.float32, "ref_rejected": torch.float32,
+            "ref_kl": torch.float32}  # fmt: skip
+
+
+def _collate_preference(rows: list[dict], pad_id: int, batch: dict[str, torch.Tensor]) -> None:
+    """Adds the prefixed second rows (padded on their own) and the per-example numbers to ``batch``."""
+    for prefix in _SECOND_ROWS:
+        if prefix + "input_ids" in rows[0]:
+            second = collate(
+                [{"input_ids": r[prefix + "input_ids"], "labels": r[prefix + "labels"]} for r in rows], pad_id
+            )
+            batch.update({prefix + k: v for k, v in second.items()})
+    for key, dtype in _NUMBERS.items():
+        if key in rows[0]:
+            batch[key] = torch.tensor([r[key] for r in rows], dtype=dtype)
 
 
 def collate_classes(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

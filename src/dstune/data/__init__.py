@@ -218,6 +218,13 @@ def prepare_data(
         }
         report["labels"] = labels
         report["class_weights"] = weights
+    elif report["format"] in ("preference", "kto"):
+        from dstune.data.preference import tokenize_preference
+
+        tokenized = {
+            name: tokenize_preference(rows, tokenizer, chat_template, cfg.max_length, cfg.overflow)
+            for name, rows in splits.items()
+        }
     else:
         tokenized = {
             name: tokenize_examples(

@@ -199,6 +199,9 @@ def content(example: dict) -> str:
     are usually shared by every row and would make all rows look alike."""
     if "text" in example:
         return example["text"]
+    if "prompt" in example:  # a preference pair or KTO row (data.preference)
+        turns = [m["content"] for m in example["prompt"] if m["role"] != "system"]
+        return "\n".join(turns + [example[k] for k in ("chosen", "rejected", "completion") if k in example])
     if "label" in example:
         return example["messages"][-2]["content"]
     parts = []

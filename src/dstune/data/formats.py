@@ -17,7 +17,7 @@ from typing import Any
 
 from dstune.errors import DstuneError
 
-FORMATS = ("text", "alpaca", "messages", "classification")
+FORMATS = ("text", "alpaca", "messages", "classification", "preference", "kto")
 
 # What each format needs, quoted in the error when the format cannot be detected.
 FORMAT_KEYS = {
@@ -26,6 +26,8 @@ FORMAT_KEYS = {
     "messages": "'messages' or 'conversations': a list of {'role', 'content'} or ShareGPT "
     "{'from', 'value'} turns",
     "classification": "'label' and a text column (text, review, sentence, content, comment, document)",
+    "preference": "'chosen' and 'rejected' beside 'prompt' (or 'conversations')",
+    "kto": "'prompt', 'completion' and a true/false 'label'",
 }
 
 # Column names taken as the text of a classification row when no text column is given, in this order.
@@ -69,8 +71,8 @@ def detect_format(
         text_column: the text key of a classification row; None accepts any of ``TEXT_COLUMNS``.
 
     Returns:
-        "messages", "alpaca", "classification" or "text"; None when no row is a dict (the caller
-        reports the rows).
+        "preference", "kto", "messages", "alpaca", "classification" or "text"; None when no row is a
+        dict (the caller reports the rows).
 
     Raises:
         DataError: when dict rows exist but none has the keys of any format.
@@ -83,6 +85,10 @@ def detect_format(
         n += 1
         keys = set(row)
         # A row can carry several formats' keys; the richest one wins.
+        if "chosen" in keys and "rejected" in keys:  # before messages: LLaMA-Factory pairs have conversations
+            return "preference"
+        if "completion" in keys and label_column in keys:
+            return "kto"
         if "messages" in keys or "conversations" in keys:
             return "messages"
         if "instruction" in keys and "output" in keys:
@@ -295,6 +301,10 @@ def to_example(
         raise RowError(
             "not an object", f"is {_type_name(row)}, expected an object with the fields of a {fmt} example"
         )
+    if fmt in ("preference", "kto"):
+        from dstune.data.preference import to_preference_example  # it builds on this module's helpers
+
+        return to_preference_example(row, fmt, source, system)
     if fmt == "text":
         text = _string(row, "text", required=True)
         if not text.strip():

@@ -94,6 +94,8 @@ def inspect_file(
         return report
     tokenizer, template = load_tokenizer_for(model)
     report["model"] = model
+    if loaded.format in ("preference", "kto"):
+        return _inspect_preference(report, rows, shown, tokenizer, template, max_length)
     report["tokens"] = length_stats(token_lengths(rows, tokenizer, template))
     tok = tokenize_examples(shown, tokenizer, template, max_length, "truncate", train_on)
     report["rendered"] = [
@@ -109,9 +111,43 @@ def inspect_file(
     return report
 
 
+def _inspect_preference(report, rows, shown, tokenizer, template, max_length: int) -> dict:
+    """Token lengths of preference rows (prompt + longest answer) and the first rows rendered, each answer
+    with its loss mask (the prompt carries none)."""
+    from dstune.data.preference import tokenize_preference
+
+    whole = tokenize_preference(rows, tokenizer, template, 1 << 30)
+    report["tokens"] = length_stats(
+        [max(len(r["input_ids"]), len(r.get("rejected_input_ids", ()))) for r in whole.rows]
+    )
+    tok = tokenize_preference(shown, tokenizer, template, max_length)
+    report["rendered"] = []
+    for r in tok.rows:
+        sides = [("chosen" if "rejected_input_ids" in r else "completion", "")]
+        sides += [("rejected", "rejected_")] if "rejected_input_ids" in r else []
+        label = f" (label {'true' if r['desirable'] else 'false'})" if "desirable" in r else ""
+        for name, prefix in sides:
+            ids, labels = r[prefix + "input_ids"], r[prefix + "labels"]
+            report["rendered"].append(
+                {
+                    "source": f"{r['source']} {name}{label}",
+                    "tokens": len(ids),
+                    "trained_tokens": sum(t != IGNORE for t in labels),
+                    "text": _cut(render_mask(tokenizer, ids, labels)),
+                }
+            )
+    report["render_dropped"] = tok.dropped
+    return report
+
+
 def _plain(ex: dict) -> str:
     if "text" in ex:
         return ex["text"]
+    if "prompt" in ex:
+        answers = [(k, ex[k]) for k in ("chosen", "rejected", "completion") if k in ex]
+        return "\n".join(
+            [f"{m['role']}: {m['content']}" for m in ex["prompt"]] + [f"{k}: {v}" for k, v in answers]
+        )
     return "\n".join(f"{m['role']}: {m['content']}" for m in ex["messages"])
 
 

@@ -22,11 +22,18 @@ _COLUMNS = [
     ("state", lambda r: r["state"]),
     ("model", lambda r: r["run"].get("model")),
     ("method", lambda r: r["run"].get("method")),
+    (
+        "objective",
+        lambda r: r["config"].get("objective") if r["config"].get("objective", "sft") != "sft" else None,
+    ),
     ("lr", lambda r: r["config"].get("optim", {}).get("lr")),
     ("steps", lambda r: r["summary"].get("steps")),
     ("train loss", lambda r: r["summary"].get("final_train_loss")),
     ("val loss", lambda r: (r["summary"].get("val") or {}).get("loss")),
     ("val ppl", lambda r: (r["summary"].get("val") or {}).get("ppl")),
+    # preference objectives (objective: dpo, ...): the validation pairs' reward accuracy and margin
+    ("val reward acc", lambda r: (r["summary"].get("val") or {}).get("rewards/accuracy")),
+    ("val margin", lambda r: (r["summary"].get("val") or {}).get("rewards/margins")),
     ("eval ppl", lambda r: r["eval"].get("ppl")),
     ("BLEU", lambda r: r["eval"].get("generation", {}).get("bleu", {}).get("bleu")),
     ("ROUGE-L", lambda r: r["eval"].get("generation", {}).get("rouge", {}).get("rougeL")),

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from rich.console import Console
 
-from dstune.config import RunConfig
+from dstune.config import OBJECTIVE_FORMATS, RunConfig
 from dstune.core.facts import pad_id as pad_id_of
-from dstune.data import PreparedData, dropped_rows_warning
+from dstune.data import DataError, PreparedData, dropped_rows_warning
 from dstune.data.pack import pack_rows, padding_share
 from dstune.errors import UsageError
 from dstune.methods import prepare_model, trainable_summary
@@ -139,6 +139,10 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
     notes.append(render_groups(optimizer) + (f"\n{regularization}" if regularization else ""))
     notes.append(f"speed: {speed}")
     model, optimizer = engine.prepare(model, optimizer)
+    if getattr(objective, "reference", None) == "cached":  # full/freeze DPO and KTO: before any step
+        for rows in (data.train, data.val):
+            objective.cache_reference(model, rows, tc.micro_batch_size, engine)
+        notes.append(f"reference log-probabilities of {len(data.train) + len(data.val)} examples computed")
     run = Run(
         cfg,
         engine,
@@ -167,6 +171,7 @@ def build_data(cfg: RunConfig, tokenizer, template: str | None) -> tuple[Prepare
     """The run's data (packed when asked) and the lines that describe it (format, drops, warnings)."""
     tc, task = cfg.train, TASKS[cfg.task]
     data = task.data(cfg, tokenizer, template)
+    check_objective_data(cfg, data.report.get("format"))
     share = round(padding_share(data.train, tc.micro_batch_size), 4) if data.train else 0.0
     data.report["padding_share"] = share
     notes = [data_line(data.report)]
@@ -190,6 +195,22 @@ def build_data(cfg: RunConfig, tokenizer, template: str | None) -> tuple[Prepare
             f"tokenising; see data_report.json and `dstune data inspect`"
         )
     return data, notes
+
+
+def check_objective_data(cfg: RunConfig, fmt: str | None) -> None:
+    """Refuses data the objective cannot train on: pairs for sft, conversations for dpo, and so on."""
+    want = OBJECTIVE_FORMATS.get(cfg.objective)
+    source = cfg.data.train or "data.mix"
+    if want and fmt != want:
+        keys = "prompt/chosen/rejected pairs" if want == "preference" else "prompt/completion/label rows"
+        raise DataError(
+            f"{source}: objective={cfg.objective} trains on {keys}, but the file is in {fmt} format"
+        )
+    if not want and fmt in ("preference", "kto"):
+        fix = "dpo, orpo or simpo" if fmt == "preference" else "kto"
+        raise DataError(
+            f"{source} holds {fmt} rows; supervised training cannot use them: set objective={fix}"
+        )
 
 
 def data_line(report: dict) -> str:
@@ -236,6 +257,10 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
     speed["chunk_tokens"] = chunk
     speed["split_by_length"] = length_split_overhead(tc.split_by_length, device.type)
     objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce)
+    if cfg.objective != "sft":
+        from dstune.train.preference import make_objective
+
+        objective = make_objective(cfg, pad, model)
     return model, speed, objective, regularization
 
 

@@ -181,6 +181,8 @@ class Hooks:
                 "tokens_per_s": self.tokens_seen / (time.perf_counter() - self.t0),
                 "padding_share": round(1 - self.tokens_seen / max(self.padded_seen, 1), 4),
                 "epoch": run.batches.epoch(),
+                # a preference objective's implicit rewards since the last log (objective=dpo, ...)
+                **(run.objective.take_metrics() if hasattr(run.objective, "take_metrics") else {}),
             },
         )
 

@@ -40,6 +40,8 @@ def _lm_model(cfg: RunConfig, resolved, labels: list[str], pad: int) -> torch.nn
 
 def _lm_validate(run, micro: int) -> dict[str, float]:
     tc = run.cfg.train
+    if hasattr(run.objective, "evaluate"):  # a preference objective: its loss and rewards on validation pairs
+        return run.objective.evaluate(run.model, run.data.val, micro, run.engine, tc.eval_batches)
     metrics = evaluate_loss(
         run.model, run.data.val, micro, run.pad_id, run.engine, tc.eval_batches, run.objective.chunk_tokens
     )

@@ -83,6 +83,12 @@ PRESETS: dict[str, dict[str, dict]] = {
         "optim.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
         "optim.warmup_ratio": {"type": "float", "low": 0.0, "high": 0.2},
     },
+    # objective: dpo | kto | orpo | simpo. DPO's beta is typically 0.01-0.5 (Rafailov et al. 2023 use
+    # 0.1-0.5); SimPO's 2-10 (Meng et al. 2024, table 7), hence one wide log range.
+    "preference": {
+        "optim.lr": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
+        "preference.beta": {"type": "float", "low": 0.01, "high": 10.0, "log": True},
+    },
 }
 # The space a search uses when the config names none: the method's obvious one.
 DEFAULT_PRESET = {
