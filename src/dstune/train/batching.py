@@ -164,16 +164,20 @@ def length_groups(lengths: list[int], overhead: int) -> list[list[int]]:
     return groups[::-1]
 
 
+_TOKEN_BATCH = {"input_ids", "labels", "attention_mask"}
+
+
 def split_by_length(window: list[dict], overhead: int) -> list[dict]:
     """Cuts each right-padded micro-batch into sub-batches of similar length with their padding trimmed.
 
     Exact: every row keeps its tokens, labels and causal attention, the window's loss is normalised by the
-    same token count, so only the float summation order changes. Packed rows (position ids) and
-    classification rows (left-padded, one label each) are left as they are.
+    same token count, so only the float summation order changes. Only plain token batches are cut: packed
+    rows (position ids), classification rows (left-padded, one label each) and preference batches (pairs
+    whose two answers must stay together) are left as they are.
     """
     out = []
     for batch in window:
-        if overhead <= 0 or "position_ids" in batch or batch["labels"].dim() != 2:
+        if overhead <= 0 or set(batch) != _TOKEN_BATCH or batch["labels"].dim() != 2:
             out.append(batch)
             continue
         lengths = batch["attention_mask"].sum(1).tolist()
