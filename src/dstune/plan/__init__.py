@@ -6,8 +6,3 @@ and ``fit(cfg, budget)`` for a later ``train --auto-fit``; ``measure`` is the tr
 tests and ``benchmarks/bench_plan.py`` check the estimate against. Invariant: nothing here loads
 weights; the model is built on PyTorch's meta device.
 """
-
-from dstune.plan.estimate import Breakdown, Setup, estimate
-from dstune.plan.search import GPUS, fit, parse_gpu, plan
-
-__all__ = ["GPUS", "Breakdown", "Setup", "estimate", "fit", "parse_gpu", "plan"]

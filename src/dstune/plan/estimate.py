@@ -22,9 +22,9 @@ from dstune.config import RunConfig
 from dstune.core.facts import layer_index
 from dstune.models.inspect import param_kind
 from dstune.models.load import load_config_only
+from dstune.plan.gpus import GIB
 from dstune.train.build import chunk_size
 
-GIB = 1024**3
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Linear layers that read the same input tensor: under fp32 autograd saves that tensor once for all of
 # them; under autocast each call casts (and saves) its own bf16 copy (autocast caches only weights).
@@ -91,6 +91,8 @@ class _Shapes:
     trainable: list[tuple[int, ...]]  # shapes of what trains (new adapter tensors included)
     trained_params: set[str]  # base parameters that train
     lora_modules: set[str]  # Linear modules that carry a LoRA
+    by_layer: dict[int, list[tuple[str, tuple[int, ...], str]]] = field(default_factory=dict)
+    linears: dict[int, list[tuple[str, nn.Linear]]] = field(default_factory=dict)
 
 
 def meta_model(config) -> nn.Module:
@@ -114,7 +116,14 @@ def _shapes(model: nn.Module, cfg: RunConfig) -> _Shapes:
     params = [(n, tuple(p.shape), param_kind(n)) for n, p in model.named_parameters()]
     trained, extra, lora = _method_tensors(model, cfg, params, resolve_targets, expert_targets)
     trainable = [s for n, s, _ in params if n in trained] + extra
-    return _Shapes(params, quantizable, trainable, trained, lora)
+    shapes = _Shapes(params, quantizable, trainable, trained, lora)
+    for item in params:
+        if (i := layer_index(item[0])) is not None:
+            shapes.by_layer.setdefault(i, []).append(item)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (i := layer_index(name)) is not None:
+            shapes.linears.setdefault(i, []).append((name, module))
+    return shapes
 
 
 def _method_tensors(model, cfg, params, resolve_targets, expert_targets):
@@ -165,7 +174,9 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def estimate(cfg: RunConfig, setup: Setup | None = None, config=None, model=None) -> Breakdown:
+def estimate(
+    cfg: RunConfig, setup: Setup | None = None, config=None, model=None, cache: dict | None = None
+) -> Breakdown:
     """The per-device peak of one training step (forward, backward, optimizer step) of ``cfg``.
 
     Args:
@@ -174,6 +185,7 @@ def estimate(cfg: RunConfig, setup: Setup | None = None, config=None, model=None
         config: the model's transformers config, when the caller has it (default: loaded from
             ``cfg.model.name`` without weights, see ``models.load.load_config_only``).
         model: ``meta_model(config)``, when the caller estimates many variants of one model.
+        cache: a dict the caller keeps across those calls: what trains is worked out once per method.
 
     Returns:
         A Breakdown in bytes; ``facts`` holds the counts it was computed from.
@@ -181,7 +193,12 @@ def estimate(cfg: RunConfig, setup: Setup | None = None, config=None, model=None
     setup = setup or Setup()
     config = config or load_config_only(cfg.model.name, revision=cfg.model.revision)
     model = model if model is not None else meta_model(config)
-    shapes = _shapes(model, cfg)
+    key = (cfg.method, cfg.lora.model_dump_json(), cfg.freeze.model_dump_json(), cfg.prompt.model_dump_json())
+    shapes = cache.get(key) if cache is not None else None
+    if shapes is None:
+        shapes = _shapes(model, cfg)
+        if cache is not None:
+            cache[key] = shapes
     tc, n = cfg.train, max(1, setup.devices)
     act = _BYTES[tc.precision]
     mixed = tc.precision != "fp32"
@@ -205,7 +222,7 @@ def estimate(cfg: RunConfig, setup: Setup | None = None, config=None, model=None
         grads /= n
     if setup.zero >= 3:
         weights, trainable = weights / n, trainable / n
-        workspace += 2 * _largest_layer(shapes, act)  # the gathered layer and the one prefetched
+        workspace += 2 * _largest_param(shapes, act)  # the gathered parameter and the one prefetched
     per_node = n // max(1, setup.nodes)
     if setup.offload in ("optimizer", "all"):
         cpu += optimizer * per_node
@@ -213,25 +230,33 @@ def estimate(cfg: RunConfig, setup: Setup | None = None, config=None, model=None
     if setup.offload == "all":
         cpu += (weights + trainable) * per_node
         weights, trainable = 0.0, 0.0
-        workspace = max(workspace, 2 * _largest_layer(shapes, act))
+        workspace = max(workspace, 2 * _largest_param(shapes, act))
     if cfg.method == "qlora":  # bitsandbytes de-quantises one weight at a time to the compute dtype
         workspace += _largest_quantized(shapes) * (2 if torch.cuda.is_available() or mixed else 4)
     activations, transient, act_facts = _activations(model, cfg, shapes)
     logits, head_grad = _logits(model, cfg, shapes)
-    # Two moments compete for the peak (measured: docs/benchmarks.md "Memory planner"): the output
-    # layer's forward, when every activation is saved, a chunk of logits and its log-sum-exp temporary
-    # exist and gradients do not yet (they were freed by zero_grad, unless accumulation keeps them); and
-    # the backward, when gradients fill up. The logits line is what the first adds beyond the second.
-    forward_extra = logits + head_grad + (grads if tc.grad_accum > 1 else 0.0)
-    backward_extra = grads + transient + head_grad
+    # Two moments compete for the peak (measured: docs/benchmarks.md "Memory planner"). The output
+    # layer's forward: every activation saved, a chunk of logits with its log-sum-exp temporary, the
+    # head's gradient accumulator; gradients do not exist yet (zero_grad freed them) unless accumulation
+    # keeps them. The backward: layer by layer activations are freed as gradients appear, so the peak is
+    # the larger end (all activations plus the head gradient and its copy, or all gradients) plus one
+    # layer's transient. What the sum of the lines counts twice is the "overlap" line (<= 0).
+    kept_grads = grads if tc.grad_accum > 1 else 0.0
+    forward_extra = activations + logits + head_grad + kept_grads
+    if kept_grads:
+        backward_extra = activations + grads + head_grad + transient
+    else:
+        backward_extra = max(activations + 2 * head_grad, grads) + transient
+    counted = activations + grads + logits + head_grad + transient
     parts = {
         "weights": weights,
         "trainable": trainable,
         "gradients": grads,
         "optimizer": optimizer,
         "activations": activations,
-        "logits": max(0.0, forward_extra - backward_extra),
-        "workspace": workspace + transient + head_grad,
+        "logits": logits + head_grad,
+        "workspace": workspace + transient,
+        "overlap": min(0.0, max(forward_extra, backward_extra) - counted),
     }
     allocated = sum(parts.values())
     margin = CUDA_CONTEXT + FRAGMENTATION * allocated if setup.device_type == "cuda" else 0.0
@@ -268,12 +293,9 @@ def _optimizer_bytes(optimizer: str, trainable: list[tuple[int, ...]]) -> float:
     return 4.0 * sum(s[0] + s[-1] if len(s) >= 2 else s[0] for s in trainable)
 
 
-def _largest_layer(shapes: _Shapes, act: int) -> float:
-    per_layer: dict[int, int] = {}
-    for name, shape, _ in shapes.params:
-        if (i := layer_index(name)) is not None:
-            per_layer[i] = per_layer.get(i, 0) + _numel(shape)
-    return max(per_layer.values(), default=0) * act
+def _largest_param(shapes: _Shapes, act: int) -> float:
+    """ZeRO-3 gathers one parameter (a fused expert tensor on V2/V3) at a time, plus one prefetched."""
+    return max((_numel(s) for _, s, _ in shapes.params), default=0) * act
 
 
 def _largest_quantized(shapes: _Shapes) -> int:
@@ -318,19 +340,14 @@ def _layer_bytes(model, cfg: RunConfig, shapes: _Shapes, index: int, seq: int) -
     core += heads * 4  # the softmax's log-sum-exp, fp32
     if cfg.train.attention == "eager":
         core += 2 * heads * seq * a  # the T x T probabilities, and dropout's copy of them
-    prefix = f"layers.{index}."
     total = core
     inputs: dict[str, float] = {}
     moe = False
-    for name, shape, kind in shapes.params:
-        if prefix not in name:
-            continue
+    for name, shape, kind in shapes.by_layer.get(index, []):
         moe |= kind == "experts"
         if kind == "norm" and len(shape) == 1:
             total += 4 * shape[0] + (a * shape[0] if name in shapes.trained_params else 0)
-    for name, module in model.named_modules():
-        if prefix not in name or not isinstance(module, nn.Linear):
-            continue
+    for name, module in shapes.linears.get(index, []):
         if f"{name}.weight" in shapes.trained_params or name in shapes.lora_modules:
             leaf = name.rsplit(".", 1)[-1]
             key = name if mixed else _SHARED_INPUT.get(leaf, name)

@@ -80,6 +80,7 @@ def measure_step(cfg: RunConfig, steps: int = 2) -> dict:
 
     run = build(cfg)
     model = run.model
+    model.train()  # as the loop does: transformers checkpoints layers only in training mode
     base = live_bytes(model.parameters(), model.buffers())
     with AllocationTracker() as tracker:
         for step in range(steps):

@@ -11,53 +11,17 @@ that a later ``train --auto-fit`` applies: micro-batch and checkpointing only.
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass, replace
 
 from dstune.config import RunConfig
 from dstune.errors import UsageError
 from dstune.models.load import load_config_only
 from dstune.plan.estimate import GIB, Breakdown, Setup, estimate, meta_model
+from dstune.plan.gpus import parse_gpu
 
-# Usable memory of each card, GiB, as torch.cuda.mem_get_info reports it on an idle card (the
-# marketing "80 GB" of an H100 is 79.6 GiB; 24 GB cards report 23.6).
-GPUS: dict[str, float] = {
-    "H100": 79.6,
-    "H200": 139.8,
-    "A100-80GB": 79.2,
-    "A100-40GB": 39.4,
-    "L40S": 44.4,
-    "A10G": 22.0,
-    "RTX4090": 23.6,
-    "RTX3090": 23.6,
-    "V100": 31.7,
-    "T4": 14.6,
-}
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*GB$", re.IGNORECASE)
-_COUNT = re.compile(r"^(\d+)\s*x\s*(.+)$", re.IGNORECASE)
 # Relative step time of each change (1.0: as configured); rough, only their order matters.
 _COST = {"ckpt": 1.33, "zero3": 1.15, "offload:optimizer": 1.5, "offload:all": 2.5, "qlora": 1.3}
 _HALVING = 1.05  # each halving of the micro-batch (same effective batch): less parallel work per kernel
-
-
-def parse_gpu(text: str) -> tuple[int, float]:
-    """``24GB``, ``H100``, ``A100-40GB``, ``8xH100`` -> (count, usable bytes per card).
-
-    Raises:
-        UsageError: naming the value and the accepted names.
-    """
-    count, name = 1, text.strip()
-    if m := _COUNT.match(name):
-        count, name = int(m.group(1)), m.group(2).strip()
-    if m := _SIZE.match(name):
-        return count, float(m.group(1)) * 0.98 * GIB  # a little less than printed: the driver's share
-    for known, gib in GPUS.items():
-        if known.lower() == name.lower():
-            return count, gib * GIB
-    raise UsageError(
-        f"--gpu {text!r}: unknown GPU; use a size like 24GB or 80GB, or one of {', '.join(GPUS)}, "
-        f"optionally with a count (8xH100)"
-    )
 
 
 @dataclass
@@ -71,18 +35,22 @@ class Candidate:
     cost: float
 
 
-def _variants(cfg: RunConfig, setup: Setup, *, engines: bool) -> list[tuple[float, RunConfig, Setup, list]]:
-    """Every combination of the changes, with its relative cost (cheapest first)."""
+def _variants(
+    cfg: RunConfig, setup: Setup, *, engines: bool, offload: bool
+) -> list[tuple[float, RunConfig, Setup, list]]:
+    """Every combination of the changes, with its relative cost (cheapest first). Offload needs a ZeRO
+    engine: optimizer offload runs on ZeRO-2 or 3 (ZeRO-Offload), parameter offload on ZeRO-3 only."""
     tc = cfg.train
     effective = tc.micro_batch_size * tc.grad_accum
     micros = [m for m in (2**i for i in range(12)) if m <= tc.micro_batch_size and effective % m == 0]
     micros = sorted(set(micros) | {tc.micro_batch_size}, reverse=True)
     ckpts = [tc.gradient_checkpointing] + ([True] if not tc.gradient_checkpointing else [])
     zeros = [setup.zero] + ([3] if engines and setup.devices > 1 and setup.zero < 3 else [])
-    offloads = [setup.offload] + ([o for o in ("optimizer", "all") if o != setup.offload] if engines else [])
+    offloads = [setup.offload] + ([o for o in ("optimizer", "all") if o != setup.offload] if offload else [])
     methods = [cfg.method] + (["qlora"] if engines and cfg.method == "lora" else [])
     out = []
-    for micro, ckpt, zero, offload, method in itertools.product(micros, ckpts, zeros, offloads, methods):
+    for micro, ckpt, zero, where, method in itertools.product(micros, ckpts, zeros, offloads, methods):
+        zero = max(zero, {"none": 0, "optimizer": 2, "all": 3}[where])
         changes, cost = [], 1.0
         if micro != tc.micro_batch_size:
             changes.append(f"micro-batch {tc.micro_batch_size} -> {micro}, accumulation {effective // micro}")
@@ -93,9 +61,9 @@ def _variants(cfg: RunConfig, setup: Setup, *, engines: bool) -> list[tuple[floa
         if zero != setup.zero:
             changes.append(f"ZeRO-{zero} over {setup.devices} devices")
             cost *= _COST["zero3"]
-        if offload != setup.offload:
-            changes.append(f"offload {offload} to the CPU")
-            cost *= _COST[f"offload:{offload}"]
+        if where != setup.offload:
+            changes.append(f"offload {where} to the CPU")
+            cost *= _COST[f"offload:{where}"]
         if method != cfg.method:
             changes.append("QLoRA (4-bit NF4 base) instead of LoRA")
             cost *= _COST["qlora"]
@@ -104,14 +72,19 @@ def _variants(cfg: RunConfig, setup: Setup, *, engines: bool) -> list[tuple[floa
         data["train"].update(
             micro_batch_size=micro, grad_accum=effective // micro, gradient_checkpointing=ckpt
         )
-        out.append(
-            (cost, RunConfig.model_validate(data), replace(setup, zero=zero, offload=offload), changes)
-        )
+        out.append((cost, RunConfig.model_validate(data), replace(setup, zero=zero, offload=where), changes))
     return sorted(out, key=lambda t: t[0])
 
 
 def search(
-    cfg: RunConfig, budget: float, setup: Setup, config=None, *, engines: bool = True, grow: bool = True
+    cfg: RunConfig,
+    budget: float,
+    setup: Setup,
+    config=None,
+    *,
+    engines: bool = True,
+    offload: bool = True,
+    grow: bool = True,
 ) -> Candidate | None:
     """The cheapest configuration whose estimated total fits ``budget`` bytes per device, or None.
 
@@ -119,11 +92,12 @@ def search(
         cfg, setup: what the user asked for.
         budget: usable bytes of one device.
         config: the model's transformers config (default: loaded without weights).
-        engines: also try ZeRO-3, CPU offload and QLoRA (False: micro-batch and checkpointing only).
+        engines: also try ZeRO-3 and QLoRA (False: micro-batch and checkpointing only).
+        offload: also try CPU offload (with ``engines``).
         grow: when nothing fits, double the devices (ZeRO-3) up to 4,096 before giving up.
     """
     config = config or load_config_only(cfg.model.name, revision=cfg.model.revision)
-    model = meta_model(config)
+    model, cache = meta_model(config), {}
     devices = setup.devices
     while True:
         trial = replace(
@@ -131,8 +105,8 @@ def search(
         )
         if devices != setup.devices:
             trial = replace(trial, zero=3)
-        for cost, c, s, changes in _variants(cfg, trial, engines=engines):
-            b = estimate(c, s, config, model=model)
+        for cost, c, s, changes in _variants(cfg, trial, engines=engines, offload=engines and offload):
+            b = estimate(c, s, config, model=model, cache=cache)
             if b.total <= budget:
                 if devices != setup.devices:
                     changes = [
@@ -175,15 +149,19 @@ def _smallest(cfg: RunConfig) -> RunConfig:
     return RunConfig.model_validate(data)
 
 
-def plan(cfg: RunConfig, gpu: str, setup: Setup) -> tuple[Breakdown, float, Candidate | None]:
-    """The estimate of ``cfg`` as given, the usable bytes of one ``gpu``, and the fastest fitting setup.
-
-    ``gpu``'s count (``8xH100``) sets ``setup.devices`` when given.
-    """
+def plan(cfg: RunConfig, gpu: str, setup: Setup) -> tuple[Breakdown, float, Setup, Candidate | None]:
+    """The estimate of ``cfg`` as given, the usable bytes of one ``gpu``, the setup it was counted for
+    (``gpu``'s count, ``8xH100``, is the cards per node: devices = count x nodes), and the fastest
+    setup that fits (None when the one asked for fits, or nothing does)."""
     count, budget = parse_gpu(gpu)
-    if count > 1 or setup.devices == 1:
-        setup = replace(setup, devices=count * max(1, setup.nodes))
+    setup = replace(setup, devices=count * max(1, setup.nodes))
     config = load_config_only(cfg.model.name, revision=cfg.model.revision)
     asked = estimate(cfg, setup, config)
     best = None if asked.total <= budget else search(cfg, budget, setup, config)
-    return asked, budget, best
+    return asked, budget, setup, best
+
+
+def gpus_needed(cfg: RunConfig, gpu: str, config=None) -> Candidate | None:
+    """The fewest GPUs of kind ``gpu`` (ZeRO-3, no offload) on which ``cfg`` fits: "how many GPUs"."""
+    _, budget = parse_gpu(gpu)
+    return search(cfg, budget, Setup(), config, offload=False)
