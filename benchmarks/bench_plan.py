@@ -76,7 +76,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_text_data(Path(tmp) / "text.jsonl")
         for model, method, length, ckpt, precision in rows:
-            r = row(data, model, method, length, ckpt, precision)
+            try:
+                r = row(data, model, method, length, ckpt, precision)
+            except Exception as exc:  # a run that fails is a row of the table, not the end of it
+                print(
+                    f"| {model} | {method} | 2 x {length} | {'on' if ckpt else 'off'} | {precision} | "
+                    f"failed: {type(exc).__name__}: {str(exc)[:80]} | | |",
+                    flush=True,
+                )
+                continue
             err = r["predicted"] / r["measured"] - 1
             print(
                 f"| {model} | {method} | 2 x {length} | {'on' if ckpt else 'off'} | {precision} | "

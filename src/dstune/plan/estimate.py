@@ -199,7 +199,7 @@ def estimate(
         shapes = _shapes(model, cfg)
         if cache is not None:
             cache[key] = shapes
-    tc, n = cfg.train, max(1, setup.devices)
+    tc = cfg.train
     act = _BYTES[tc.precision]
     mixed = tc.precision != "fp32"
     n_train = sum(_numel(s) for s in shapes.trainable)
@@ -215,22 +215,9 @@ def estimate(
     if mixed and not setup.zero:  # autocast keeps a bf16 copy of every trainable matrix it casts
         cached = 2 * sum(_numel(s) for s in shapes.trainable if len(s) == 2)
     weights = frozen + cached
-    workspace, cpu = 0.0, 0.0
-    if setup.zero >= 1:
-        optimizer /= n
-    if setup.zero >= 2:
-        grads /= n
-    if setup.zero >= 3:
-        weights, trainable = weights / n, trainable / n
-        workspace += 2 * _largest_param(shapes, act)  # the gathered parameter and the one prefetched
-    per_node = n // max(1, setup.nodes)
-    if setup.offload in ("optimizer", "all"):
-        cpu += optimizer * per_node
-        optimizer = 0.0
-    if setup.offload == "all":
-        cpu += (weights + trainable) * per_node
-        weights, trainable = 0.0, 0.0
-        workspace = max(workspace, 2 * _largest_param(shapes, act))
+    weights, trainable, grads, optimizer, workspace, cpu = _place(
+        setup, shapes, act, weights, trainable, grads, optimizer
+    )
     if cfg.method == "qlora":  # bitsandbytes de-quantises one weight at a time to the compute dtype
         workspace += _largest_quantized(shapes) * (2 if torch.cuda.is_available() or mixed else 4)
     activations, transient, act_facts = _activations(model, cfg, shapes)
@@ -266,6 +253,32 @@ def estimate(
         **act_facts,
     }
     return Breakdown(parts, cpu, margin, facts)
+
+
+def _place(setup: Setup, shapes: _Shapes, act: int, weights, trainable, grads, optimizer) -> tuple:
+    """Shards the states over the devices by ZeRO stage and moves offloaded ones to the CPU.
+
+    Returns:
+        (weights, trainable, gradients, optimizer, workspace) per device, and the CPU bytes per node.
+    """
+    n = max(1, setup.devices)
+    workspace, cpu = 0.0, 0.0
+    if setup.zero >= 1:
+        optimizer /= n
+    if setup.zero >= 2:
+        grads /= n
+    if setup.zero >= 3:
+        weights, trainable = weights / n, trainable / n
+        workspace += 2 * _largest_param(shapes, act)  # the gathered parameter and the one prefetched
+    per_node = n // max(1, setup.nodes)  # each process's shard lives in its own node's memory
+    if setup.offload in ("optimizer", "all"):
+        cpu += optimizer * per_node
+        optimizer = 0.0
+    if setup.offload == "all":
+        cpu += (weights + trainable) * per_node
+        weights, trainable = 0.0, 0.0
+        workspace = max(workspace, 2 * _largest_param(shapes, act))
+    return weights, trainable, grads, optimizer, workspace, cpu
 
 
 def _frozen_bytes(shapes: _Shapes, cfg: RunConfig, act: int) -> float:
