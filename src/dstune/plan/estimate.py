@@ -91,6 +91,7 @@ class _Shapes:
     trainable: list[tuple[int, ...]]  # shapes of what trains (new adapter tensors included)
     trained_params: set[str]  # base parameters that train
     lora_modules: set[str]  # Linear modules that carry a LoRA
+    head: set[str] = field(default_factory=set)  # the output layer's parameter names (tied: the embedding's)
     by_layer: dict[int, list[tuple[str, tuple[int, ...], str]]] = field(default_factory=dict)
     linears: dict[int, list[tuple[str, nn.Linear]]] = field(default_factory=dict)
 
@@ -116,7 +117,7 @@ def _shapes(model: nn.Module, cfg: RunConfig) -> _Shapes:
     params = [(n, tuple(p.shape), param_kind(n)) for n, p in model.named_parameters()]
     trained, extra, lora = _method_tensors(model, cfg, params, resolve_targets, expert_targets)
     trainable = [s for n, s, _ in params if n in trained] + extra
-    shapes = _Shapes(params, quantizable, trainable, trained, lora)
+    shapes = _Shapes(params, quantizable, trainable, trained, lora, _head_names(model))
     for item in params:
         if (i := layer_index(item[0])) is not None:
             shapes.by_layer.setdefault(i, []).append(item)
@@ -124,6 +125,14 @@ def _shapes(model: nn.Module, cfg: RunConfig) -> _Shapes:
         if isinstance(module, nn.Linear) and (i := layer_index(name)) is not None:
             shapes.linears.setdefault(i, []).append((name, module))
     return shapes
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Names of the output layer's parameters; with tied embeddings named_parameters lists the shared
+    matrix once, as the embedding, so the head is found by identity, not by name."""
+    head = model.get_output_embeddings()
+    ids = {id(p) for p in head.parameters()} if head is not None else set()
+    return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
 def _method_tensors(model, cfg, params, resolve_targets, expert_targets):
@@ -134,7 +143,7 @@ def _method_tensors(model, cfg, params, resolve_targets, expert_targets):
         return {n for n, _, _ in params}, [], set()
     if m == "freeze":
         first = layers - cfg.freeze.top_layers
-        head = {n for n, _, k in params if k == "head"} if cfg.freeze.train_head else set()
+        head = _head_names(model) if cfg.freeze.train_head else set()
         return {n for n, _, _ in params if (layer_index(n) or -1) >= first} | head, [], set()
     if m in ("lora", "qlora"):
         lc = cfg.lora
@@ -326,6 +335,8 @@ def _first_grad_layer(cfg: RunConfig, shapes: _Shapes, layers: int) -> int:
     """The lowest decoder layer whose activations autograd keeps: below it nothing needs a gradient."""
     if cfg.method in ("full", "prefix", "prompt", "ptuning", "adapter", "ia3"):
         return 0
+    if any(k == "embeddings" for n, _, k in shapes.params if n in shapes.trained_params):
+        return 0  # a tied head trains the input embeddings: the gradient goes down through every layer
     found = [layer_index(n) for n in shapes.trained_params | shapes.lora_modules]
     found = [i for i in found if i is not None]
     return min(found, default=layers)
@@ -409,7 +420,7 @@ def _logits(model, cfg: RunConfig, shapes: _Shapes) -> tuple[float, float]:
     tc = cfg.train
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
     labelled = tc.micro_batch_size * (cfg.data.max_length - 1)  # next-token labels: one fewer a row
-    head_trains = any(k == "head" for n, _, k in shapes.params if n in shapes.trained_params)
+    head_trains = bool(shapes.head & shapes.trained_params)
     head_grad = vocab * hidden * 4.0 if head_trains else 0.0
     chunk = chunk_size(tc.chunk_tokens, vocab)
     if chunk == 0:
