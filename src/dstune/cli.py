@@ -18,6 +18,7 @@ from dstune.clikit import fail as _fail
 from dstune.config import METHODS, RunConfig, load_config
 from dstune.errors import DstuneError
 from dstune.export.cli import export_command
+from dstune.plan.cli import plan_command
 from dstune.serve.cli import serve_command
 
 app = typer.Typer(
@@ -198,6 +199,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare (clean, split, check)
 app.add_typer(data_app, name="data")
 app.command("export")(export_command)  # both in their own modules: this file stays under 600 lines
 app.command("serve")(serve_command)
+app.command("plan")(plan_command)
 
 
 # fmt: off

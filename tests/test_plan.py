@@ -1,0 +1,121 @@
+"""The memory planner: its arithmetic, its orderings, its accuracy against a tracked CPU step, fit and CLI."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from dstune.cli import app
+from dstune.config import load_config
+from dstune.errors import DstuneError, UsageError
+from dstune.plan.estimate import Setup, estimate
+from dstune.plan.gpus import parse_gpu
+from dstune.plan.measure import measure_step, write_text_data
+from dstune.plan.search import fit
+
+CPU = Setup(device_type="cpu")
+VOCAB, HIDDEN, LAYERS = 129280, 64, 2  # tiny:deepseek-llm (families.yaml)
+
+
+def cfg_of(**values):
+    base = {"model.name": "tiny:deepseek-llm", "data.max_length": 64, "train.micro_batch_size": 2}
+    return load_config(values={**base, **values})
+
+
+def test_breakdown_adds_up():
+    b = estimate(cfg_of(method="lora"), Setup(devices=1))
+    assert b.allocated == pytest.approx(sum(b.parts.values()))
+    assert b.total == pytest.approx(b.allocated + b.margin)
+    assert b.parts["overlap"] <= 0
+
+
+def test_components_match_a_hand_count():
+    full = estimate(cfg_of(method="full"), CPU)
+    params = full.facts["total_params"]
+    assert params == VOCAB * HIDDEN * 2 + LAYERS * (4 * 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
+    assert full.parts["trainable"] == 4 * params  # fp32 master weights
+    assert full.parts["gradients"] == 4 * params
+    assert full.parts["optimizer"] == 8 * params  # AdamW m and v in fp32
+    lora = estimate(cfg_of(method="lora"), CPU)
+    assert lora.facts["trainable_params"] == LAYERS * 4 * 8 * (64 + 64)  # r=8 on q, k, v, o
+    assert lora.parts["weights"] == 4 * params
+    # per token and layer: sdpa keeps q, k, v, out (4 x 64 x 4 B) + lse (4 heads x 4 B); two frozen
+    # RMSNorms keep their fp32 input (2 x 64 x 4); LoRA inputs: the shared q/k/v input and o's (2 x 64 x 4);
+    # SwiGLU keeps gate, silu and up (3 x 128 x 4).
+    per_token = 4 * 64 * 4 + 16 + 2 * 64 * 4 + 2 * 64 * 4 + 3 * 128 * 4
+    assert lora.parts["activations"] == LAYERS * per_token * 2 * 64
+    labelled = 2 * 63
+    assert lora.parts["logits"] == labelled * VOCAB * 8 + labelled * HIDDEN * 8
+
+
+def test_orderings():
+    full = estimate(cfg_of(method="full", **{"train.precision": "bf16"}), Setup())
+    lora = estimate(cfg_of(method="lora", **{"train.precision": "bf16"}), Setup())
+    qlora = estimate(cfg_of(method="qlora", **{"train.precision": "bf16"}), Setup())
+    assert lora.total < full.total
+    assert qlora.parts["weights"] < lora.parts["weights"] and qlora.allocated < lora.allocated
+    long = {"data.max_length": 1024}
+    plain = estimate(cfg_of(method="lora", **long), CPU)
+    ckpt = estimate(cfg_of(method="lora", **long, **{"train.gradient_checkpointing": True}), CPU)
+    assert ckpt.parts["activations"] < plain.parts["activations"]
+    one = estimate(cfg_of(method="lora"), Setup(devices=1, zero=3))
+    eight = estimate(cfg_of(method="lora"), Setup(devices=8, zero=3))
+    assert eight.parts["weights"] == pytest.approx(one.parts["weights"] / 8)
+
+
+@pytest.mark.parametrize(
+    "model,method,length,ckpt",
+    [
+        ("tiny:deepseek-llm", "full", 64, False),
+        ("tiny:deepseek-llm", "lora", 128, True),
+        ("tiny:deepseek-v3", "freeze", 64, False),
+    ],
+)
+def test_estimate_within_15_percent_of_measured(tmp_path, model, method, length, ckpt):
+    data = write_text_data(tmp_path / "text.jsonl", rows=16)
+    values = {
+        "data.train": str(data),
+        "data.format": "text",
+        "data.cache": False,
+        "train.packing": True,
+        "train.progress": False,
+        "train.prefetch": 0,
+        "train.gradient_checkpointing": ckpt,
+    }
+    cfg = cfg_of(method=method, **{"model.name": model, "data.max_length": length}, **values)
+    measured = measure_step(cfg)["peak"]
+    predicted = estimate(cfg, CPU).allocated
+    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+
+
+def test_fit_lowers_micro_batch_and_keeps_the_effective_batch():
+    cfg = cfg_of(
+        method="lora", **{"train.micro_batch_size": 8, "train.grad_accum": 2, "data.max_length": 512}
+    )
+    small = cfg_of(method="lora", **{"train.micro_batch_size": 2, "data.max_length": 512})
+    budget = estimate(small, CPU).total * 1.01
+    fitted, reason = fit(cfg, budget, device_type="cpu")
+    assert fitted.train.micro_batch_size < 8
+    assert fitted.train.micro_batch_size * fitted.train.grad_accum == 16
+    assert "micro-batch 8 ->" in reason
+    with pytest.raises(UsageError, match="needs .* GiB"):
+        fit(cfg, 1024, device_type="cpu")
+
+
+def test_errors_name_the_value_and_what_is_accepted():
+    with pytest.raises(UsageError, match=r"'B200'.*24GB.*H100"):
+        parse_gpu("B200")
+    assert parse_gpu("8xH100")[0] == 8
+    with pytest.raises(DstuneError, match="nosuch"):
+        estimate(cfg_of(**{"model.name": "tiny:nosuch"}))
+    out = CliRunner().invoke(app, ["plan", "--model", "tiny:deepseek-llm", "--gpu", "B200"])
+    assert out.exit_code == 2 and "B200" in out.output and "H100" in out.output
+
+
+def test_cli_plans_deepseek_v3_lora_on_8_h100_offline():
+    args = ["plan", "--model", "deepseek-ai/DeepSeek-V3", "--method", "lora", "--gpu", "8xH100"]
+    out = CliRunner().invoke(app, [*args, "--precision", "bf16", "--max-length", "2048"])
+    assert out.exit_code == 0, out.output
+    for line in ("weights", "activations", "optimizer states", "total per device", "verdict:"):
+        assert line in out.output
+    assert "does not fit" in out.output and "fastest configuration that fits" in out.output
