@@ -61,7 +61,7 @@ SHRINK: dict[str, list[str]] = {
     "merge": [], "report": [], "inspect": [], "export": [], "serve": [],
 }
 HUB = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "tiny:r1-distill-qwen"}
-OFFLINE_HUB = {"inspect"}  # subcommands that read a hub id's architecture from dstune's tables
+OFFLINE_HUB = {"inspect", "plan"}  # subcommands that read a hub id's architecture from dstune's tables
 NETWORK = {"postgresql://user:pass@db-host/studies": "sqlite:///{work}/shared-study.db"}
 ALIASES = {"runs/lora-r8": "runs/my-run", "runs/lora-r16": "runs/lora-deepseek-v3-tiny"}
 ANGLE = {"<a held-out csv/jsonl with text and label>": "held-out.csv"}
