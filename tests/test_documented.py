@@ -138,14 +138,17 @@ def _missing(directory: Path, entries: list[str]) -> list[str]:
 
 def _run_dir_problems(run: Path, output: str) -> list[str]:
     problems = [f"{run} lacks {m}" for m in _missing(run, required_entries(RUN_DIR))]
-    task = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("task") \
-        if (run / "config.yaml").is_file() else None
+    saved = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}) \
+        if (run / "config.yaml").is_file() else {}
+    task, objective = saved.get("task"), saved.get("objective")
     line = next((ln for ln in output.splitlines() if ln.startswith("done: ")), "")
     if not line:
         problems.append("no 'done: ...' summary line")
     elif task == "classification" and not ("accuracy" in line and "F1 macro" in line):
         problems.append(f"a classification run's summary line lacks accuracy and F1: {line}")
-    elif task != "classification" and "val loss" in line and "ppl" not in line:
+    elif objective not in (None, "sft") and "val loss" in line and "reward accuracy" not in line:
+        problems.append(f"a preference run's summary line lacks the reward accuracy: {line}")
+    elif task != "classification" and objective in (None, "sft") and "val loss" in line and "ppl" not in line:
         problems.append(f"a language-model run's summary line lacks ppl: {line}")
     if task == "classification" and not (run / "labels.json").is_file():
         problems.append(f"{run} lacks labels.json")

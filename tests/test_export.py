@@ -230,15 +230,16 @@ def test_a_trained_smollm2_run_exports_and_answers_alike(smollm2_dir, tmp_path):
     run = train(demo_config(str(tmp_path / "run"), max_steps=10), console=Console(quiet=True)).run_dir
     src = load_source(str(run))
     questions = ["Who are you?", "What is the capital of France?", "Write a haiku.", "What is 2+2?"] * 5
-    rows = [
+    texts = [
         src.tokenizer.apply_chat_template(
             [{"role": "user", "content": q + " " * i}],
             add_generation_prompt=True,
             chat_template=src.chat_template,
+            tokenize=False,
         )
         for i, q in enumerate(questions)
     ]
-    rows = [r["input_ids"] if isinstance(r, dict) else list(r) for r in rows]
+    rows = [src.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     ref = next_token_logits(src.model, rows)
     for quant, threshold in THRESHOLD.items():
         res = export_model(str(run), tmp_path / "gguf", quant=quant)

@@ -17,6 +17,8 @@ _AFTER_LOSS = [
     ("accuracy", "accuracy", ".4f"),
     ("f1_macro", "F1 macro", ".4f"),
     ("exact_match", "exact match", ".4f"),
+    ("rewards/accuracy", "reward accuracy", ".4f"),  # preference objectives (dpo, orpo, simpo, kto)
+    ("rewards/margins", "reward margin", ".4f"),
 ]
 
 
