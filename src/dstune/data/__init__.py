@@ -163,6 +163,40 @@ def dropped_rows_warning(report: dict, max_length: int) -> str | None:
     )
 
 
+def _tokenize_splits(cfg, splits, tokenizer, chat_template, task, class_weights, report):
+    """Each split's rows as token rows, the way its task and format need; the class labels (or [])."""
+    labels: list[str] = []
+    if task == "classification":
+        from dstune.data.classify import class_weights as weights_of
+        from dstune.data.classify import label_list, tokenize_classification
+
+        labels = label_list(splits["train"] + splits["val"] + splits["test"])
+        weights = weights_of(class_weights, labels, splits["train"]) if labels else None
+        tokenized = {
+            name: tokenize_classification(
+                rows, tokenizer, labels, cfg.max_length, weights if name == "train" else None
+            )
+            for name, rows in splits.items()
+        }
+        report["labels"] = labels
+        report["class_weights"] = weights
+    elif report["format"] in ("preference", "kto"):
+        from dstune.data.preference import tokenize_preference
+
+        tokenized = {
+            name: tokenize_preference(rows, tokenizer, chat_template, cfg.max_length, cfg.overflow)
+            for name, rows in splits.items()
+        }
+    else:
+        tokenized = {
+            name: tokenize_examples(
+                rows, tokenizer, chat_template, cfg.max_length, cfg.overflow, cfg.train_on
+            )
+            for name, rows in splits.items()
+        }
+    return tokenized, labels
+
+
 def prepare_data(
     cfg: Any,
     tokenizer: Any,
@@ -203,35 +237,7 @@ def prepare_data(
     report: dict = {}
     splits = _read_splits(cfg, seed, report)
     report["split"] = {name: len(rows) for name, rows in splits.items()}
-    labels: list[str] = []
-    if task == "classification":
-        from dstune.data.classify import class_weights as weights_of
-        from dstune.data.classify import label_list, tokenize_classification
-
-        labels = label_list(splits["train"] + splits["val"] + splits["test"])
-        weights = weights_of(class_weights, labels, splits["train"]) if labels else None
-        tokenized = {
-            name: tokenize_classification(
-                rows, tokenizer, labels, cfg.max_length, weights if name == "train" else None
-            )
-            for name, rows in splits.items()
-        }
-        report["labels"] = labels
-        report["class_weights"] = weights
-    elif report["format"] in ("preference", "kto"):
-        from dstune.data.preference import tokenize_preference
-
-        tokenized = {
-            name: tokenize_preference(rows, tokenizer, chat_template, cfg.max_length, cfg.overflow)
-            for name, rows in splits.items()
-        }
-    else:
-        tokenized = {
-            name: tokenize_examples(
-                rows, tokenizer, chat_template, cfg.max_length, cfg.overflow, cfg.train_on
-            )
-            for name, rows in splits.items()
-        }
+    tokenized, labels = _tokenize_splits(cfg, splits, tokenizer, chat_template, task, class_weights, report)
     report["tokenized"] = {name: _token_report(tok) for name, tok in tokenized.items()}
     report["trainable_tokens"] = tokenized["train"].trainable_tokens
     if not tokenized["train"].rows:
