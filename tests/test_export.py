@@ -245,3 +245,24 @@ def test_a_trained_smollm2_run_exports_and_answers_alike(smollm2_dir, tmp_path):
         res = export_model(str(run), tmp_path / "gguf", quant=quant)
         assert res.arch == "llama"
         assert agreement(ref, next_token_logits(load_with_transformers(res.path), rows))["top1"] >= threshold
+
+
+@pytest.mark.parametrize("family", ["deepseek-v2", "deepseek-v3"])
+def test_deepseek2_files_name_only_tensors_llama_cpp_defines_for_the_arch(family, tmp_path):
+    """An independent check of the deepseek2 layout, which no installed reader loads: every tensor name is
+    one the gguf package (llama.cpp's own constants) lists for MODEL_ARCH.DEEPSEEK2, for a block that
+    exists, and every block has its attention tensors."""
+    res = export_model(f"tiny:{family}", tmp_path / "out", quant="f16")
+    reader = gguf.GGUFReader(str(res.path))
+    blocks = _field(reader, "deepseek2.block_count")
+    allowed = {
+        gguf.TENSOR_NAMES[t].format(bid=b) + suffix
+        for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.DEEPSEEK2]
+        for b in range(blocks)
+        for suffix in (".weight", ".bias")
+    }
+    names = {t.name for t in reader.tensors}
+    assert names <= allowed, sorted(names - allowed)
+    for b in range(blocks):
+        assert {f"blk.{b}.attn_kv_a_mqa.weight", f"blk.{b}.attn_output.weight"} <= names, b
+    assert {"token_embd.weight", "output_norm.weight"} <= names
