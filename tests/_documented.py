@@ -46,7 +46,9 @@ EXAMPLES = ROOT / "examples"
 SHELL_LANGS = {"bash", "sh", "shell", "console", "zsh"}
 DSTUNE = re.compile(r"^(?:\S*/)?dstune(?:\s+|$)")
 
-_SETS = ["data.max_samples=64", "data.max_length=64", "train.eval_batches=2", "train.progress=false"]
+# grpo.max_new_tokens: a GRPO run's completions must fit data.max_length (other objectives ignore it)
+_SETS = ["data.max_samples=64", "data.max_length=64", "train.eval_batches=2", "train.progress=false",
+         "grpo.max_new_tokens=16"]
 SHRINK: dict[str, list[str]] = {
     "train": ["--max-steps", "2", *[a for s in _SETS for a in ("--set", s)]],
     "tune": ["--trials", "2", "--max-steps", "2",
@@ -344,7 +346,7 @@ class Session:
             first = self.run(producer)
             if first.returncode != 0:
                 raise AssertionError(f"{cmd.id} reads what {producer.id} writes, which failed:\n{first.output[-3000:]}")
-        args = mapped_args(cmd, self.work) + SHRINK.get(cmd.subcommand, [])
+        args = mapped_args(cmd, self.work) + SHRINK.get(cmd.subcommand, []) + grpo_prompts(cmd, self.work)
         wrote = writes(cmd, args, self.work)
         owner = self.owners.get(wrote.rstrip("/")) if wrote else None
         if wrote and (owner.id != cmd.id if owner else (self.work / wrote).exists()):  # taken: a place of its own
@@ -358,6 +360,17 @@ class Session:
             code, output = run_cli(args, self.work, stdin=STDIN.get(cmd.subcommand))
         self.done[cmd.id] = Outcome(args, code, output, self.work / wrote if wrote else None)
         return self.done[cmd.id]
+
+
+def grpo_prompts(cmd: Command, work: Path) -> list[str]:
+    """A GRPO config keeps its own data.max_length: it bounds the prompt plus the completion, and the
+    shrunk 64 tokens would drop every prompt of examples/grpo.yaml (a system prompt and a question)."""
+    config = work / cmd.args[1] if cmd.subcommand in ("train", "tune") and len(cmd.args) > 1 else None
+    if config is None or config.suffix not in (".yaml", ".yml") or not config.is_file():
+        return []
+    data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    keep = (data.get("data") or {}).get("max_length")
+    return ["--set", f"data.max_length={keep}"] if data.get("objective") == "grpo" and keep else []
 
 
 # --------------------------------------------------------------------------- the reader's own files

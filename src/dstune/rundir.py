@@ -35,6 +35,8 @@ class RunDir:
     CHECKPOINTS = "checkpoints"
     FINAL = "final"
     LOSS_PLOT = "loss.png"
+    REWARD_PLOT = "reward.png"  # objective=grpo: the mean reward per step and at each validation
+    COMPLETIONS = "completions.jsonl"  # objective=grpo: a few validation completions at each evaluation
     TENSORBOARD = "tb"
     LABELS = "labels.json"
     EVAL_JSON = "eval.json"

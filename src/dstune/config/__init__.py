@@ -18,7 +18,9 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from dstune.config.registry import (
+    BUILTIN_REWARDS,
     GENERATION_METRICS,
+    GRPO_METRICS,
     METHODS,
     OBJECTIVE_FORMATS,
     OBJECTIVES,
@@ -31,6 +33,7 @@ from dstune.config.sections import (
     ClassifyConfig,
     DataConfig,
     FreezeConfig,
+    GrpoConfig,
     Ia3Config,
     LoraConfig,
     MixSource,
@@ -40,6 +43,7 @@ from dstune.config.sections import (
     PromptConfig,
     QloraConfig,
     RegularizeConfig,
+    RewardSpec,
     StabilityConfig,
     TrainConfig,
     TuneConfig,
@@ -55,8 +59,8 @@ class ConfigError(DstuneError, ValueError):
 __all__ = [  # the sections and the registry are re-exported: callers import everything from dstune.config
     "ConfigError", "RunConfig", "load_config", "save_config", "apply_override", "parse_value",
     "METHODS", "MethodSpec", "TASK_METRICS", "GENERATION_METRICS", "OBJECTIVES", "OBJECTIVE_FORMATS",
-    "PREFERENCE_METRICS",
-    "PreferenceConfig",
+    "PREFERENCE_METRICS", "GRPO_METRICS", "BUILTIN_REWARDS",
+    "PreferenceConfig", "GrpoConfig", "RewardSpec",
     "AdapterConfig", "ClassifyConfig", "DataConfig", "FreezeConfig", "Ia3Config", "LoraConfig", "MixSource",
     "ModelConfig", "OptimConfig", "PromptConfig", "QloraConfig", "RegularizeConfig", "StabilityConfig",
     "TrainConfig", "TuneConfig",
@@ -75,6 +79,7 @@ class RunConfig(_Section):
         "sft", description="; ".join(f"{k}: {v}" for k, v in OBJECTIVES.items())
     )
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: Literal[tuple(METHODS)] = Field("lora", description=" | ".join(METHODS))  # type: ignore[valid-type]
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -110,17 +115,17 @@ class RunConfig(_Section):
             return self
         if self.task != "lm":
             raise ValueError(
-                f"objective={self.objective} trains a language model on preferences: it needs task=lm, "
-                f"not task={self.task}"
+                f"objective={self.objective} trains a language model: it needs task=lm, not task={self.task}"
             )
         if self.train.packing:
             # Each pair's log-probabilities are sums over one row's answer tokens; packed rows would mix
-            # examples, and pairs are short enough that padding costs little.
+            # examples, and pairs are short enough that padding costs little. GRPO generates its rows.
             raise ValueError(f"objective={self.objective} cannot pack examples: set train.packing=false")
         if self.train.eval_generate:
+            what = "the rewards of its own completions" if self.objective == "grpo" else "preference metrics"
             raise ValueError(
                 f"train.eval_generate scores generated answers of supervised data; objective="
-                f"{self.objective} validates preference metrics: set train.eval_generate=0"
+                f"{self.objective} validates {what}: set train.eval_generate=0"
             )
         fmt, want = self.data.format, OBJECTIVE_FORMATS[self.objective]
         if fmt not in ("auto", want):
@@ -132,16 +137,30 @@ class RunConfig(_Section):
                 "regularize.label_smoothing smooths the next-token loss of objective=sft; for DPO use "
                 "preference.label_smoothing"
             )
+        if self.objective == "grpo" and self.data.max_length <= self.grpo.max_new_tokens:
+            raise ValueError(
+                f"data.max_length={self.data.max_length} is the prompt plus its completion, so it must be "
+                f"larger than grpo.max_new_tokens={self.grpo.max_new_tokens}"
+            )
         return self
+
+    def validation_metrics(self) -> tuple[str, ...]:
+        """The metrics the run's validation computes (``train.best_metric`` must be one of them)."""
+        if self.objective == "grpo":
+            return GRPO_METRICS + tuple(f"reward/{r.key}" for r in self.grpo.rewards)
+        if self.objective != "sft":
+            return PREFERENCE_METRICS
+        generate = self.train.eval_generate and self.task == "lm"
+        return TASK_METRICS[self.task] + (GENERATION_METRICS if generate else ())
 
     @model_validator(mode="after")
     def _best_metric_is_computed(self) -> "RunConfig":
         name, generate = self.train.best_metric, self.train.eval_generate and self.task == "lm"
         if self.objective != "sft":
-            if name not in PREFERENCE_METRICS:
+            if name not in self.validation_metrics():
                 raise ValueError(
                     f"train.best_metric={name!r} is not computed by the validation of objective="
-                    f"{self.objective}; choose one of {list(PREFERENCE_METRICS)}"
+                    f"{self.objective}; choose one of {list(self.validation_metrics())}"
                 )
             return self
         if name in GENERATION_METRICS and self.task == "lm" and not generate:
@@ -192,7 +211,8 @@ class RunConfig(_Section):
         """+1 when a lower ``train.best_metric`` is better (loss, ppl), -1 when higher is."""
         mode = self.train.best_mode
         if mode == "auto":
-            mode = "min" if self.train.best_metric in ("loss", "ppl", "rewards/rejected") else "max"
+            low = ("loss", "ppl", "rewards/rejected", "completion_length", "truncated")
+            mode = "min" if self.train.best_metric in low else "max"
         return 1 if mode == "min" else -1
 
     def shape_keys(self) -> list[str]:
@@ -288,6 +308,17 @@ def _absolute_paths(data: dict, base: Path, output: bool = False) -> None:
         for source in section.get("mix") or []:
             if isinstance(source, dict) and isinstance(source.get("path"), str):
                 source["path"] = str((base / os.path.expanduser(source["path"])).absolute())
+    for reward in (data.get("grpo") or {}).get(
+        "rewards"
+    ) or []:  # a reward in a user's file: path.py:function
+        name = reward.get("name") if isinstance(reward, dict) else reward
+        if isinstance(name, str) and ".py:" in name and (base / name.rsplit(":", 1)[0]).is_file():
+            path, function = name.rsplit(":", 1)
+            absolute = f"{(base / os.path.expanduser(path)).absolute()}:{function}"
+            if isinstance(reward, dict):
+                reward["name"] = absolute
+            else:
+                data["grpo"]["rewards"][data["grpo"]["rewards"].index(reward)] = absolute
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("name"), str) and (base / model["name"]).exists():
         model["name"] = str((base / model["name"]).absolute())

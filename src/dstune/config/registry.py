@@ -39,16 +39,28 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")
 # Training objectives (``train.objective``): the loss a run optimises. sft is next-token cross-entropy; the
-# others learn from preferences (``train.preference``). GRPO will be one more name with its own section.
+# others learn from preferences (``preference``) or from rewards of sampled completions (``grpo``).
 OBJECTIVES: dict[str, str] = {
     "sft": "next-token cross-entropy on the answers (supervised fine-tuning)",
     "dpo": "direct preference optimisation on prompt/chosen/rejected pairs, against a reference model",
     "orpo": "odds-ratio preference optimisation: SFT on chosen plus an odds-ratio term, no reference",
     "simpo": "simple preference optimisation: length-normalised rewards with a margin, no reference",
     "kto": "Kahneman-Tversky optimisation on unpaired prompt/completion/label rows, against a reference",
+    "grpo": "group relative policy optimisation: sample completions of prompts, score them with rewards",
 }
 # The data format each preference objective reads.
 OBJECTIVE_FORMATS: dict[str, str] = {"dpo": "preference", "orpo": "preference", "simpo": "preference",
-                                     "kto": "kto"}  # fmt: skip
+                                     "kto": "kto", "grpo": "prompt"}  # fmt: skip
 # Validation metrics of a preference run (the same as logged on training steps).
 PREFERENCE_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy")
+# The reward functions ``objective: grpo`` has built in (``train.rewards``); users name their own as
+# module:function.
+BUILTIN_REWARDS: dict[str, str] = {
+    "accuracy": "1 when the completion's final answer (\\boxed{}, else the last number or line) equals the "
+    "row's answer",
+    "format": "1 when the completion is <think>...</think> then an answer (R1's format)",
+    "length": "0 up to max_new_tokens - length_cache tokens, then down to -1 at max_new_tokens (DAPO)",
+}
+# Validation metrics of a GRPO run (also ``reward/NAME`` for each reward function). Its loss is the negated
+# mean reward of the greedy completions, so "lower is better" holds for every objective's default metric.
+GRPO_METRICS = ("loss", "reward", "completion_length", "truncated")

@@ -39,8 +39,13 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 # Preference rows (``data.preference``) carry a second token row per example (the rejected answer, or
 # KTO's mismatched completion) and per-example numbers (KTO's label, cached reference log-probabilities).
 _SECOND_ROWS = ("rejected_", "kl_")
-_NUMBERS = {"desirable": torch.long, "ref_chosen": torch.float32, "ref_rejected": torch.float32,
-            "ref_kl": torch.float32}  # fmt: skip
+_NUMBERS = {
+    "desirable": torch.long,
+    "ref_chosen": torch.float32,
+    "ref_rejected": torch.float32,
+    "ref_kl": torch.float32,
+    "row": torch.long,
+}  # fmt: skip  (row: GRPO's prompt rows)
 
 
 def _collate_preference(rows: list[dict], pad_id: int, batch: dict[str, torch.Tensor]) -> None:

@@ -180,7 +180,7 @@ def _tokenize_splits(cfg, splits, tokenizer, chat_template, task, class_weights,
         }
         report["labels"] = labels
         report["class_weights"] = weights
-    elif report["format"] in ("preference", "kto"):
+    elif report["format"] in ("preference", "kto", "prompt"):
         from dstune.data.preference import tokenize_preference
 
         tokenized = {

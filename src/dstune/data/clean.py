@@ -199,9 +199,10 @@ def content(example: dict) -> str:
     are usually shared by every row and would make all rows look alike."""
     if "text" in example:
         return example["text"]
-    if "prompt" in example:  # a preference pair or KTO row (data.preference)
+    if "prompt" in example:  # a preference pair, KTO row or prompt-only row (data.preference)
         turns = [m["content"] for m in example["prompt"] if m["role"] != "system"]
-        return "\n".join(turns + [example[k] for k in ("chosen", "rejected", "completion") if k in example])
+        keys = ("chosen", "rejected", "completion", "answer")
+        return "\n".join(turns + [example[k] for k in keys if isinstance(example.get(k), str)])
     if "label" in example:
         return example["messages"][-2]["content"]
     parts = []

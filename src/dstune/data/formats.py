@@ -17,7 +17,7 @@ from typing import Any
 
 from dstune.errors import DstuneError
 
-FORMATS = ("text", "alpaca", "messages", "classification", "preference", "kto")
+FORMATS = ("text", "alpaca", "messages", "classification", "preference", "kto", "prompt")
 
 # What each format needs, quoted in the error when the format cannot be detected.
 FORMAT_KEYS = {
@@ -28,6 +28,7 @@ FORMAT_KEYS = {
     "classification": "'label' and a text column (text, review, sentence, content, comment, document)",
     "preference": "'chosen' and 'rejected' beside 'prompt' (or 'conversations')",
     "kto": "'prompt', 'completion' and a true/false 'label'",
+    "prompt": "'prompt' alone (a string or messages), with the 'answer' a reward checks",
 }
 
 # Column names taken as the text of a classification row when no text column is given, in this order.
@@ -89,6 +90,8 @@ def detect_format(
             return "preference"
         if "completion" in keys and label_column in keys:
             return "kto"
+        if "prompt" in keys and "completion" not in keys:  # prompt-only rows, for rewards (objective=grpo)
+            return "prompt"
         if "messages" in keys or "conversations" in keys:
             return "messages"
         if "instruction" in keys and "output" in keys:
@@ -301,7 +304,7 @@ def to_example(
         raise RowError(
             "not an object", f"is {_type_name(row)}, expected an object with the fields of a {fmt} example"
         )
-    if fmt in ("preference", "kto"):
+    if fmt in ("preference", "kto", "prompt"):
         from dstune.data.preference import to_preference_example  # it builds on this module's helpers
 
         return to_preference_example(row, fmt, source, system)

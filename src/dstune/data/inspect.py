@@ -94,7 +94,7 @@ def inspect_file(
         return report
     tokenizer, template = load_tokenizer_for(model)
     report["model"] = model
-    if loaded.format in ("preference", "kto"):
+    if loaded.format in ("preference", "kto", "prompt"):
         return _inspect_preference(report, rows, shown, tokenizer, template, max_length)
     report["tokens"] = length_stats(token_lengths(rows, tokenizer, template))
     tok = tokenize_examples(shown, tokenizer, template, max_length, "truncate", train_on)
@@ -123,6 +123,17 @@ def _inspect_preference(report, rows, shown, tokenizer, template, max_length: in
     tok = tokenize_preference(shown, tokenizer, template, max_length)
     report["rendered"] = []
     for r in tok.rows:
+        if "prompt_text" in r:  # a prompt-only row (objective=grpo): the prompt as the model will continue it
+            answer = f" (answer {r['answer']!r})" if r["answer"] is not None else " (no answer)"
+            report["rendered"].append(
+                {
+                    "source": f"{r['source']} prompt{answer}",
+                    "tokens": len(r["input_ids"]),
+                    "trained_tokens": 0,
+                    "text": _cut(r["prompt_text"]),
+                }  # fmt: skip
+            )
+            continue
         sides = [("chosen" if "rejected_input_ids" in r else "completion", "")]
         sides += [("rejected", "rejected_")] if "rejected_input_ids" in r else []
         label = f" (label {'true' if r['desirable'] else 'false'})" if "desirable" in r else ""
@@ -144,7 +155,7 @@ def _plain(ex: dict) -> str:
     if "text" in ex:
         return ex["text"]
     if "prompt" in ex:
-        answers = [(k, ex[k]) for k in ("chosen", "rejected", "completion") if k in ex]
+        answers = [(k, ex[k]) for k in ("chosen", "rejected", "completion", "answer") if k in ex]
         return "\n".join(
             [f"{m['role']}: {m['content']}" for m in ex["prompt"]] + [f"{k}: {v}" for k, v in answers]
         )

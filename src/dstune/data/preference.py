@@ -8,12 +8,14 @@ Accepted rows (TRL's "standard" and "conversational" shapes, and LLaMA-Factory's
     {"conversations": [{"from": "human", "value": ...}], "chosen": {"from": "gpt", "value": ...},
      "rejected": {"from": "gpt", "value": ...}}
     {"prompt": "text" | [...], "completion": "text" | [...], "label": true | false}
+    {"prompt": "text" | [...], "answer": "135", ...}      (prompt-only, for GRPO's rewards)
 
 Each becomes ``{"prompt": [messages], "chosen": str, "rejected": str, "source"}`` (or ``"completion"`` and
-``"desirable"``). Tokenizing renders the prompt exactly as at inference (the chat template with its
-generation prompt, including R1's prefilled ``<think>``); the answer's tokens follow it: the reply, then the
-end-of-turn text the template writes after a reply. Labels mask the prompt. Prompt and answer are tokenized
-separately (as TRL does), so the prompt's tokens are those the model sees when it generates.
+``"desirable"``; or ``"answer"`` and the row's other ``"fields"``, which reward functions receive).
+Tokenizing renders the prompt exactly as at inference (the chat template with its generation prompt,
+including R1's prefilled ``<think>``); the answer's tokens follow it: the reply, then the end-of-turn text
+the template writes after a reply. Labels mask the prompt. Prompt and answer are tokenized separately (as
+TRL does), so the prompt's tokens are those the model sees when it generates.
 """
 
 from __future__ import annotations
@@ -95,12 +97,31 @@ def to_preference_example(row: Any, fmt: str, source: str, system: str | None = 
     if fmt == "preference":
         return {"prompt": prompt, "chosen": _answer(row, "chosen"), "rejected": _answer(row, "rejected"),
                 "source": source}  # fmt: skip
+    if fmt == "prompt":
+        return _prompt_only(row, prompt, source)
     label = row.get("label")
     if not isinstance(label, bool):
         raise RowError(
             "bad label", f"field 'label' is {_type_name(label)} {label!r:.60}; expected true or false"
         )
     return {"prompt": prompt, "completion": _answer(row, "completion"), "desirable": label, "source": source}
+
+
+def _prompt_only(row: dict, prompt: list[dict], source: str) -> dict:
+    """A prompt-only row: its ``answer`` (a string or number, or absent) and its other JSON fields, which
+    reward functions receive as keyword arguments (as TRL passes a data set's columns)."""
+    answer = row.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float, type(None))):
+        raise RowError(
+            "bad answer",
+            f"field 'answer' is {_type_name(answer)} {answer!r:.60}; expected a string or number",
+        )
+    if isinstance(answer, str) and not answer.strip():
+        raise RowError("empty 'answer'", "field 'answer' is empty")
+    skip = ("prompt", "system", "conversations", "answer")
+    fields = {k: v for k, v in row.items() if k not in skip and isinstance(v, (str, int, float, bool))}
+    return {"prompt": prompt, "answer": None if answer is None else str(answer), "fields": fields,
+            "source": source}  # fmt: skip
 
 
 def render_prompt_answer(tokenizer: Any, template: str, prompt: list[dict], answer: str) -> tuple[str, str]:
@@ -148,8 +169,10 @@ def tokenize_preference(
     max_length: int,
     overflow: str = "truncate",
 ) -> Tokenized:
-    """Token rows of preference examples.
+    """Token rows of preference examples (and of prompt-only rows).
 
+    A prompt-only row gives its prompt's tokens as ``input_ids`` (no labels: GRPO samples the answers),
+    the rendered ``prompt_text``, ``answer`` and ``fields``; one longer than ``max_length`` is dropped.
     A pair gives ``{"input_ids", "labels"}`` (prompt + chosen) and ``{"rejected_input_ids",
     "rejected_labels"}``; a KTO row gives its own tokens, ``"desirable"`` (1 or 0) and ``"kl_input_ids"``,
     ``"kl_labels"``: its prompt with the completion of the next row of the split (the last takes the first),
@@ -161,6 +184,8 @@ def tokenize_preference(
     _require_template([{"messages": []}], tokenizer, template)
     control = _control_tokens(tokenizer, template)
     out = Tokenized(rows=[])
+    if examples and "answer" in examples[0]:
+        return _tokenize_prompts(examples, tokenizer, template, control, max_length)
     kept = []
     for ex in examples:
         answers = [ex["chosen"], ex["rejected"]] if "chosen" in ex else [ex["completion"]]
@@ -186,6 +211,24 @@ def tokenize_preference(
             continue
         out.truncated += len(prompts[i]) + max(map(len, answers[i])) > max_length
         out.rows.append({**row, "source": ex["source"]})
+    return out
+
+
+def _tokenize_prompts(examples: list[dict], tokenizer, template: str, control, max_length: int) -> Tokenized:
+    out = Tokenized(rows=[])
+    for ex in examples:
+        if control is not None and any(control.search(m["content"]) for m in ex["prompt"]):
+            _count_drop(out, "contains a control token")
+            continue
+        text = tokenizer.apply_chat_template(
+            ex["prompt"], tokenize=False, chat_template=template, add_generation_prompt=True
+        )
+        ids = _encode(tokenizer, [text])[0]
+        if len(ids) >= max_length:
+            _count_drop(out, "prompt too long")
+            continue
+        out.rows.append({"input_ids": ids, "labels": [IGNORE] * len(ids), "prompt_text": text,
+                         "answer": ex["answer"], "fields": ex["fields"], "source": ex["source"]})  # fmt: skip
     return out
 
 

@@ -27,8 +27,8 @@ def _series(rows: list[dict], split: str, key: str) -> list[tuple[int, float]]:
 def plot_run_curves(
     run_dir: str | Path, out_dir: str | Path, only: Sequence[str] | None = None
 ) -> dict[str, Path]:
-    """Writes ``loss.png`` (train and validation), ``lr.png``, ``grad_norm.png`` and, when the run
-    logged validation metrics other than loss, ``val_metrics.png`` from the run's ``metrics.jsonl``.
+    """Writes ``loss.png`` (train and validation), ``lr.png``, ``grad_norm.png``, ``reward.png`` (GRPO) and,
+    when the run logged validation metrics other than loss, ``val_metrics.png`` from its ``metrics.jsonl``.
 
     Args:
         only: write just these charts (e.g. ``("loss",)``); None writes them all.
@@ -54,6 +54,11 @@ def plot_run_curves(
         "loss": ("loss (nats/token)", [("train", "loss", "train"), ("val", "loss", "validation")]),
         "lr": ("learning rate", [("train", "lr", "lr")]),
         "grad_norm": ("gradient norm (before clipping)", [("train", "grad_norm", "grad norm")]),
+        # objective=grpo: sampled completions in training, greedy ones in validation
+        "reward": (
+            "mean reward",
+            [("train", "reward", "train (sampled)"), ("val", "reward", "validation (greedy)")],
+        ),
         "val_metrics": ("validation metrics", [("val", k, k) for k in val_keys]),
     }
     for name, (ylabel, lines) in charts.items():
@@ -81,8 +86,9 @@ def plot_run_curves(
 
 
 def plot_loss(run_dir: str | Path) -> Path | None:
-    """The run's training and validation loss against optimizer step, as ``loss.png`` in the run directory."""
-    return plot_run_curves(run_dir, run_dir, only=("loss",)).get("loss")
+    """The run's training and validation loss against optimizer step, as ``loss.png`` in the run directory
+    (and a GRPO run's reward curve as ``reward.png``)."""
+    return plot_run_curves(run_dir, run_dir, only=("loss", "reward")).get("loss")
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path) -> Path:

@@ -34,6 +34,8 @@ _COLUMNS = [
     # preference objectives (objective: dpo, ...): the validation pairs' reward accuracy and margin
     ("val reward acc", lambda r: (r["summary"].get("val") or {}).get("rewards/accuracy")),
     ("val margin", lambda r: (r["summary"].get("val") or {}).get("rewards/margins")),
+    # objective=grpo: the mean reward of the validation prompts' greedy completions
+    ("val reward", lambda r: (r["summary"].get("val") or {}).get("reward")),
     ("eval ppl", lambda r: r["eval"].get("ppl")),
     ("BLEU", lambda r: r["eval"].get("generation", {}).get("bleu", {}).get("bleu")),
     ("ROUGE-L", lambda r: r["eval"].get("generation", {}).get("rouge", {}).get("rougeL")),

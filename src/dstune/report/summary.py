@@ -19,6 +19,9 @@ _AFTER_LOSS = [
     ("exact_match", "exact match", ".4f"),
     ("rewards/accuracy", "reward accuracy", ".4f"),  # preference objectives (dpo, orpo, simpo, kto)
     ("rewards/margins", "reward margin", ".4f"),
+    ("reward", "reward", ".4f"),  # objective=grpo: the greedy completions' mean reward, and per function
+    ("reward/accuracy", "accuracy reward", ".4f"),
+    ("reward/format", "format reward", ".4f"),
 ]
 
 

@@ -111,6 +111,10 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
     data, notes = build_data(cfg, tokenizer, template)
     pad = pad_id_of(tokenizer)
     model, speed, objective, regularization = build_model(cfg, resolved, data.labels, pad, engine.device)
+    if cfg.objective == "grpo":  # it samples with the tokenizer and scores the rows' answers
+        from dstune.train.grpo import make_grpo
+
+        objective = make_grpo(cfg, tokenizer, template, pad, model, data)
     trainable = trainable_summary(model)
     is_moe = bool(
         getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
@@ -171,7 +175,7 @@ def build_data(cfg: RunConfig, tokenizer, template: str | None) -> tuple[Prepare
     """The run's data (packed when asked) and the lines that describe it (format, drops, warnings)."""
     tc, task = cfg.train, TASKS[cfg.task]
     data = task.data(cfg, tokenizer, template)
-    check_objective_data(cfg, data.report.get("format"))
+    check_objective_data(cfg, data.report.get("format"), data)
     share = round(padding_share(data.train, tc.micro_batch_size), 4) if data.train else 0.0
     data.report["padding_share"] = share
     notes = [data_line(data.report)]
@@ -197,17 +201,31 @@ def build_data(cfg: RunConfig, tokenizer, template: str | None) -> tuple[Prepare
     return data, notes
 
 
-def check_objective_data(cfg: RunConfig, fmt: str | None) -> None:
+def check_answers(cfg: RunConfig, data: PreparedData) -> None:
+    """Refuses prompt rows without an ``answer`` when the accuracy reward, which checks it, is on."""
+    if any(r.name == "accuracy" for r in cfg.grpo.rewards):
+        for row in data.train + data.val:
+            if row["answer"] is None:
+                raise DataError(
+                    f"{row['source']}: no 'answer' field, which the accuracy reward (grpo.rewards) checks; "
+                    f"add answers, or drop accuracy from grpo.rewards"
+                )
+
+
+def check_objective_data(cfg: RunConfig, fmt: str | None, data: PreparedData | None = None) -> None:
     """Refuses data the objective cannot train on: pairs for sft, conversations for dpo, and so on."""
     want = OBJECTIVE_FORMATS.get(cfg.objective)
     source = cfg.data.train or "data.mix"
     if want and fmt != want:
-        keys = "prompt/chosen/rejected pairs" if want == "preference" else "prompt/completion/label rows"
+        keys = {"preference": "prompt/chosen/rejected pairs", "kto": "prompt/completion/label rows",
+                "prompt": "prompt-only rows (prompt, answer)"}[want]  # fmt: skip
         raise DataError(
             f"{source}: objective={cfg.objective} trains on {keys}, but the file is in {fmt} format"
         )
-    if not want and fmt in ("preference", "kto"):
-        fix = "dpo, orpo or simpo" if fmt == "preference" else "kto"
+    if cfg.objective == "grpo" and fmt == "prompt" and data is not None:
+        check_answers(cfg, data)
+    if not want and fmt in ("preference", "kto", "prompt"):
+        fix = {"preference": "dpo, orpo or simpo", "kto": "kto", "prompt": "grpo"}[fmt]
         raise DataError(
             f"{source} holds {fmt} rows; supervised training cannot use them: set objective={fix}"
         )
@@ -257,7 +275,7 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
     speed["chunk_tokens"] = chunk
     speed["split_by_length"] = length_split_overhead(tc.split_by_length, device.type)
     objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce)
-    if cfg.objective != "sft":
+    if cfg.objective not in ("sft", "grpo"):
         from dstune.train.preference import make_objective
 
         objective = make_objective(cfg, pad, model)

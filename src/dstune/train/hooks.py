@@ -69,8 +69,15 @@ class Hooks:
         self.events = {"oom_backoffs": 0, "eval_oom_backoffs": 0}
         self.logger = MetricsLogger(run_dir.path, enabled=self.is_main)
         log = self.logger.log
+        # GRPO's loss is a centred policy-gradient surrogate near 0, not a descent curve: spikes of it say
+        # nothing, so only its gradient norm is watched.
+        stability = (
+            cfg.stability.model_copy(update={"detect_loss_spikes": False})
+            if cfg.objective == "grpo"
+            else None
+        )
         self.guard = StabilityGuard(
-            cfg.stability,
+            stability or cfg.stability,
             run.unwrapped,
             run.optimizer,
             run.scheduler,
@@ -205,6 +212,8 @@ class Hooks:
         if metrics:
             self.logger.log(step, "val", metrics)
             self.val_seen.update(step=step, loss=metrics["loss"], value=metrics[self.metric])
+            for sample in getattr(run.objective, "samples", ()) if self.is_main else ():  # GRPO's completions
+                self.run_dir.append_jsonl(RunDir.COMPLETIONS, {"step": step, **sample})
             if self.on_eval is not None:
                 self.on_eval(step, metrics)
         return metrics

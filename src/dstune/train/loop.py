@@ -102,7 +102,8 @@ def train_step(run: Run, state: TrainState, hooks: Hooks) -> tuple[torch.Tensor,
     while True:
         try:
             hooks.faults.oom("step", state.step + 1)
-            passes = split_by_length(split_window(window, state.split), run.speed["split_by_length"])
+            prepared = run.objective.prepare(run.model, split_window(window, state.split), run.engine)
+            passes = split_by_length(prepared, run.speed["split_by_length"])
             loss_sum, n_global = backward_window(
                 run.model, passes, run.engine, run.objective, hooks.after_micro
             )

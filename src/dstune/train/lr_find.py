@@ -86,6 +86,11 @@ def lr_find(
     Raises:
         UsageError: a bad range or too few steps, naming the option.
     """
+    if cfg.objective == "grpo":  # its loss is a centred surrogate near 0 whatever the lr: no curve to read
+        raise UsageError(
+            "lr-find: objective=grpo has no loss curve to read (its loss is a policy-gradient surrogate "
+            "near 0); search optim.lr with `dstune tune` on tune.objective=reward instead"
+        )
     if not 0 < start_lr < end_lr:
         raise UsageError(f"lr-find: need 0 < --start-lr < --end-lr, got {start_lr} and {end_lr}")
     if steps < 5:

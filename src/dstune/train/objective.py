@@ -3,8 +3,9 @@
 An objective turns one collated micro-batch into a summed loss and says how many units (labelled tokens,
 or rows for a classification head) that sum is over; the loop divides by the units of the whole
 accumulation window on every process, so accumulation and data parallelism give the gradient of one big
-batch. Supervised fine-tuning is the objective today; preference and reward objectives (DPO, GRPO) are
-further classes with the same two methods, chosen by ``build``.
+batch. Supervised fine-tuning is one objective; preference (``train.preference``) and reward
+(``train.grpo``) objectives are further classes with the same methods, chosen by ``build``. ``prepare``
+runs first on the step's micro-batches: GRPO samples and scores its completions there.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from dstune.core.loss import count_loss_tokens
 
 
 class Objective(Protocol):
+    def prepare(self, model: torch.nn.Module, window: list[dict], engine) -> list[dict]:
+        """The micro-batches the step trains on, made from those the data served (usually the same)."""
+
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The summed training loss of one micro-batch (a scalar tensor on the model's device)."""
 
@@ -39,6 +43,9 @@ class SupervisedObjective:
     label_smoothing: float = 0.0
     chunk_tokens: int = 0
     fused_ce: Callable | None = None
+
+    def prepare(self, model: torch.nn.Module, window: list[dict], engine) -> list[dict]:
+        return window
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return loss_sum(model, batch, self.label_smoothing, self.chunk_tokens, self.fused_ce)

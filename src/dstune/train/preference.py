@@ -25,8 +25,12 @@ from dstune.core.collate import collate, eval_batches
 from dstune.core.loss import IGNORE
 
 
-def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each row's labelled tokens (next-token, shifted) and their count.
+def token_logps(
+    model, input_ids, attention_mask, labels, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each labelled token (next-token, shifted) as ``[rows, length - 1]`` (0 where
+    unlabelled), and the mask of labelled positions. Logits are divided by ``temperature`` first (GRPO
+    scores tokens under the distribution it sampled them from).
 
     The model returns its last hidden states only (``logits_to_keep=1``) and the output layer runs on the
     labelled positions alone, so no ``rows x length x vocabulary`` logits exist for the prompts.
@@ -39,12 +43,16 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
     target = labels[:, 1:][keep]
     head = getattr(model, "module", model).get_output_embeddings()
     logits = F.linear(hidden[:, :-1][keep], head.weight, head.bias).float()
-    token_logps = logits.log_softmax(-1).gather(1, target[:, None]).squeeze(1)
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(
-        0, rows, token_logps
-    )
-    return sums, keep.sum(1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    flat = logits.log_softmax(-1).gather(1, target[:, None]).squeeze(1)
+    return torch.zeros(keep.shape, dtype=flat.dtype, device=flat.device).masked_scatter(keep, flat), keep
+
+
+def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each row's labelled tokens and their count (``token_logps`` summed)."""
+    logps, keep = token_logps(model, input_ids, attention_mask, labels)
+    return logps.sum(1), keep.sum(1)
 
 
 def _pad_to(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -131,7 +139,7 @@ class _Stats:
 
     def add(self, name: str, values: torch.Tensor) -> None:
         if values.numel():
-            self.sums[name] = self.sums.get(name, 0.0) + float(values.float().sum())
+            self.sums[name] = self.sums.get(name, 0.0) + float(values.detach().float().sum())
             self.counts[name] = self.counts.get(name, 0) + values.numel()
 
     def means(self) -> dict[str, float]:
@@ -159,6 +167,9 @@ class PreferenceObjective:
     @property
     def needs_reference(self) -> bool:
         return self.name in ("dpo", "kto")
+
+    def prepare(self, model, window: list[dict], engine) -> list[dict]:
+        return window
 
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.tensor(len(batch["input_ids"]))

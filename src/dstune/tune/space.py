@@ -89,6 +89,14 @@ PRESETS: dict[str, dict[str, dict]] = {
         "optim.lr": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
         "preference.beta": {"type": "float", "low": 0.01, "high": 10.0, "log": True},
     },
+    # objective: grpo (with tune.objective: reward). beta 0 (no KL, DAPO and Dr. GRPO) against the 0.04 of
+    # DeepSeekMath's GRPO (Shao et al. 2024, sec. 4.2); group sizes as in the R1 and DAPO reports (16) and
+    # what fits a CPU (4, 8).
+    "grpo": {
+        "optim.lr": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True},
+        "grpo.beta": {"type": "categorical", "choices": [0.0, 0.01, 0.04]},
+        "grpo.num_generations": {"type": "categorical", "choices": [4, 8, 16]},
+    },
 }
 # The space a search uses when the config names none: the method's obvious one.
 DEFAULT_PRESET = {
