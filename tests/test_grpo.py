@@ -365,3 +365,39 @@ def test_tune_searches_beta_group_size_and_lr_on_the_reward(files, tmp_path):
     assert (
         best.objective == "grpo" and best.grpo.num_generations == result.best.params["grpo.num_generations"]
     )
+
+
+@pytest.mark.parametrize("method", ["freeze", "qlora"])
+def test_grpo_trains_with_the_other_methods(files, tmp_path, method):
+    """Every method where the maths allows: freeze trains the top layers; QLoRA's 4-bit base generates
+    and trains its adapter (bitsandbytes on CPU); the weights move."""
+    cfg = make_cfg(files, tmp_path / "run", method, train__max_steps=2, train__eval_every=0)
+    result = train(cfg, console=Console(quiet=True))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+    assert all(r["grad_norm"] > 0 for r in rows if r["split"] == "train")
+    assert "reward/low_ids" in result.summary["val"]
+
+
+@pytest.mark.parametrize("family", ["tiny:deepseek-v3", "tiny:r1-distill-qwen"])
+def test_grpo_on_moe_and_r1_families_renders_prompts_as_at_inference(files, tmp_path, family):
+    """V3's routed experts and R1-Distill's template: the prompt ends where generation starts (R1 opens
+    <think> itself, and the format reward counts it as opened), and completions stop at the end token."""
+    from dstune.train.build import build
+
+    cfg = make_cfg(files, tmp_path / "run", model__name=family, train__max_steps=2, train__eval_every=0)
+    run = build(cfg)
+    row = run.data.train[0]
+    prompt = run.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        chat_template=run.template,
+    )
+    assert row["prompt_text"].endswith(prompt[-12:])
+    assert run.tokenizer.eos_token_id in run.objective.stop_ids
+    if family.startswith("tiny:r1"):
+        assert row["prompt_text"].rstrip().endswith("<think>")
+        assert format_reward([row["prompt_text"]], ["5 + 7 = 12</think> 12"]) == [1.0]
+    result = train(cfg, console=Console(quiet=True))
+    assert result.steps == 2 and "reward/low_ids" in result.summary["val"]
