@@ -77,7 +77,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(small_file, tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "dstune.cli", "train", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
-    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count('"train"') >= 2):
         assert time.time() < deadline and proc.poll() is None, "training did not start"
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)

@@ -18,6 +18,10 @@ def _pyplot():
     return plt
 
 
+_MEMORY = [("rss_mb", "process"), ("peak_rss_mb", "process peak"), ("device_mem_mb", "device"),
+           ("device_peak_mb", "device peak")]  # fmt: skip
+
+
 def _series(rows: list[dict], split: str, key: str) -> list[tuple[int, float]]:
     return [
         (r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))
@@ -27,8 +31,9 @@ def _series(rows: list[dict], split: str, key: str) -> list[tuple[int, float]]:
 def plot_run_curves(
     run_dir: str | Path, out_dir: str | Path, only: Sequence[str] | None = None
 ) -> dict[str, Path]:
-    """Writes ``loss.png`` (train and validation), ``lr.png``, ``grad_norm.png``, ``reward.png`` (GRPO) and,
-    when the run logged validation metrics other than loss, ``val_metrics.png`` from its ``metrics.jsonl``.
+    """Writes ``loss.png`` (train and validation), ``lr.png``, ``grad_norm.png``, ``reward.png`` (GRPO),
+    ``memory.png`` and ``step_time.png`` (system metrics) and, when the run logged validation metrics other
+    than loss, ``val_metrics.png`` from its ``metrics.jsonl``.
 
     Args:
         only: write just these charts (e.g. ``("loss",)``); None writes them all.
@@ -138,6 +143,36 @@ def plot_compare(run_dirs: Sequence[str | Path], path: str | Path) -> Path | Non
     ax.set_title("runs compared")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_system(run_dirs: Sequence[str | Path], path: str | Path) -> Path | None:
+    """Step time (left) and peak memory (right: the process, and the device on CUDA) of several runs against
+    optimizer step, from their system metrics; None when no run logged any."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    drawn = False
+    for run in run_dirs:
+        rows, name = read_metrics(Path(run)), Path(run).name
+        steps = _series(rows, "system", "step_time_s")
+        if not steps:
+            continue
+        drawn = True
+        (line,) = left.plot(*zip(*steps), lw=1.2, label=name)
+        right.plot(*zip(*_series(rows, "system", "peak_rss_mb")), lw=1.2, color=line.get_color(), label=name)
+        if device := _series(rows, "system", "device_peak_mb"):
+            right.plot(*zip(*device), "--", lw=1.2, color=line.get_color(), label=f"{name} device")
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, ylabel in ((left, "seconds per step"), (right, "peak memory (MiB)")):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

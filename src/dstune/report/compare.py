@@ -43,6 +43,10 @@ _COLUMNS = [
     ("accuracy", lambda r: r["eval"].get("classification", {}).get("accuracy")),
     ("F1 macro", lambda r: r["eval"].get("classification", {}).get("f1_macro")),
     ("wall s", lambda r: r["wall_s"]),
+    # system metrics (split "system" of metrics.jsonl): the median step, the process's and device's peaks
+    ("s/step", lambda r: r["system"].get("s_per_step")),
+    ("peak MiB", lambda r: r["system"].get("peak_rss_mb")),
+    ("device peak MiB", lambda r: r["system"].get("device_peak_mb")),
 ]
 # optuna's trial states (trials.csv) as the table says them
 _STATES = {"complete": "finished", "fail": "failed"}
@@ -102,6 +106,19 @@ def _from_metrics(rows: list[dict]) -> dict:
     }
 
 
+def _system(rows: list[dict]) -> dict:
+    """A run's system metrics in one line: the median step time and the peaks of its memory."""
+    system = [r for r in rows if r.get("split") == "system"]
+    if not system:
+        return {}
+    times = sorted(r["step_time_s"] for r in system if r.get("step_time_s"))
+    out = {"s_per_step": times[len(times) // 2] if times else None}
+    for key in ("peak_rss_mb", "device_peak_mb"):
+        values = [r[key] for r in system if key in r]
+        out[key] = max(values) if values else None
+    return out
+
+
 def wall_time(run_dir: str | Path, summary: dict) -> tuple[float | None, int]:
     """Training wall time of a run over all its sessions, in seconds, and the number of sessions.
 
@@ -136,12 +153,14 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     summary = rd.read_json(RunDir.SUMMARY)
     state = _trial_state(run) or ("finished" if summary else "unfinished")
     wall_s, sessions = wall_time(run, summary)
+    metrics = read_metrics(run)
     return {
         "name": run.name,
         "path": str(run),
         "run": rd.read_json(RunDir.RUN),
         "config": config or {},
-        "summary": summary or _from_metrics(read_metrics(run)),
+        "summary": summary or _from_metrics(metrics),
+        "system": _system(metrics),
         "eval": rd.read_json(RunDir.EVAL_JSON),
         "state": state,
         "wall_s": wall_s,
@@ -158,8 +177,8 @@ def _cell(value: Any) -> str:
 
 
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
-    """Writes ``report.md`` (one table, one row per run) and ``compare.png`` (their loss curves) to
-    ``out_dir``.
+    """Writes ``report.md`` (one table, one row per run), ``compare.png`` (their loss curves) and
+    ``system.png`` (step time and memory, when the runs logged system metrics) to ``out_dir``.
 
     ``run_dirs`` may hold study directories: each stands for its trials. Columns that no run has a value
     for are left out, and the state column when every run finished.
@@ -167,7 +186,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     Returns:
         ``{"columns": [...], "rows": [[run name, values...], ...], "markdown": path, "plot": path or None}``.
     """
-    from dstune.report.charts import plot_compare
+    from dstune.report.charts import plot_compare, plot_system
 
     if not run_dirs:
         raise NotARunError("no run directories given")
@@ -187,6 +206,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_compare([r["path"] for r in runs], out / "compare.png")
+    system = plot_system([r["path"] for r in runs], out / "system.png")
     lines = [
         "# Runs compared",
         "",
@@ -205,6 +225,8 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
         ]
     if plot:
         lines += ["", f"![loss curves]({plot.name})"]
+    if system:
+        lines += ["", f"![step time and memory]({system.name})"]
     lines += ["", "Runs: " + ", ".join(f"`{r['path']}`" for r in runs)]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"columns": ["run", *columns], "rows": rows, "markdown": out / "report.md", "plot": plot}

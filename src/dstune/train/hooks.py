@@ -29,6 +29,7 @@ from dstune.train.regularize import EarlyStopping
 from dstune.train.schedules import current_lr
 from dstune.train.signals import StopRequest, TrainingInterrupted
 from dstune.train.state import TrainState
+from dstune.train.sysmetrics import SystemMetrics
 from dstune.train.tasks import TASKS
 
 
@@ -103,6 +104,7 @@ class Hooks:
         self.stop = StopRequest(engine)
         # The next micro-batches are collated (and pinned, on CUDA) on a thread while this step computes.
         self.feed = Prefetcher(run.batches, cfg.train.prefetch, pin_memory=engine.device.type == "cuda")
+        self.system = SystemMetrics(engine.device)
 
     def __enter__(self) -> "Hooks":
         self.progress.__enter__()
@@ -115,6 +117,13 @@ class Hooks:
         self.progress.__exit__(*exc)
 
     # ------------------------------------------------------------------ within a step
+
+    def next_batch(self) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """The next micro-batch and its row indices; the time waited for it counts as data wait."""
+        t = time.perf_counter()
+        out = self.feed.next()
+        self.system.waited(time.perf_counter() - t)
+        return out
 
     def after_micro(self) -> None:
         self.micro_done += 1
@@ -147,6 +156,7 @@ class Hooks:
     def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Runs the hooks of a finished step in their fixed order; returns True to stop (early stopping)."""
         step, steps, tc = self.state.step, self.run.steps, self.run.cfg.train
+        self.system.step_done()
         self.diagnostics.after_step(step)
         self.guard.after_step(step)
         self.pending.append(loss)
@@ -167,6 +177,7 @@ class Hooks:
                 f"dstune train {self.run_dir.config} "
                 f"--resume"
             )
+        self.system.restart()  # evaluation and checkpoints above are not the next step's time
         return False
 
     def flush_losses(self) -> None:
@@ -192,6 +203,7 @@ class Hooks:
                 **(run.objective.take_metrics() if hasattr(run.objective, "take_metrics") else {}),
             },
         )
+        self.logger.log(self.state.step, "system", self.system.take())
 
     def validate(self) -> dict[str, float]:
         """Validation metrics of the current weights; an out-of-memory halves the evaluation batch only."""

@@ -96,7 +96,7 @@ def train_step(run: Run, state: TrainState, hooks: Hooks) -> tuple[torch.Tensor,
     verdict, the update. Returns the step's loss and gradient norm, or None when the guard halts the run
     (the weights stay the last step's)."""
     cfg = run.cfg
-    served = [hooks.feed.next() for _ in range(cfg.train.grad_accum)]
+    served = [hooks.next_batch() for _ in range(cfg.train.grad_accum)]
     window, rows = [b for b, _ in served], [i for _, idx in served for i in idx]
     state.order.append(order_hash([run.data.train[i].get("source", str(i)) for i in rows]))
     while True:
