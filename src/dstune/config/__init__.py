@@ -32,6 +32,7 @@ from dstune.config.sections import (
     AdapterConfig,
     ClassifyConfig,
     DataConfig,
+    DistillConfig,
     FreezeConfig,
     GrpoConfig,
     Ia3Config,
@@ -60,7 +61,7 @@ __all__ = [  # the sections and the registry are re-exported: callers import eve
     "ConfigError", "RunConfig", "load_config", "save_config", "apply_override", "parse_value",
     "METHODS", "MethodSpec", "TASK_METRICS", "GENERATION_METRICS", "OBJECTIVES", "OBJECTIVE_FORMATS",
     "PREFERENCE_METRICS", "GRPO_METRICS", "BUILTIN_REWARDS",
-    "PreferenceConfig", "GrpoConfig", "RewardSpec",
+    "PreferenceConfig", "GrpoConfig", "RewardSpec", "DistillConfig",
     "AdapterConfig", "ClassifyConfig", "DataConfig", "FreezeConfig", "Ia3Config", "LoraConfig", "MixSource",
     "ModelConfig", "OptimConfig", "PromptConfig", "QloraConfig", "RegularizeConfig", "StabilityConfig",
     "TrainConfig", "TuneConfig",
@@ -80,6 +81,7 @@ class RunConfig(_Section):
     )
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: Literal[tuple(METHODS)] = Field("lora", description=" | ".join(METHODS))  # type: ignore[valid-type]
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -110,8 +112,37 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _distill_settings(self) -> "RunConfig":
+        if self.model.keep_layers and self.method not in ("full", "freeze"):
+            raise ValueError(
+                f"model.keep_layers={self.model.keep_layers} makes a smaller model than the base on disk, so "
+                f"only method=full or freeze (which save the whole model) can keep it; method={self.method} "
+                f"would save weights for the base"
+            )
+        if self.objective != "distill":
+            return self
+        if self.distill.teacher is None:
+            raise ValueError(
+                "objective=distill needs distill.teacher: a run directory or model spec (same tokenizer), or "
+                "'base' for the student's own base model with its adapter disabled"
+            )
+        if self.distill.teacher == "base" and self.method not in ("lora", "qlora", "ia3"):
+            raise ValueError(
+                f"distill.teacher=base is the student's base with its adapter disabled: method={self.method} "
+                f"has no adapter to disable; name the teacher's run directory or model instead"
+            )
+        if self.task != "lm":
+            raise ValueError(f"objective=distill trains a language model: it needs task=lm, not {self.task}")
+        if self.distill.mode == "sequence" and self.train.packing:
+            raise ValueError(
+                "distill.mode=sequence replaces each example's answer with the teacher's, one example per "
+                "row: set train.packing=false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _preference_settings(self) -> "RunConfig":
-        if self.objective == "sft":
+        if self.objective in ("sft", "distill"):
             return self
         if self.task != "lm":
             raise ValueError(
@@ -148,7 +179,7 @@ class RunConfig(_Section):
         """The metrics the run's validation computes (``train.best_metric`` must be one of them)."""
         if self.objective == "grpo":
             return GRPO_METRICS + tuple(f"reward/{r.key}" for r in self.grpo.rewards)
-        if self.objective != "sft":
+        if self.objective not in ("sft", "distill"):
             return PREFERENCE_METRICS
         generate = self.train.eval_generate and self.task == "lm"
         return TASK_METRICS[self.task] + (GENERATION_METRICS if generate else ())
@@ -156,7 +187,7 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _best_metric_is_computed(self) -> "RunConfig":
         name, generate = self.train.best_metric, self.train.eval_generate and self.task == "lm"
-        if self.objective != "sft":
+        if self.objective not in ("sft", "distill"):
             if name not in self.validation_metrics():
                 raise ValueError(
                     f"train.best_metric={name!r} is not computed by the validation of objective="
@@ -319,6 +350,10 @@ def _absolute_paths(data: dict, base: Path, output: bool = False) -> None:
                 reward["name"] = absolute
             else:
                 data["grpo"]["rewards"][data["grpo"]["rewards"].index(reward)] = absolute
+    distill = data.get("distill")  # a teacher run directory or local model, like model.name
+    if isinstance(distill, dict) and isinstance(distill.get("teacher"), str) and distill["teacher"] != "base":
+        if (base / distill["teacher"]).exists():
+            distill["teacher"] = str((base / distill["teacher"]).absolute())
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("name"), str) and (base / model["name"]).exists():
         model["name"] = str((base / model["name"]).absolute())

@@ -47,6 +47,7 @@ OBJECTIVES: dict[str, str] = {
     "simpo": "simple preference optimisation: length-normalised rewards with a margin, no reference",
     "kto": "Kahneman-Tversky optimisation on unpaired prompt/completion/label rows, against a reference",
     "grpo": "group relative policy optimisation: sample completions of prompts, score them with rewards",
+    "distill": "knowledge distillation: match a teacher's next-token distributions (or learn its answers)",
 }
 # The data format each preference objective reads.
 OBJECTIVE_FORMATS: dict[str, str] = {"dpo": "preference", "orpo": "preference", "simpo": "preference",

@@ -32,6 +32,12 @@ class ModelConfig(_Section):
     chat_template: Literal["auto", "tokenizer", "deepseek-v3", "deepseek-r1"] = Field(
         "auto", description="auto: the tokenizer's own template if it has one, else DeepSeek's"
     )
+    keep_layers: int | None = Field(
+        None,
+        ge=1,
+        description="keep only the first N decoder layers (a smaller student for objective=distill); "
+        "method full or freeze, which save the whole smaller model",
+    )
 
     @model_validator(mode="after")
     def _remote_code_needs_revision(self) -> "ModelConfig":
@@ -441,6 +447,26 @@ class GrpoConfig(_Section):
         "a model whose template does not open the thinking itself, as R1's does)",
     )
     log_completions: int = Field(4, ge=0, description="validation completions written to completions.jsonl")
+
+
+class DistillConfig(_Section):
+    """Settings of ``objective: distill`` (knowledge distillation from a teacher with the same tokenizer)."""
+
+    teacher: str | None = Field(
+        None,
+        description="a run directory or model spec with the student's tokenizer; 'base': the student's own "
+        "base model with the adapter disabled (LoRA/QLoRA: against forgetting what it knew)",
+    )
+    mode: Literal["logits", "sequence"] = Field(
+        "logits",
+        description="logits: KL to the teacher's next-token distribution on the answers; sequence: the "
+        "teacher answers every training prompt (greedy) and the student learns those answers (as R1-Distill)",
+    )
+    temperature: float = Field(2.0, gt=0, description="logits: softening of both distributions (Hinton 2015)")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="logits: weight of the KL term; 1 - alpha weighs the label cross-entropy"
+    )
+    max_new_tokens: int = Field(256, ge=1, description="sequence: the longest teacher answer")
 
 
 class ClassifyConfig(_Section):

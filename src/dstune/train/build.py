@@ -115,6 +115,10 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
         from dstune.train.grpo import make_grpo
 
         objective = make_grpo(cfg, tokenizer, template, pad, model, data)
+    if cfg.objective == "distill":  # the teacher is loaded once; sequence mode rewrites the training rows
+        from dstune.train.distill import make_distill
+
+        objective = make_distill(cfg, tokenizer, template, pad, model, data, engine) or objective
     trainable = trainable_summary(model)
     is_moe = bool(
         getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
@@ -253,6 +257,8 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
     """
     tc = cfg.train
     model = TASKS[cfg.task].model(cfg, resolved, labels, pad)
+    if cfg.model.keep_layers:
+        keep_first_layers(model, cfg.model.keep_layers)
     # Kernels are chosen on the plain model, before adapters wrap its modules (see train/accel.py).
     attention = apply_attention(model, tc.attention, device.type, tc.precision)
     experts = apply_experts(model, tc.experts_implementation)
@@ -275,7 +281,7 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
     speed["chunk_tokens"] = chunk
     speed["split_by_length"] = length_split_overhead(tc.split_by_length, device.type)
     objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce)
-    if cfg.objective not in ("sft", "grpo"):
+    if OBJECTIVE_FORMATS.get(cfg.objective) in ("preference", "kto"):  # dpo, orpo, simpo, kto
         from dstune.train.preference import make_objective
 
         objective = make_objective(cfg, pad, model)
@@ -291,6 +297,18 @@ LENGTH_SPLIT_OVERHEAD = 128
 def length_split_overhead(setting: str, device_type: str) -> int:
     """``train.split_by_length`` as the overhead ``batching.split_by_length`` weighs (0: off)."""
     return LENGTH_SPLIT_OVERHEAD if setting == "on" or (setting == "auto" and device_type == "cpu") else 0
+
+
+def keep_first_layers(model: torch.nn.Module, n: int) -> None:
+    """Cuts the decoder to its first ``n`` layers, in place (a smaller student that keeps the pretrained
+    embeddings, lower layers, final norm and head), and says so in the model's config, which is saved."""
+    layers = model.get_decoder().layers
+    if n >= len(layers):
+        raise UsageError(f"model.keep_layers={n}: the model has {len(layers)} decoder layers; keep fewer")
+    model.get_decoder().layers = layers[:n]
+    model.config.num_hidden_layers = n
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:n]
 
 
 def cast_frozen(model: torch.nn.Module, precision: str) -> None:

@@ -23,9 +23,9 @@ import torch
 from dstune.config import GrpoConfig
 from dstune.core.collate import collate
 from dstune.core.loss import IGNORE
-from dstune.data.preference import render_prompt_answer
 from dstune.train.preference import _Stats, token_logps
 from dstune.train.rewards import load_reward, score
+from dstune.train.rollout import generate_ids, stop_ids
 
 
 def clipped_token_loss(
@@ -97,38 +97,13 @@ class GrpoObjective:
 
     # ------------------------------------------------------------------ rollouts
 
-    @torch.no_grad()
     def generate(self, model, rows: list[dict], engine, sample: bool) -> list[list[int]]:
-        """Completions of ``rows`` (``num_generations`` sampled each, or one greedy), each cut after its
-        first stop token; prompts are left-padded so every row's completion starts at the same column."""
-        c, n = self.cfg, self.cfg.num_generations if sample else 1
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r["input_ids"]) :] = torch.tensor(r["input_ids"])
-            mask[i, width - len(r["input_ids"]) :] = 1
-        net = engine.unwrap_model(model)
-        was_training = net.training
-        net.eval()
-        sampling = dict(temperature=c.temperature, top_p=c.top_p, top_k=0) if sample else {}
-        with engine.autocast():
-            out = net.generate(
-                input_ids=ids.repeat_interleave(n, 0).to(engine.device),
-                attention_mask=mask.repeat_interleave(n, 0).to(engine.device),
-                max_new_tokens=c.max_new_tokens,
-                do_sample=sample,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.stop_ids,
-                **sampling,
-            )
-        if was_training:
-            net.train()
-        completions = []
-        for seq in out[:, width:].tolist():
-            end = next((i for i, t in enumerate(seq) if t in self.stop_ids), None)
-            completions.append(seq if end is None else seq[: end + 1])
-        return completions
+        """Completions of ``rows``: ``num_generations`` sampled each, or one greedy."""
+        c = self.cfg
+        return generate_ids(
+            model, [r["input_ids"] for r in rows], engine, self.pad_id, self.stop_ids, c.max_new_tokens,
+            n=c.num_generations if sample else 1, sample=sample, temperature=c.temperature, top_p=c.top_p,
+        )  # fmt: skip
 
     def _score(self, rows: list[dict], completions: list[list[int]]) -> tuple[torch.Tensor, dict]:
         """The total reward of each completion and each function's rewards (NaN: not applicable)."""
@@ -248,18 +223,6 @@ class GrpoObjective:
         metrics = self.take_metrics()
         self.stats = kept
         return {"loss": -metrics["reward"], **metrics, "prompts": len(rows)}
-
-
-def stop_ids(tokenizer, template: str | None) -> list[int]:
-    """The tokens that end a completion: the tokenizer's end of sequence and the template's end of turn
-    (ChatML's ``<|im_end|>``) when that is one token."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    closing = render_prompt_answer(tokenizer, template, [{"role": "user", "content": "hi"}], "")[1].strip()
-    if closing:
-        encoded = tokenizer(closing, add_special_tokens=False)["input_ids"]
-        if len(encoded) == 1:
-            ids.add(encoded[0])
-    return sorted(ids)
 
 
 def make_grpo(cfg, tokenizer, template: str | None, pad_id: int, model, data) -> GrpoObjective:
