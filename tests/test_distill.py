@@ -162,6 +162,8 @@ def test_bad_distill_configs_are_refused(data, tmp_path, over, message):
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(data, tmp_path):
-    cfg = make_cfg(data, tmp_path / "run", distill__teacher="smollm2")  # SmolLM2: its own 49,152-token vocabulary
+    cfg = make_cfg(
+        data, tmp_path / "run", distill__teacher="smollm2"
+    )  # SmolLM2: its own 49,152-token vocabulary
     with pytest.raises(UsageError, match="another tokenizer than the student"):
         train(cfg, console=Console(quiet=True))

@@ -55,7 +55,13 @@ def run_dir(tmp_path_factory) -> Path:
         {
             "model": {"name": "tiny:deepseek-llm"},
             "data": {"train": str(data), "max_length": 48},
-            "train": {"micro_batch_size": 4, "max_steps": 4, "log_every": 2, "eval_every": 2, "progress": False},
+            "train": {
+                "micro_batch_size": 4,
+                "max_steps": 4,
+                "log_every": 2,
+                "eval_every": 2,
+                "progress": False,
+            },
             "output": str(d / "run"),
         }
     )

@@ -37,6 +37,7 @@ class RunDir:
     LOSS_PLOT = "loss.png"
     REWARD_PLOT = "reward.png"  # objective=grpo: the mean reward per step and at each validation
     COMPLETIONS = "completions.jsonl"  # objective=grpo: a few validation completions at each evaluation
+    FISHER = "fisher.safetensors"  # regularize.ewc_lambda: the Fisher information the penalty weighs by
     TENSORBOARD = "tb"
     LABELS = "labels.json"
     EVAL_JSON = "eval.json"

@@ -350,6 +350,9 @@ def _absolute_paths(data: dict, base: Path, output: bool = False) -> None:
                 reward["name"] = absolute
             else:
                 data["grpo"]["rewards"][data["grpo"]["rewards"].index(reward)] = absolute
+    regularize = data.get("regularize")  # the previous task's data for EWC
+    if isinstance(regularize, dict) and isinstance(regularize.get("ewc_data"), str):
+        regularize["ewc_data"] = str((base / os.path.expanduser(regularize["ewc_data"])).absolute())
     distill = data.get("distill")  # a teacher run directory or local model, like model.name
     if isinstance(distill, dict) and isinstance(distill.get("teacher"), str) and distill["teacher"] != "base":
         if (base / distill["teacher"]).exists():

@@ -260,6 +260,22 @@ class RegularizeConfig(_Section):
         0.0, ge=0, description="smallest val-loss decrease that counts as improvement"
     )
     keep_best: bool = Field(False, description="save the weights of the best validation loss as final/")
+    ewc_lambda: float = Field(
+        0.0, ge=0, description="elastic weight consolidation strength against forgetting (0: off)"
+    )
+    ewc_data: str | None = Field(
+        None, description="EWC: the previous task's data file, on which the Fisher information is estimated"
+    )
+    ewc_samples: int = Field(64, ge=1, description="EWC: examples of ewc_data in the Fisher estimate")
+
+    @model_validator(mode="after")
+    def _ewc_needs_data(self) -> "RegularizeConfig":
+        if self.ewc_lambda and not self.ewc_data:
+            raise ValueError(
+                "regularize.ewc_lambda needs regularize.ewc_data: the previous task's data file, on which "
+                "the Fisher information of what to keep is estimated"
+            )
+        return self
 
     @field_validator("layerdrop")
     @classmethod

@@ -64,6 +64,7 @@ class Run:
     speed: dict
     trainable: dict
     notes: list[str] = field(default_factory=list)  # printed once before training, by the main process
+    penalty: object = None  # regularize.ewc_lambda: the EWC penalty (train/ewc.py), added to the gradients
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -111,14 +112,7 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
     data, notes = build_data(cfg, tokenizer, template)
     pad = pad_id_of(tokenizer)
     model, speed, objective, regularization = build_model(cfg, resolved, data.labels, pad, engine.device)
-    if cfg.objective == "grpo":  # it samples with the tokenizer and scores the rows' answers
-        from dstune.train.grpo import make_grpo
-
-        objective = make_grpo(cfg, tokenizer, template, pad, model, data)
-    if cfg.objective == "distill":  # the teacher is loaded once; sequence mode rewrites the training rows
-        from dstune.train.distill import make_distill
-
-        objective = make_distill(cfg, tokenizer, template, pad, model, data, engine) or objective
+    objective = sampling_objective(cfg, tokenizer, template, pad, model, data, engine) or objective
     trainable = trainable_summary(model)
     is_moe = bool(
         getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
@@ -147,10 +141,7 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
     notes.append(render_groups(optimizer) + (f"\n{regularization}" if regularization else ""))
     notes.append(f"speed: {speed}")
     model, optimizer = engine.prepare(model, optimizer)
-    if getattr(objective, "reference", None) == "cached":  # full/freeze DPO and KTO: before any step
-        for rows in (data.train, data.val):
-            objective.cache_reference(model, rows, tc.micro_batch_size, engine)
-        notes.append(f"reference log-probabilities of {len(data.train) + len(data.val)} examples computed")
+    penalty = before_first_step(cfg, engine, model, objective, data, tokenizer, template, pad, notes)
     run = Run(
         cfg,
         engine,
@@ -168,11 +159,42 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
         speed,
         trainable,
         notes,
+        penalty,
     )
     if console is not None and engine.is_main_process:
         for note in notes:
             console.print(note, markup=False, highlight=False)
     return run
+
+
+def sampling_objective(cfg: RunConfig, tokenizer, template, pad: int, model, data, engine):
+    """The objectives that generate with the tokenizer or a teacher (grpo, distill), or None. They come
+    before the micro-batches: GRPO numbers the rows, sequence distillation rewrites them."""
+    if cfg.objective == "grpo":  # it samples with the tokenizer and scores the rows' answers
+        from dstune.train.grpo import make_grpo
+
+        return make_grpo(cfg, tokenizer, template, pad, model, data)
+    if cfg.objective == "distill":  # the teacher is loaded once; sequence mode rewrites the training rows
+        from dstune.train.distill import make_distill
+
+        return make_distill(cfg, tokenizer, template, pad, model, data, engine)
+    return None
+
+
+def before_first_step(cfg: RunConfig, engine, model, objective, data, tokenizer, template, pad: int, notes):
+    """What is computed from the starting weights, on the engine's device: the cached reference
+    log-probabilities of full/freeze DPO and KTO, and the EWC penalty's Fisher (returned, or None)."""
+    if getattr(objective, "reference", None) == "cached":
+        for rows in (data.train, data.val):
+            objective.cache_reference(model, rows, cfg.train.micro_batch_size, engine)
+        notes.append(f"reference log-probabilities of {len(data.train) + len(data.val)} examples computed")
+    if not cfg.regularize.ewc_lambda:
+        return None
+    from dstune.train.ewc import make_ewc
+
+    penalty = make_ewc(cfg, engine.unwrap_model(model), tokenizer, template, pad, engine.device)
+    notes.append(f"EWC: Fisher information of {len(penalty.fisher)} tensors on {cfg.regularize.ewc_data}")
+    return penalty
 
 
 def build_data(cfg: RunConfig, tokenizer, template: str | None) -> tuple[PreparedData, list[str]]:

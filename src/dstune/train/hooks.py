@@ -105,6 +105,7 @@ class Hooks:
         # The next micro-batches are collated (and pinned, on CUDA) on a thread while this step computes.
         self.feed = Prefetcher(run.batches, cfg.train.prefetch, pin_memory=engine.device.type == "cuda")
         self.system = SystemMetrics(engine.device)
+        self.penalty: float | None = None  # the EWC penalty of the last step (regularize.ewc_lambda)
 
     def __enter__(self) -> "Hooks":
         self.progress.__enter__()
@@ -201,6 +202,7 @@ class Hooks:
                 "epoch": run.batches.epoch(),
                 # a preference objective's implicit rewards since the last log (objective=dpo, ...)
                 **(run.objective.take_metrics() if hasattr(run.objective, "take_metrics") else {}),
+                **({"ewc_penalty": self.penalty} if self.penalty is not None else {}),
             },
         )
         self.logger.log(self.state.step, "system", self.system.take())

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from rich.console import Console
+from safetensors.torch import save_file
 
 from dstune.config import RunConfig, save_config
 from dstune.core.facts import file_sha256
@@ -111,6 +112,8 @@ def train_step(run: Run, state: TrainState, hooks: Hooks) -> tuple[torch.Tensor,
         except torch.OutOfMemoryError as error:
             hooks.out_of_memory(window, error)
     hooks.count_tokens(passes)  # the padding computed, after split_by_length trimmed it
+    if run.penalty is not None:  # EWC: its gradient joins the accumulated one, before clipping
+        hooks.penalty = run.penalty.add_gradients(run.unwrapped)
     loss_sum = hooks.guard.inject(state.step + 1, loss_sum, run.params)
     hooks.diagnostics.before_step(state.step + 1)
     grad_norm = clip_gradients(run.params, cfg.optim, run.engine)
@@ -187,6 +190,8 @@ def start_files(run: Run, run_dir: RunDir, changes: list[dict], step: int, conso
     )
     if (save := TASKS[cfg.task].save) is not None:
         save(run_dir.path, run.data.labels)
+    if run.penalty is not None:
+        save_file(run.penalty.fisher, str(run_dir / RunDir.FISHER))
 
 
 def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks) -> RunResult:
