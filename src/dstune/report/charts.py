@@ -135,18 +135,8 @@ def plot_compare(run_dirs: Sequence[str | Path], path: str | Path) -> Path | Non
             drawn = True
             if val:
                 ax.plot(*zip(*val), "o--", color=line.get_color(), ms=4, label=f"{Path(run).name} val")
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
     ax.set_title("runs compared")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _finish_runs_figure(plt, fig, [(ax, "loss (nats/token)")], path, drawn)
 
 
 def plot_system(run_dirs: Sequence[str | Path], path: str | Path) -> Path | None:
@@ -165,10 +155,17 @@ def plot_system(run_dirs: Sequence[str | Path], path: str | Path) -> Path | None
         right.plot(*zip(*_series(rows, "system", "peak_rss_mb")), lw=1.2, color=line.get_color(), label=name)
         if device := _series(rows, "system", "device_peak_mb"):
             right.plot(*zip(*device), "--", lw=1.2, color=line.get_color(), label=f"{name} device")
+    axes = [(left, "seconds per step"), (right, "peak memory (MiB)")]
+    return _finish_runs_figure(plt, fig, axes, path, drawn)
+
+
+def _finish_runs_figure(plt, fig, axes: list, path: str | Path, drawn: bool) -> Path | None:
+    """Labels each (axes, y label) of a figure of several runs against step and saves it; None (nothing
+    written) when no run had data to draw."""
     if not drawn:
         plt.close(fig)
         return None
-    for ax, ylabel in ((left, "seconds per step"), (right, "peak memory (MiB)")):
+    for ax, ylabel in axes:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
