@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -124,6 +125,23 @@ def test_cjk_tokens_get_ascii_labels_and_byte_pieces_show_their_bytes(tiny):
     labels = [render.ascii_label(t, i) for i, t in enumerate(texts)]
     assert labels == ["0 \\u4f60\\u597d", "1  ", "2 <e9 bd>", "3 <89>"]
     assert render.ascii_label("<｜User｜>") == "<|User|>"
+
+
+def test_pngs_with_cjk_tokens_titles_and_labels_draw_no_missing_glyph(tmp_path):
+    """Every text a PNG draws is ASCII: matplotlib warns 'Glyph ... missing from font(s)' and draws a box
+    for a CJK character (a token, a label, a run's name in a title)."""
+    texts, scores = ["<｜User｜>", "房间", "<e9 bd>", "\n"], [0.5, -0.25, 0.0, 1.0]
+    square = torch.softmax(torch.randn(2, 4, 4), -1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        render.plot_attention(
+            [("head 0", square[0]), ("head 1", square[1])], texts, tmp_path / "a.png", "运行 好"
+        )
+        render.plot_attribution(texts, scores, tmp_path / "b.png", "towards label '正面'")
+        render.plot_lens([[("正面", 0.7), ("负面", 0.3)]], tmp_path / "c.png", "运行: label '正面'")
+    assert not [str(w.message) for w in caught if "missing from font" in str(w.message)]
+    for name in "abc":
+        assert imread(tmp_path / f"{name}.png").ndim == 3
 
 
 # --------------------------------------------------------------------------- logit lens

@@ -54,6 +54,11 @@ def ascii_label(text: str, index: int | None = None) -> str:
     return escaped if index is None else f"{index} {escaped}"
 
 
+def ascii_title(title: str) -> str:
+    """A PNG title with its non-ASCII characters escaped (a run name, a token or label it names)."""
+    return title.encode("ascii", "backslashreplace").decode("ascii")
+
+
 def axis_labels(texts: Sequence[str], length: int) -> list[str]:
     """Labels for an attention axis of ``length`` positions: the tokens last, virtual tokens of prompt or
     prefix tuning (positions the prompt does not have) first."""
@@ -91,7 +96,7 @@ def plot_attention(
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
-    fig.suptitle(title)
+    fig.suptitle(ascii_title(title))
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
@@ -139,7 +144,7 @@ def plot_attribution(texts: Sequence[str], scores: Sequence[float], path: str | 
     ax.invert_yaxis()
     ax.axvline(0, color="black", lw=0.6)
     ax.set_xlabel("gradient x input")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(ascii_title(title), fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -171,7 +176,7 @@ def plot_lens(
             )
     ax.set_xticks(range(k), [f"top {c + 1}" for c in range(k)], fontsize=8)
     ax.set_yticks(range(len(layers)), [f"{row_name} {r}" for r in range(len(layers))], fontsize=8)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(ascii_title(title), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
