@@ -123,7 +123,7 @@ def test_cjk_tokens_get_ascii_labels_and_byte_pieces_show_their_bytes(tiny):
     texts = render.token_texts(tok, tok("你好 齉", add_special_tokens=False)["input_ids"])
     assert texts == ["你好", " ", "<e9 bd>", "<89>"]
     labels = [render.ascii_label(t, i) for i, t in enumerate(texts)]
-    assert labels == ["0 \\u4f60\\u597d", "1  ", "2 <e9 bd>", "3 <89>"]
+    assert labels == ["0 \\u4f60\\u597d", "1 ' '", "2 <e9 bd>", "3 <89>"]
     assert render.ascii_label("<｜User｜>") == "<|User|>"
 
 

@@ -50,6 +50,7 @@ def ascii_label(text: str, index: int | None = None) -> str:
     # NFKC turns the full-width bars of DeepSeek's special tokens (<｜User｜>) into ASCII ones; U+2581 is
     # SentencePiece's word-boundary mark in them (begin▁of▁sentence)
     escaped = ascii(unicodedata.normalize("NFKC", text).replace("\u2581", "_"))[1:-1]
+    escaped = f"'{escaped}'" if not escaped.strip() else escaped  # a space token, visible
     escaped = escaped if len(escaped) <= _MAX_LABEL else escaped[: _MAX_LABEL - 1] + "~"
     return escaped if index is None else f"{index} {escaped}"
 

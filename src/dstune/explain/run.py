@@ -97,7 +97,9 @@ def _plan(loaded: Loaded, prompt: str, options: ExplainOptions) -> _Plan:
     return _Plan(ids, layers, heads, target_id)
 
 
-def explain(target: str, prompt: str, out: str | Path | None = None, options: ExplainOptions | None = None):
+def explain(
+    target: str, prompt: str, out: str | Path | None = None, options: ExplainOptions | None = None
+) -> ExplainResult:
     """Writes attention maps, the gradient x input attribution and the logit lens of one prompt.
 
     Args:
@@ -136,7 +138,8 @@ def explain(target: str, prompt: str, out: str | Path | None = None, options: Ex
             eos_id=loaded.tokenizer.eos_token_id,
         )  # fmt: skip
     chosen = plan.target_id if plan.target_id is not None else steps[0].chosen
-    result.explained = _write_attribution(loaded, plan.ids, texts, chosen, out, name, result.written)
+    result.explained, written = _write_attribution(loaded, plan.ids, texts, chosen, out, name)
+    result.written += written
     result.written += _write_lens(loaded, steps, out, name)
     return result
 
@@ -148,8 +151,8 @@ def _name_of(loaded: Loaded, index: int) -> str:
     return render.token_texts(loaded.tokenizer, [index])[0]
 
 
-def _write_attribution(loaded, ids, texts, chosen: int, out: Path, name: str, written: list[Path]) -> str:
-    """attribution.json, .html and .png towards ``chosen``; returns a line saying what was explained."""
+def _write_attribution(loaded, ids, texts, chosen: int, out: Path, name: str) -> tuple[str, list[Path]]:
+    """attribution.json, .html and .png towards ``chosen``; returns what was explained, and the files."""
     model = loaded.model
     if loaded.labels is not None:
         score, what = attribution.label_score(model, chosen), f"label {loaded.labels[chosen]!r} (its logit)"
@@ -174,12 +177,11 @@ def _write_attribution(loaded, ids, texts, chosen: int, out: Path, name: str, wr
     }
     path = out / "attribution.json"
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
-    written += [
+    return what, [
         path,
         render.attribution_html(texts, scores, out / "attribution.html", title),
         render.plot_attribution(texts, scores, out / "attribution.png", title),
     ]
-    return what
 
 
 def _write_lens(loaded: Loaded, steps: list[lens.LensStep], out: Path, name: str) -> list[Path]:
