@@ -60,6 +60,7 @@ SHRINK: dict[str, list[str]] = {
     "data prepare": ["--max-samples", "200"],
     "data inspect": ["--examples", "1"],
     "lr-find": ["--steps", "4", *[a for s in _SETS for a in ("--set", s)]],
+    "explain": ["--new-tokens", "2"],
     "merge": [], "report": [], "inspect": [], "export": [], "serve": [], "plan": [],
 }
 HUB = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "tiny:r1-distill-qwen"}

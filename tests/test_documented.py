@@ -195,6 +195,12 @@ def _problems(cmd: Command, outcome: Outcome, work: Path) -> list[str]:
         problems += [] if "layers" in out else ["no architecture printed"]
     elif sub == "serve":  # run_server checked that /v1/models answered 200
         problems += [] if "serving " in out else ["no 'serving' line printed"]
+    elif sub == "explain":  # the files it printed, which README's listing names
+        paths = [ln.strip() for ln in out.splitlines() if re.fullmatch(r"  \S+\.(png|html|json)", ln)]
+        problems += [f"{p} was not written" for p in paths if not (work / p).is_file()]
+        names = {re.sub(r"\d+", "N", Path(p).name) for p in paths}
+        problems += [f"no {n}" for n in ("attribution.html", "attribution.png", "lens.json", "lens_N.png",
+                                          "attention_layerN.png") if n not in names]
     return problems
 
 

@@ -28,7 +28,7 @@ from rich.markup import escape
 
 from dstune.core.facts import pad_id
 from dstune.errors import UsageError
-from dstune.generate import Loaded
+from dstune.generate import Loaded, classifier_ids
 
 OPEN, CLOSE = "<think>", "</think>"
 
@@ -197,24 +197,11 @@ def classify_text(loaded: Loaded, text: str) -> dict[str, float]:
     Raises:
         UsageError: the text holds a control token of the tokenizer, which training drops too.
     """
-    from dstune.data.classify import tokenize_classification
     from dstune.evaluate.loss import classifier_outputs
 
-    labels = loaded.labels
-    example = {
-        "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": labels[0]}],
-        "label": labels[0],
-        "source": "input",
-    }
-    rows = tokenize_classification([example], loaded.tokenizer, labels, loaded.max_length or 10**9).rows
-    if not rows:
-        raise UsageError(
-            "the text holds a special (control) token of the tokenizer; training drops such rows"
-        )
-    tok = loaded.tokenizer
-    pad = pad_id(tok)
-    _, probs, _ = classifier_outputs(loaded.model, rows, 1, pad)
-    return dict(zip(labels, probs[0]))
+    rows = [{"input_ids": classifier_ids(loaded, text), "labels": 0}]
+    _, probs, _ = classifier_outputs(loaded.model, rows, 1, pad_id(loaded.tokenizer))
+    return dict(zip(loaded.labels, probs[0]))
 
 
 def classify_chat(loaded: Loaded, *, read: Callable[[], str | None], console: Console) -> list[dict]:

@@ -115,6 +115,39 @@ def check_generates(loaded: Loaded, target: str | None = None) -> None:
     raise UsageError(message)
 
 
+def prompt_ids(loaded: Loaded, messages: list[dict]) -> list[int]:
+    """The token ids a generator answers ``messages`` from: the run's chat template with the generation
+    prompt, tokenized without further special tokens (the template writes its own BOS)."""
+    tok = loaded.tokenizer
+    text = tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, chat_template=loaded.chat_template
+    )
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def classifier_ids(loaded: Loaded, text: str) -> list[int]:
+    """The token ids a classifier reads ``text`` as, as in training (``bos + text``, cut to
+    ``data.max_length``; ``data.classify``).
+
+    Raises:
+        UsageError: the text holds a control token of the tokenizer, which training drops too.
+    """
+    from dstune.data.classify import tokenize_classification
+
+    labels = loaded.labels
+    example = {
+        "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": labels[0]}],
+        "label": labels[0],
+        "source": "input",
+    }
+    rows = tokenize_classification([example], loaded.tokenizer, labels, loaded.max_length or 10**9).rows
+    if not rows:
+        raise UsageError(
+            "the text holds a special (control) token of the tokenizer; training drops such rows"
+        )
+    return rows[0]["input_ids"]
+
+
 def generate_reply(
     loaded: Loaded,
     messages: list[dict],
@@ -148,15 +181,7 @@ def generate_replies(
     """
     check_generates(loaded)
     tok = loaded.tokenizer
-    rows = [
-        tok(
-            tok.apply_chat_template(
-                m, add_generation_prompt=True, tokenize=False, chat_template=loaded.chat_template
-            ),
-            add_special_tokens=False,
-        )["input_ids"]
-        for m in conversations
-    ]
+    rows = [prompt_ids(loaded, m) for m in conversations]
     pad = pad_id(tok)
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
