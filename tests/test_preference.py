@@ -394,3 +394,36 @@ def test_report_shows_the_preference_columns(files, tmp_path):
     result = compare_runs([tmp_path / "run"], tmp_path / "report")
     row = dict(zip(result["columns"], result["rows"][0]))
     assert row["objective"] == "simpo" and 0 <= row["val reward acc"] <= 1 and "val margin" in row
+
+
+# ----------------------------------------------------------------------------- the shipped example data
+
+
+def test_example_pairs_are_rebuilt_from_identity_json_and_hold_out_unseen_questions():
+    """examples/data/identity_*.jsonl are what benchmarks/make_identity_pairs.py writes, and no held-out
+    question is asked in training, even with other punctuation ("你是谁" against "你是谁？")."""
+    import importlib.util
+
+    from conftest import SHARED_DATA
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "make_pairs", root / "benchmarks" / "make_identity_pairs.py"
+    )
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    train_pairs, held = make.make_pairs(
+        json.loads((SHARED_DATA / "identity.json").read_text(encoding="utf-8"))
+    )
+
+    def rows(name):
+        return [
+            json.loads(x)
+            for x in (root / "examples" / "data" / name).read_text(encoding="utf-8").splitlines()
+        ]
+
+    assert rows("identity_pairs.jsonl") == train_pairs and rows("identity_pairs_heldout.jsonl") == held
+    assert rows("identity_kto.jsonl") == make.unpaired(train_pairs)
+    assert len(held) == 20 and len(train_pairs) == 71
+    seen = {make.question_key(p["prompt"]) for p in train_pairs}
+    assert not seen & {make.question_key(p["prompt"]) for p in held}
