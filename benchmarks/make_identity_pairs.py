@@ -2,15 +2,18 @@
 
     .venv/bin/python benchmarks/make_identity_pairs.py          # rewrites examples/data/identity_*.jsonl
 
-Each of the 91 rows of identity.json answers a question about the assistant with ``{{name}}`` and
+Most of the 91 rows of identity.json answer a question about the assistant with ``{{name}}`` and
 ``{{author}}`` placeholders. A pair fills them in twice: chosen "Orion" by "Nebula Labs", rejected "Atlas"
 by "Helix AI", the same words otherwise, so the only thing a preference can learn is the identity.
-The rows are shuffled with ``random.Random(0)``; the last 20 questions that identity.json asks only once
-are held out (``identity_pairs_heldout.jsonl``), every other row trains (``identity_pairs.jsonl``).
-Questions are compared after dropping case, spaces and punctuation: identity.json asks "你好" twice and
-"你是谁" three ways ("你是谁", "你是谁？" twice) with different answers; the first version of these files split
-by row and so held out two questions it also trained on. The KTO file is the training pairs unpaired:
-chosen with label true, then rejected with label false.
+Six rows name nobody (e.g. "你会保护用户的隐私吗？"): chosen and rejected would be the same text, a pair
+with no preference whose reward margin is 0 whatever the model (it capped held-out accuracy at 19/20, and
+in the KTO file it was one answer labelled both good and bad), so they are left out. The 91 rows are
+shuffled with ``random.Random(0)`` and those 6 dropped; of the other 85, the last 20 whose question
+identity.json asks only once are held out (``identity_pairs_heldout.jsonl``), the other 65 train
+(``identity_pairs.jsonl``). Questions are compared after dropping case, spaces and punctuation:
+identity.json asks "你好" twice and "你是谁" three ways ("你是谁", "你是谁？" twice) with different answers;
+the first version of these files split by row and so held out two questions it also trained on.
+The KTO file is the training pairs unpaired: chosen with label true, then rejected with label false.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def make_pairs(rows: list[dict], held_out: int = HELD_OUT, seed: int = 0) -> tup
     """The training and held-out pairs (module doc): no held-out question is asked in training."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
+    order = [i for i in order if fill(rows[i]["output"], CHOSEN) != fill(rows[i]["output"], REJECTED)]
     asked = Counter(question_key(rows[i]["instruction"]) for i in order)
     held: set[int] = set()
     for i in reversed(order):

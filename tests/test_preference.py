@@ -400,8 +400,8 @@ def test_report_shows_the_preference_columns(files, tmp_path):
 
 
 def test_example_pairs_are_rebuilt_from_identity_json_and_hold_out_unseen_questions():
-    """examples/data/identity_*.jsonl are what benchmarks/make_identity_pairs.py writes, and no held-out
-    question is asked in training, even with other punctuation ("你是谁" against "你是谁？")."""
+    """examples/data/identity_*.jsonl are what benchmarks/make_identity_pairs.py writes, every pair's answers
+    differ, and no held-out question is asked in training, even with other punctuation ("你是谁", "你是谁？")."""
     import importlib.util
 
     from conftest import SHARED_DATA
@@ -424,6 +424,7 @@ def test_example_pairs_are_rebuilt_from_identity_json_and_hold_out_unseen_questi
 
     assert rows("identity_pairs.jsonl") == train_pairs and rows("identity_pairs_heldout.jsonl") == held
     assert rows("identity_kto.jsonl") == make.unpaired(train_pairs)
-    assert len(held) == 20 and len(train_pairs) == 71
+    assert len(held) == 20 and len(train_pairs) == 65
+    assert all(p["chosen"] != p["rejected"] for p in train_pairs + held)  # each pair prefers something
     seen = {make.question_key(p["prompt"]) for p in train_pairs}
     assert not seen & {make.question_key(p["prompt"]) for p in held}
