@@ -310,6 +310,43 @@ def test_lora_reference_is_the_separately_loaded_base_model(files, tmp_path):
     assert not torch.allclose(policy, want, atol=1e-3)
 
 
+def test_dpo_with_qlora_trains_against_the_quantised_base(files, tmp_path):
+    """QLoRA's reference is the adapter disabled: the 4-bit base, quantised as a fresh copy would be. At the
+    first step the policy is the reference (LoRA's B starts at 0), so every implicit reward is 0."""
+    pytest.importorskip("bitsandbytes", reason="qlora needs bitsandbytes (the dev extra installs it)")
+    from dstune.config import QloraConfig
+    from dstune.methods.qlora import quantize_
+    from dstune.train.build import build
+    from dstune.train.preference import reference_context, sequence_logps
+
+    cfg = make_cfg(files["pairs"], tmp_path / "run", "dpo", "qlora", optim__lr=2e-2)
+    result = train(cfg, console=Console(quiet=True))
+    first, final = first_and_final(result)
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # -log sigmoid(0)
+    assert result.train_losses[-1] < result.train_losses[0]
+    assert final["rewards/accuracy"] > first["rewards/accuracy"] and final["rewards/margins"] > 0
+
+    run = build(cfg)
+    assert run.objective.reference == "adapter"
+    with torch.no_grad():
+        for p in run.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        batch = collate(run.data.train, run.pad_id)
+        inputs = [batch[k] for k in ("input_ids", "attention_mask", "labels")]
+        with reference_context(run.model):
+            ref = sequence_logps(run.model, *inputs)[0]
+        policy = sequence_logps(run.model, *inputs)[0]
+        base = load_model(resolve_model_dir("tiny:deepseek-llm"))
+        unquantised, _ = plain_logps(base, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        quantize_(base, QloraConfig())
+        want, _ = plain_logps(base.eval(), batch["input_ids"], batch["labels"], batch["attention_mask"])
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(policy, want, atol=1e-3)
+    assert not torch.allclose(unquantised, want, atol=1e-3)  # the check can tell the 4-bit base from fp32
+
+
 def test_full_dpo_caches_the_base_models_reference(files, tmp_path):
     from dstune.train.build import build
 
