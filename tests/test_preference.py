@@ -465,3 +465,60 @@ def test_example_pairs_are_rebuilt_from_identity_json_and_hold_out_unseen_questi
     assert all(p["chosen"] != p["rejected"] for p in train_pairs + held)  # each pair prefers something
     seen = {make.question_key(p["prompt"]) for p in train_pairs}
     assert not seen & {make.question_key(p["prompt"]) for p in held}
+
+
+# ----------------------------------------------------------------------------- data.mix
+
+GREETINGS = ["Hello!", "Hi there.", "Good morning.", "Hey, who is this?"]
+
+
+@pytest.fixture(scope="module")
+def second_files(tmp_path_factory) -> dict[str, Path]:
+    """A second pair file and a second KTO file: four other questions, the same two identities."""
+    d = tmp_path_factory.mktemp("pref2")
+    pairs = [{"prompt": q, "chosen": answer(i, 0), "rejected": answer(i, 1)} for i, q in enumerate(GREETINGS)]
+    kto = [
+        {"prompt": q, "completion": answer(i, i % 2), "label": i % 2 == 0} for i, q in enumerate(GREETINGS)
+    ]
+    out = {}
+    for name, rows in (("pairs", pairs), ("kto", kto)):
+        out[name] = d / f"{name}2.jsonl"
+        out[name].write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return out
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_mix_of_two_files_trains_with_each_files_share(files, second_files, tmp_path, objective):
+    from dstune.train.build import build
+
+    kind = "kto" if objective == "kto" else "pairs"
+    first, second = files[kind], second_files[kind]
+    mix = [{"path": str(first), "weight": 1.0}, {"path": str(second), "weight": 3.0}]
+    cfg = make_cfg(first, tmp_path / "run", objective, data__train=None, data__mix=mix, train__max_steps=3)
+    run = build(cfg)
+    # 8 + 4 training rows shared 1:3: 3 of the first file's 8, the second file's 4 rows thrice (9)
+    assert [m["sampled"] for m in run.data.report["mix"]] == [3, 9]
+    sources = [r["source"].split(":")[0] for r in run.data.train]
+    assert (sources.count(first.name), sources.count(second.name)) == (3, 9)
+    key = "rejected_input_ids" if objective == "dpo" else "kl_input_ids"
+    assert all(key in r for r in run.data.train)
+    result = train(cfg, console=Console(quiet=True))
+    assert len(result.train_losses) == 3 and all(math.isfinite(x) for x in result.train_losses)
+    assert "rewards/accuracy" in result.val
+
+
+@pytest.mark.parametrize("where", ["data.mix[1]", "data.validation"])
+def test_pairs_and_other_rows_in_one_run_are_refused_naming_the_key(files, small_file, where):
+    from dstune.data import prepare_data
+
+    tokenizer = load_tokenizer(resolve_model_dir("tiny:deepseek-llm").path)
+    if where == "data.mix[1]":
+        mix = [{"path": str(files["pairs"]), "weight": 1.0}, {"path": str(files["kto"]), "weight": 1.0}]
+        data = RunConfig.model_validate({"objective": "dpo", "data": {"mix": mix}}).data
+    else:
+        data = RunConfig.model_validate(
+            {"data": {"train": str(files["pairs"]), "validation": str(small_file)}}
+        ).data
+    with pytest.raises(DataError, match=r"different kinds of rows") as err:
+        prepare_data(data, tokenizer, None, seed=0)
+    assert f"{where} (" in str(err.value) and "objective dpo, orpo or simpo" in str(err.value)
