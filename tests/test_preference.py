@@ -130,6 +130,7 @@ PAIR_CASES = {
     "dpo-ipo": ("dpo", {"beta": 0.5, "loss_type": "ipo"}),
     "dpo-hinge": ("dpo", {"beta": 2.0, "loss_type": "hinge"}),
     "dpo-smoothed": ("dpo", {"beta": 0.3, "label_smoothing": 0.2}),
+    "dpo-rpo": ("dpo", {"beta": 0.2, "rpo_alpha": 0.7}),
     "orpo": ("orpo", {"beta": 0.25}),
     "simpo": ("simpo", {"beta": 2.0, "simpo_gamma": 0.7}),
 }
@@ -162,6 +163,7 @@ def test_pair_loss_equals_the_papers_formula(files, tiny, case):
             if cfg.loss_type == "hinge"
             else -(1 - eps) * ls(b * h) - eps * ls(-b * h)
         )
+        want = want + cfg.rpo_alpha * -(pc / nc)  # RPO: the chosen answer's mean token NLL (0: plain DPO)
     elif name == "simpo":
         z = b * pc / nc - b * pr / nr - cfg.simpo_gamma
         want = -ls(z)
@@ -404,6 +406,14 @@ def test_bad_kto_label_is_named(tmp_path):
 def test_config_refuses_what_a_preference_run_cannot_do(override, phrase):
     with pytest.raises(ConfigError, match=phrase):
         load_config(overrides=["objective=dpo", override])
+
+
+def test_rpo_alpha_is_refused_outside_dpo():
+    assert load_config(overrides=["objective=dpo", "preference.rpo_alpha=1"]).preference.rpo_alpha == 1
+    with pytest.raises(
+        ConfigError, match="preference.rpo_alpha adds the chosen answer's NLL to objective=dpo"
+    ):
+        load_config(overrides=["objective=orpo", "preference.rpo_alpha=1"])
 
 
 def test_objective_and_data_must_agree(files, tmp_path, small_file):

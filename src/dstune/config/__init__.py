@@ -132,6 +132,12 @@ class RunConfig(_Section):
                 "regularize.label_smoothing smooths the next-token loss of objective=sft; for DPO use "
                 "preference.label_smoothing"
             )
+        if self.preference.rpo_alpha and self.objective != "dpo":
+            raise ValueError(
+                f"preference.rpo_alpha adds the chosen answer's NLL to objective=dpo, not objective="
+                f"{self.objective} (ORPO has that term already, weighted against its odds ratio by "
+                f"preference.beta): set preference.rpo_alpha=0"
+            )
         return self
 
     @model_validator(mode="after")
