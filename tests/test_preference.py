@@ -532,3 +532,26 @@ def test_pairs_and_other_rows_in_one_run_are_refused_naming_the_key(files, small
     with pytest.raises(DataError, match=r"different kinds of rows") as err:
         prepare_data(data, tokenizer, None, seed=0)
     assert f"{where} (" in str(err.value) and "objective dpo, orpo or simpo" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- benchmarks/bench_dpo.py
+
+
+def test_bench_dpo_runs_and_its_reference_agrees_with_the_runs_validation(tmp_path):
+    """The benchmark, shrunk to a tiny model and 3 steps: its implicit rewards, computed against the base
+    model loaded on its own, equal the run's validation rewards, computed with the adapter disabled."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_dpo", root / "benchmarks" / "bench_dpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sets = ["model.name=tiny:deepseek-llm", "train.max_steps=3", "train.eval_every=0", "optim.lr=2e-2"]
+    args = [a for s in sets for a in ("--set", s)]
+    assert bench.main(args + ["--out", str(tmp_path / "run"), "--result", str(tmp_path / "r.json")]) == 0
+    out = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    after, val = out["after"], out["after"]["run_val"]
+    assert out["held_out_pairs"] == val["pairs"] == 20
+    assert after["implicit_reward_accuracy"] == pytest.approx(val["rewards/accuracy"])
+    assert after["mean_implicit_margin"] == pytest.approx(val["rewards/margins"], abs=1e-3)
+    assert len(out["answers"]["after"]) == 20 and out["answers"]["after"] != out["answers"]["before"]
