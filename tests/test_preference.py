@@ -130,6 +130,7 @@ PAIR_CASES = {
     "dpo-ipo": ("dpo", {"beta": 0.5, "loss_type": "ipo"}),
     "dpo-hinge": ("dpo", {"beta": 2.0, "loss_type": "hinge"}),
     "dpo-smoothed": ("dpo", {"beta": 0.3, "label_smoothing": 0.2}),
+    "dpo-rpo": ("dpo", {"beta": 0.2, "rpo_alpha": 0.7}),
     "orpo": ("orpo", {"beta": 0.25}),
     "simpo": ("simpo", {"beta": 2.0, "simpo_gamma": 0.7}),
 }
@@ -162,6 +163,7 @@ def test_pair_loss_equals_the_papers_formula(files, tiny, case):
             if cfg.loss_type == "hinge"
             else -(1 - eps) * ls(b * h) - eps * ls(-b * h)
         )
+        want = want + cfg.rpo_alpha * -(pc / nc)  # RPO: the chosen answer's mean token NLL (0: plain DPO)
     elif name == "simpo":
         z = b * pc / nc - b * pr / nr - cfg.simpo_gamma
         want = -ls(z)
@@ -310,6 +312,43 @@ def test_lora_reference_is_the_separately_loaded_base_model(files, tmp_path):
     assert not torch.allclose(policy, want, atol=1e-3)
 
 
+def test_dpo_with_qlora_trains_against_the_quantised_base(files, tmp_path):
+    """QLoRA's reference is the adapter disabled: the 4-bit base, quantised as a fresh copy would be. At the
+    first step the policy is the reference (LoRA's B starts at 0), so every implicit reward is 0."""
+    pytest.importorskip("bitsandbytes", reason="qlora needs bitsandbytes (the dev extra installs it)")
+    from dstune.config import QloraConfig
+    from dstune.methods.qlora import quantize_
+    from dstune.train.build import build
+    from dstune.train.preference import reference_context, sequence_logps
+
+    cfg = make_cfg(files["pairs"], tmp_path / "run", "dpo", "qlora", optim__lr=2e-2)
+    result = train(cfg, console=Console(quiet=True))
+    first, final = first_and_final(result)
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # -log sigmoid(0)
+    assert result.train_losses[-1] < result.train_losses[0]
+    assert final["rewards/accuracy"] > first["rewards/accuracy"] and final["rewards/margins"] > 0
+
+    run = build(cfg)
+    assert run.objective.reference == "adapter"
+    with torch.no_grad():
+        for p in run.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        batch = collate(run.data.train, run.pad_id)
+        inputs = [batch[k] for k in ("input_ids", "attention_mask", "labels")]
+        with reference_context(run.model):
+            ref = sequence_logps(run.model, *inputs)[0]
+        policy = sequence_logps(run.model, *inputs)[0]
+        base = load_model(resolve_model_dir("tiny:deepseek-llm"))
+        unquantised, _ = plain_logps(base, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        quantize_(base, QloraConfig())
+        want, _ = plain_logps(base.eval(), batch["input_ids"], batch["labels"], batch["attention_mask"])
+    torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(policy, want, atol=1e-3)
+    assert not torch.allclose(unquantised, want, atol=1e-3)  # the check can tell the 4-bit base from fp32
+
+
 def test_full_dpo_caches_the_base_models_reference(files, tmp_path):
     from dstune.train.build import build
 
@@ -369,6 +408,14 @@ def test_config_refuses_what_a_preference_run_cannot_do(override, phrase):
         load_config(overrides=["objective=dpo", override])
 
 
+def test_rpo_alpha_is_refused_outside_dpo():
+    assert load_config(overrides=["objective=dpo", "preference.rpo_alpha=1"]).preference.rpo_alpha == 1
+    with pytest.raises(
+        ConfigError, match="preference.rpo_alpha adds the chosen answer's NLL to objective=dpo"
+    ):
+        load_config(overrides=["objective=orpo", "preference.rpo_alpha=1"])
+
+
 def test_objective_and_data_must_agree(files, tmp_path, small_file):
     with pytest.raises(DataError, match="set objective=dpo, orpo or simpo"):
         train(make_cfg(files["pairs"], tmp_path / "a", "sft"), console=Console(quiet=True))
@@ -394,3 +441,117 @@ def test_report_shows_the_preference_columns(files, tmp_path):
     result = compare_runs([tmp_path / "run"], tmp_path / "report")
     row = dict(zip(result["columns"], result["rows"][0]))
     assert row["objective"] == "simpo" and 0 <= row["val reward acc"] <= 1 and "val margin" in row
+
+
+# ----------------------------------------------------------------------------- the shipped example data
+
+
+def test_example_pairs_are_rebuilt_from_identity_json_and_hold_out_unseen_questions():
+    """examples/data/identity_*.jsonl are what benchmarks/make_identity_pairs.py writes, every pair's answers
+    differ, and no held-out question is asked in training, even with other punctuation ("你是谁", "你是谁？")."""
+    import importlib.util
+
+    from conftest import SHARED_DATA
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "make_pairs", root / "benchmarks" / "make_identity_pairs.py"
+    )
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    train_pairs, held = make.make_pairs(
+        json.loads((SHARED_DATA / "identity.json").read_text(encoding="utf-8"))
+    )
+
+    def rows(name):
+        return [
+            json.loads(x)
+            for x in (root / "examples" / "data" / name).read_text(encoding="utf-8").splitlines()
+        ]
+
+    assert rows("identity_pairs.jsonl") == train_pairs and rows("identity_pairs_heldout.jsonl") == held
+    assert rows("identity_kto.jsonl") == make.unpaired(train_pairs)
+    assert len(held) == 20 and len(train_pairs) == 65
+    assert all(p["chosen"] != p["rejected"] for p in train_pairs + held)  # each pair prefers something
+    seen = {make.question_key(p["prompt"]) for p in train_pairs}
+    assert not seen & {make.question_key(p["prompt"]) for p in held}
+
+
+# ----------------------------------------------------------------------------- data.mix
+
+GREETINGS = ["Hello!", "Hi there.", "Good morning.", "Hey, who is this?"]
+
+
+@pytest.fixture(scope="module")
+def second_files(tmp_path_factory) -> dict[str, Path]:
+    """A second pair file and a second KTO file: four other questions, the same two identities."""
+    d = tmp_path_factory.mktemp("pref2")
+    pairs = [{"prompt": q, "chosen": answer(i, 0), "rejected": answer(i, 1)} for i, q in enumerate(GREETINGS)]
+    kto = [
+        {"prompt": q, "completion": answer(i, i % 2), "label": i % 2 == 0} for i, q in enumerate(GREETINGS)
+    ]
+    out = {}
+    for name, rows in (("pairs", pairs), ("kto", kto)):
+        out[name] = d / f"{name}2.jsonl"
+        out[name].write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return out
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_mix_of_two_files_trains_with_each_files_share(files, second_files, tmp_path, objective):
+    from dstune.train.build import build
+
+    kind = "kto" if objective == "kto" else "pairs"
+    first, second = files[kind], second_files[kind]
+    mix = [{"path": str(first), "weight": 1.0}, {"path": str(second), "weight": 3.0}]
+    cfg = make_cfg(first, tmp_path / "run", objective, data__train=None, data__mix=mix, train__max_steps=3)
+    run = build(cfg)
+    # 8 + 4 training rows shared 1:3: 3 of the first file's 8, the second file's 4 rows thrice (9)
+    assert [m["sampled"] for m in run.data.report["mix"]] == [3, 9]
+    sources = [r["source"].split(":")[0] for r in run.data.train]
+    assert (sources.count(first.name), sources.count(second.name)) == (3, 9)
+    key = "rejected_input_ids" if objective == "dpo" else "kl_input_ids"
+    assert all(key in r for r in run.data.train)
+    result = train(cfg, console=Console(quiet=True))
+    assert len(result.train_losses) == 3 and all(math.isfinite(x) for x in result.train_losses)
+    assert "rewards/accuracy" in result.val
+
+
+@pytest.mark.parametrize("where", ["data.mix[1]", "data.validation"])
+def test_pairs_and_other_rows_in_one_run_are_refused_naming_the_key(files, small_file, where):
+    from dstune.data import prepare_data
+
+    tokenizer = load_tokenizer(resolve_model_dir("tiny:deepseek-llm").path)
+    if where == "data.mix[1]":
+        mix = [{"path": str(files["pairs"]), "weight": 1.0}, {"path": str(files["kto"]), "weight": 1.0}]
+        data = RunConfig.model_validate({"objective": "dpo", "data": {"mix": mix}}).data
+    else:
+        data = RunConfig.model_validate(
+            {"data": {"train": str(files["pairs"]), "validation": str(small_file)}}
+        ).data
+    with pytest.raises(DataError, match=r"different kinds of rows") as err:
+        prepare_data(data, tokenizer, None, seed=0)
+    assert f"{where} (" in str(err.value) and "objective dpo, orpo or simpo" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- benchmarks/bench_dpo.py
+
+
+def test_bench_dpo_runs_and_its_reference_agrees_with_the_runs_validation(tmp_path):
+    """The benchmark, shrunk to a tiny model and 3 steps: its implicit rewards, computed against the base
+    model loaded on its own, equal the run's validation rewards, computed with the adapter disabled."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_dpo", root / "benchmarks" / "bench_dpo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sets = ["model.name=tiny:deepseek-llm", "train.max_steps=3", "train.eval_every=0", "optim.lr=2e-2"]
+    args = [a for s in sets for a in ("--set", s)]
+    assert bench.main(args + ["--out", str(tmp_path / "run"), "--result", str(tmp_path / "r.json")]) == 0
+    out = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    after, val = out["after"], out["after"]["run_val"]
+    assert out["held_out_pairs"] == val["pairs"] == 20
+    assert after["implicit_reward_accuracy"] == pytest.approx(val["rewards/accuracy"])
+    assert after["mean_implicit_margin"] == pytest.approx(val["rewards/margins"], abs=1e-3)
+    assert len(out["answers"]["after"]) == 20 and out["answers"]["after"] != out["answers"]["before"]

@@ -173,6 +173,12 @@ class RunConfig(_Section):
                 f"data.max_length={self.data.max_length} is the prompt plus its completion, so it must be "
                 f"larger than grpo.max_new_tokens={self.grpo.max_new_tokens}"
             )
+        if self.preference.rpo_alpha and self.objective != "dpo":
+            raise ValueError(
+                f"preference.rpo_alpha adds the chosen answer's NLL to objective=dpo, not objective="
+                f"{self.objective} (ORPO has that term already, weighted against its odds ratio by "
+                f"preference.beta): set preference.rpo_alpha=0"
+            )
         return self
 
     def validation_metrics(self) -> tuple[str, ...]:

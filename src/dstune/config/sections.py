@@ -387,6 +387,12 @@ class PreferenceConfig(_Section):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="DPO/SimPO sigmoid: assumed share of flipped labels (conservative DPO)"
     )
+    rpo_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="DPO: add alpha x the chosen answer's mean token NLL (RPO; TRL's rpo_alpha), so the "
+        "chosen answers become likely, not only likelier than the rejected ones; 0: off",
+    )
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin gamma")
     desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of desirable (label true) rows")
     undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of undesirable (label false) rows")

@@ -69,6 +69,24 @@ def _load(cfg: Any, path: str, max_samples: int | None) -> Loaded:
     return loaded
 
 
+def _check_kinds(named: list[tuple[str, Loaded]]) -> None:
+    """Refuses files a run cannot read together, naming each one's key and format.
+
+    Supervised formats mix (text, alpaca and messages rows are all tokenised by ``tokenize_examples``);
+    preference pairs, KTO rows and prompt-only rows (GRPO) are each tokenised and trained only with their
+    own kind.
+    """
+    formats = {loaded.format for _, loaded in named}
+    if len(formats) > 1 and formats & {"preference", "kto", "prompt"}:
+        listing = "; ".join(f"{key} ({loaded.path}): {loaded.format}" for key, loaded in named)
+        raise DataError(
+            f"the data files hold different kinds of rows: {listing}. A run trains on one kind: "
+            "prompt/chosen/rejected pairs (objective dpo, orpo or simpo), prompt/completion/label rows "
+            "(objective kto), prompts with answers (objective grpo) or supervised rows (objective sft); use "
+            "files of one kind"
+        )
+
+
 def _token_report(tok: Tokenized) -> dict:
     return {
         "rows": len(tok.rows),
@@ -90,6 +108,10 @@ def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
             )
         reads = [_load(cfg, source.path, None) for source in cfg.mix]
         held = _load(cfg, cfg.validation, None) if cfg.validation else None
+        _check_kinds(
+            [(f"data.mix[{i}]", r) for i, r in enumerate(reads)]
+            + ([("data.validation", held)] if held else [])
+        )
         parts = [
             (r.examples, [], []) if held else split_examples(r.examples, tuple(cfg.split), seed)
             for r in reads
@@ -129,6 +151,7 @@ def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
     )
     if cfg.validation:
         held = _load(cfg, cfg.validation, None)
+        _check_kinds([("data.train", loaded), ("data.validation", held)])
         report["read"]["validation"] = _read_report(held)
         return {"train": loaded.examples, "val": held.examples, "test": []}
     train, val, test = split_examples(loaded.examples, tuple(cfg.split), seed)

@@ -1,4 +1,4 @@
-"""Preference objectives: DPO (with IPO, hinge and conservative variants), ORPO, SimPO and KTO.
+"""Preference objectives: DPO (with IPO, hinge, conservative and RPO variants), ORPO, SimPO and KTO.
 
 Each is an ``Objective`` (``train.objective``): ``loss_sum`` sums a per-example loss over the pairs (KTO:
 rows) of a micro-batch and ``units`` counts them, so the loop's window normalisation gives the mean over
@@ -199,6 +199,8 @@ class PreferenceObjective:
             losses, rc, rr = dpo_losses(
                 logps[:b], logps[b:], ref[:b], ref[b:], c.beta, c.loss_type, c.label_smoothing
             )
+            if c.rpo_alpha:  # RPO (Pang et al. 2024, eq. 3): + alpha x the chosen answer's mean token NLL
+                losses = losses - c.rpo_alpha * means[:b]
         elif self.name == "simpo":
             losses, rc, rr = simpo_losses(means[:b], means[b:], c.beta, c.simpo_gamma, c.label_smoothing)
         else:
