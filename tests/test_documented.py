@@ -148,9 +148,9 @@ def _run_dir_problems(run: Path, output: str) -> list[str]:
         problems.append(f"a classification run's summary line lacks accuracy and F1: {line}")
     elif objective == "grpo" and "val loss" in line and "(reward " not in line:
         problems.append(f"a GRPO run's summary line lacks the mean reward: {line}")
-    elif objective not in (None, "sft", "grpo") and "val loss" in line and "reward accuracy" not in line:
+    elif objective not in (None, "sft", "grpo", "distill") and "val loss" in line and "reward accuracy" not in line:
         problems.append(f"a preference run's summary line lacks the reward accuracy: {line}")
-    elif task != "classification" and objective in (None, "sft") and "val loss" in line and "ppl" not in line:
+    elif task != "classification" and objective in (None, "sft", "distill") and "val loss" in line and "ppl" not in line:
         problems.append(f"a language-model run's summary line lacks ppl: {line}")
     if task == "classification" and not (run / "labels.json").is_file():
         problems.append(f"{run} lacks labels.json")

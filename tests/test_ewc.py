@@ -80,6 +80,7 @@ def test_penalty_gradient_is_lambda_fisher_times_the_distance():
     assert value == pytest.approx(0.5 / 2 * (1 * 4 + 0 * 25 + 4 * 1))
 
 
+@pytest.mark.slow  # four tiny runs: a minute on 2 CPU cores; run by CI's slow suite
 def test_ewc_keeps_the_first_task_better_than_plain_fine_tuning(tasks, tmp_path):
     first = train(make_cfg(tasks["a"], tmp_path / "a"), console=Console(quiet=True))
     start = str(first.final_dir)

@@ -331,6 +331,7 @@ def test_example_config_loads():
     assert cfg.objective == "grpo" and cfg.data.format in ("auto", "prompt")
 
 
+@pytest.mark.slow  # a minute or more on 2 CPU cores; run by CI's slow suite
 def test_tune_searches_beta_group_size_and_lr_on_the_reward(files, tmp_path):
     import optuna
 
@@ -367,6 +368,7 @@ def test_tune_searches_beta_group_size_and_lr_on_the_reward(files, tmp_path):
     )
 
 
+@pytest.mark.slow  # a minute or more on 2 CPU cores; run by CI's slow suite
 @pytest.mark.parametrize("method", ["freeze", "qlora"])
 def test_grpo_trains_with_the_other_methods(files, tmp_path, method):
     """Every method where the maths allows: freeze trains the top layers; QLoRA's 4-bit base generates
@@ -379,6 +381,7 @@ def test_grpo_trains_with_the_other_methods(files, tmp_path, method):
     assert "reward/low_ids" in result.summary["val"]
 
 
+@pytest.mark.slow  # a minute or more on 2 CPU cores; run by CI's slow suite
 @pytest.mark.parametrize("family", ["tiny:deepseek-v3", "tiny:r1-distill-qwen"])
 def test_grpo_on_moe_and_r1_families_renders_prompts_as_at_inference(files, tmp_path, family):
     """V3's routed experts and R1-Distill's template: the prompt ends where generation starts (R1 opens
