@@ -129,8 +129,10 @@ def test_format_reward_follows_r1_and_tolerates_a_prefilled_think():
         "<think>add them</think>",  # no answer after it
         "<think>a<think>b</think> 12",  # nested
         "add them</think>\n12",  # R1's template opened the thinking already
+        "2 + 3 = 5</think>\n76 x 3 = 21</think> 21",  # two closes (SmolLM2 learned this under GRPO)
     ]
-    assert format_reward(prompts, completions) == [1.0, 0.0, 0.0, 0.0, 1.0]
+    prompts.append(prompts[-1])
+    assert format_reward(prompts, completions) == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
 def test_length_reward_is_dapos_soft_overlong_penalty():

@@ -80,6 +80,7 @@ def format_reward(prompts: list[str], completions: list[str], **kwargs) -> list[
             text = "<think>" + text
         m = _R1_FORMAT.match(text)
         ok = m is not None and m["answer"].strip() and "<think>" not in m["think"] + m["answer"]
+        ok = ok and "</think>" not in m["answer"]  # one thinking block: a second close is not the format
         out.append(1.0 if ok else 0.0)
     return out
 
