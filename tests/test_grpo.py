@@ -284,6 +284,7 @@ def test_grpo_trains_logs_rewards_and_resumes_bitwise(files, tmp_path, method):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["split"] == "train"]
     assert len(steps) == 4 and all("reward/low_ids" in r and "reward_std" in r for r in steps)
+    assert all(r["reward/low_ids/std"] >= 0 for r in steps)  # each function's spread, not only the total's
     assert all(0 < r["completion_length"] <= 8 for r in steps)
     val = [r for r in rows if r["split"] == "val"]
     assert val and val[-1]["loss"] == pytest.approx(-val[-1]["reward"])

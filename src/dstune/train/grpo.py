@@ -156,7 +156,10 @@ class GrpoObjective:
         self.stats.add("reward", total)
         for name, values in each.items():
             v = torch.tensor(values)
-            self.stats.add(f"reward/{name}", v[~v.isnan()])
+            v = v[~v.isnan()]
+            self.stats.add(f"reward/{name}", v)
+            if len(v) > 1:  # its spread in this batch (the mean over batches is logged)
+                self.stats.add(f"reward/{name}/std", v.std()[None])
         self.stats.add("completion_length", torch.tensor([len(c) for c in completions], dtype=torch.float32))
         truncated = [not c or c[-1] not in self.stop_ids for c in completions]
         self.stats.add("truncated", torch.tensor(truncated, dtype=torch.float32))
