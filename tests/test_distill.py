@@ -19,15 +19,10 @@ from dstune.errors import UsageError
 from dstune.train.distill import distill_token_losses
 from dstune.train.loop import train
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    rows = json.loads((SHARED / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:24]
-    path = tmp_path_factory.mktemp("distill") / "d.jsonl"
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    return path
+def data(alpaca_file) -> Path:
+    return alpaca_file
 
 
 def make_cfg(data: Path, out: Path, method: str = "full", **over) -> RunConfig:

@@ -291,21 +291,29 @@ def test_dpo_resume_is_bitwise_exact(files, tmp_path, method):
             assert torch.equal(p, dict(resumed.model.named_parameters())[name]), name
 
 
-def test_lora_reference_is_the_separately_loaded_base_model(files, tmp_path):
-    from dstune.train.build import build
+def nudged_reference_and_policy(run):
+    """A trained adapter (its weights nudged, so the policy is not the base model), and the sequence
+    log-probabilities of the run's training rows under the reference (adapter disabled) and the policy."""
     from dstune.train.preference import reference_context, sequence_logps
 
-    run = build(make_cfg(files["pairs"], tmp_path / "run", "dpo"))
-    assert run.objective.reference == "adapter"
     with torch.no_grad():
         for p in run.model.parameters():
             if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))  # a trained adapter: the policy is not the base model
+                p.add_(0.05 * torch.randn_like(p))
         batch = collate(run.data.train, run.pad_id)
         inputs = [batch[k] for k in ("input_ids", "attention_mask", "labels")]
         with reference_context(run.model):
             ref = sequence_logps(run.model, *inputs)[0]
-        policy = sequence_logps(run.model, *inputs)[0]
+        return batch, ref, sequence_logps(run.model, *inputs)[0]
+
+
+def test_lora_reference_is_the_separately_loaded_base_model(files, tmp_path):
+    from dstune.train.build import build
+
+    run = build(make_cfg(files["pairs"], tmp_path / "run", "dpo"))
+    assert run.objective.reference == "adapter"
+    batch, ref, policy = nudged_reference_and_policy(run)
+    with torch.no_grad():
         base = load_model(resolve_model_dir("tiny:deepseek-llm"))
         want, _ = plain_logps(base, batch["input_ids"], batch["labels"], batch["attention_mask"])
     torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
@@ -319,7 +327,6 @@ def test_dpo_with_qlora_trains_against_the_quantised_base(files, tmp_path):
     from dstune.config import QloraConfig
     from dstune.methods.qlora import quantize_
     from dstune.train.build import build
-    from dstune.train.preference import reference_context, sequence_logps
 
     cfg = make_cfg(files["pairs"], tmp_path / "run", "dpo", "qlora", optim__lr=2e-2)
     result = train(cfg, console=Console(quiet=True))
@@ -331,15 +338,8 @@ def test_dpo_with_qlora_trains_against_the_quantised_base(files, tmp_path):
 
     run = build(cfg)
     assert run.objective.reference == "adapter"
+    batch, ref, policy = nudged_reference_and_policy(run)
     with torch.no_grad():
-        for p in run.model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-        batch = collate(run.data.train, run.pad_id)
-        inputs = [batch[k] for k in ("input_ids", "attention_mask", "labels")]
-        with reference_context(run.model):
-            ref = sequence_logps(run.model, *inputs)[0]
-        policy = sequence_logps(run.model, *inputs)[0]
         base = load_model(resolve_model_dir("tiny:deepseek-llm"))
         unquantised, _ = plain_logps(base, batch["input_ids"], batch["labels"], batch["attention_mask"])
         quantize_(base, QloraConfig())

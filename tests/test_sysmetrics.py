@@ -14,8 +14,6 @@ from dstune.train import sysmetrics
 from dstune.train.loop import train
 from dstune.train.sysmetrics import SystemMetrics
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 class Clock:
     def __init__(self):
@@ -46,11 +44,8 @@ def test_step_time_runs_from_the_end_of_one_steps_hooks_to_the_next_update(monke
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    rows = json.loads((SHARED / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:24]
-    d = tmp_path_factory.mktemp("sys")
-    data = d / "d.jsonl"
-    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+def run_dir(tmp_path_factory, alpaca_file) -> Path:
+    d, data = tmp_path_factory.mktemp("sys"), alpaca_file
     cfg = RunConfig.model_validate(
         {
             "model": {"name": "tiny:deepseek-llm"},
