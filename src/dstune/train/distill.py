@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from dstune.config import DistillConfig
 from dstune.core.loss import IGNORE
 from dstune.errors import UsageError
-from dstune.train.preference import _Stats
+from dstune.train.preference import _Stats, answer_logits
 from dstune.train.rollout import generate_ids, stop_ids
 
 
@@ -39,25 +39,6 @@ def distill_token_losses(
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     ce = F.cross_entropy(s, target, reduction="none")
     return alpha * temperature**2 * kl + (1 - alpha) * ce, kl.detach(), ce.detach()
-
-
-def _answer_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last hidden states at the positions that predict a labelled token, and those labels."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        output_hidden_states=True,
-        logits_to_keep=1,
-    )
-    labels = batch["labels"]
-    hidden = out.hidden_states[-1][:, -labels.shape[1] :]  # prompt-learning methods prepend virtual tokens
-    keep = labels[:, 1:] != IGNORE
-    return hidden[:, :-1][keep], labels[:, 1:][keep]
-
-
-def _logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    head = getattr(model, "module", model).get_output_embeddings()
-    return F.linear(hidden, head.weight, head.bias)
 
 
 @dataclass
@@ -80,18 +61,15 @@ class DistillObjective:
         return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def loss_sum(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden, target = _answer_hidden(model, batch)
+        inputs = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        student, target, _ = answer_logits(model, *inputs)
         with torch.no_grad():
             if self.teacher == "base":
                 with getattr(model, "module", model).disable_adapter():
-                    t_hidden, _ = _answer_hidden(model, batch)
-                teacher_logits = _logits(model, t_hidden)
+                    teacher = answer_logits(model, *inputs)[0]
             else:
-                t_hidden, _ = _answer_hidden(self.teacher, batch)
-                teacher_logits = _logits(self.teacher, t_hidden)
-        loss, kl, ce = distill_token_losses(
-            _logits(model, hidden), teacher_logits, target, self.cfg.temperature, self.cfg.alpha
-        )
+                teacher = answer_logits(self.teacher, *inputs)[0]
+        loss, kl, ce = distill_token_losses(student, teacher, target, self.cfg.temperature, self.cfg.alpha)
         self.stats.add("distill_kl", kl)
         self.stats.add("label_ce", ce)
         return loss.sum()

@@ -25,12 +25,9 @@ from dstune.core.collate import collate, eval_batches
 from dstune.core.loss import IGNORE
 
 
-def token_logps(
-    model, input_ids, attention_mask, labels, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each labelled token (next-token, shifted) as ``[rows, length - 1]`` (0 where
-    unlabelled), and the mask of labelled positions. Logits are divided by ``temperature`` first (GRPO
-    scores tokens under the distribution it sampled them from).
+def answer_logits(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, ...]:
+    """The output layer's logits at the positions that predict a labelled token ``[tokens, vocab]``, those
+    tokens, and the mask of labelled positions ``[rows, length - 1]``.
 
     The model returns its last hidden states only (``logits_to_keep=1``) and the output layer runs on the
     labelled positions alone, so no ``rows x length x vocabulary`` logits exist for the prompts.
@@ -40,9 +37,18 @@ def token_logps(
     )
     hidden = out.hidden_states[-1][:, -labels.shape[1] :]  # prompt-learning methods prepend virtual tokens
     keep = labels[:, 1:] != IGNORE
-    target = labels[:, 1:][keep]
     head = getattr(model, "module", model).get_output_embeddings()
-    logits = F.linear(hidden[:, :-1][keep], head.weight, head.bias).float()
+    return F.linear(hidden[:, :-1][keep], head.weight, head.bias), labels[:, 1:][keep], keep
+
+
+def token_logps(
+    model, input_ids, attention_mask, labels, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each labelled token (next-token, shifted) as ``[rows, length - 1]`` (0 where
+    unlabelled), and the mask of labelled positions. Logits are divided by ``temperature`` first (GRPO
+    scores tokens under the distribution it sampled them from)."""
+    logits, target, keep = answer_logits(model, input_ids, attention_mask, labels)
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     flat = logits.log_softmax(-1).gather(1, target[:, None]).squeeze(1)
