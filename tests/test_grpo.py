@@ -407,3 +407,18 @@ def test_grpo_on_moe_and_r1_families_renders_prompts_as_at_inference(files, tmp_
         assert format_reward([row["prompt_text"]], ["5 + 7 = 12</think> 12"]) == [1.0]
     result = train(cfg, console=Console(quiet=True))
     assert result.steps == 2 and "reward/low_ids" in result.summary["val"]
+
+
+@pytest.mark.parametrize("model,tail", [("tiny:deepseek-llm", "<｜Assistant｜>"),
+                                        ("tiny:r1-distill-qwen", "<｜Assistant｜><think>")])
+def test_data_inspect_shows_prompt_rows_as_generation_sees_them(files, model, tail):
+    from dstune.data.inspect import inspect_file, render_inspection
+
+    report = inspect_file(files["data"], model=model, examples=1)
+    text = render_inspection(report)
+    first = json.loads(files["data"].read_text(encoding="utf-8").splitlines()[0])
+    assert report["format"] == "prompt" and report["examples"] == 24, report
+    # The prompt as rendered for sampling (R1's template prefills <think>), its answer, and no trained token.
+    assert f"line 1 prompt (answer '{first['answer']}')" in text and "0 trained" in text
+    shown = text.split("line 1 prompt", 1)[1]
+    assert f"{first['prompt']}{tail}" in shown and "[[" not in shown

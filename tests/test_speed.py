@@ -108,3 +108,74 @@ def test_training_with_packing_and_chunked_output_layer(tmp_path):
     report = packed.summary["data"]
     assert report["packed"]["padding_share"] < report["padding_share"]
     assert packed.train_losses[-1] < packed.train_losses[0]
+
+
+def _lora_model(family: str, lora: dict):
+    from dstune.config import RunConfig
+    from dstune.methods import prepare_model
+
+    cfg = RunConfig.model_validate({"model": {"name": f"tiny:{family}"}, "data": {"train": "x.jsonl"},
+                                    "method": "lora", "lora": {"r": 4, "targets": "attention", **lora}})
+    torch.manual_seed(0)
+    model = prepare_model(load_model(resolve_model_dir(cfg.model.name).path, dtype=torch.float32), cfg)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would hide a wrong update
+            p.data.normal_(0, 0.05)
+    return model
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family,lora", [("deepseek-llm", {"dropout": 0.0}), ("deepseek-v3", {"dropout": 0.0}),
+                                         ("deepseek-llm", {"use_dora": True})])
+def test_lean_lora_forward_equals_peft_in_loss_and_gradients(family, lora):
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from dstune.methods.lora_fast import LeanLinear
+
+    model = _lora_model(family, lora)
+    lean = [m for m in model.modules() if isinstance(m, PeftLinear)]
+    assert lean and all(type(m) is LeanLinear for m in lean)
+    batch = collate(_rows(4), pad_id=0)
+    calls = []
+    base_forward = PeftLinear.forward
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return base_forward(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PeftLinear, "forward", counted)  # LeanLinear falls back to it: count the fallbacks
+        got_loss, got = _loss_and_grads(model, batch)
+    # The plain case takes the lean path; DoRA (a peft variant) is peft's own forward in every layer.
+    assert len(calls) == (len(lean) if lora.get("use_dora") else 0)
+    for m in lean:
+        m.__class__ = PeftLinear
+    want_loss, want = _loss_and_grads(model, batch)
+    assert got.keys() == want.keys() and any("lora_A" in n for n in got)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-5)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_lean_lora_defers_to_peft_when_the_adapter_is_disabled_or_merged():
+    model = _lora_model("deepseek-llm", {})
+    batch = collate(_rows(3), pad_id=0)
+    with torch.no_grad():
+        with_adapter = loss_sum(model, batch)
+        with model.disable_adapter():
+            without = loss_sum(model, batch)
+        base = _lora_model("deepseek-llm", {}).get_base_model()
+        for m in base.modules():  # the base weights alone: the same model with the adapter's B zeroed
+            if hasattr(m, "lora_B"):
+                m.lora_B["default"].weight.zero_()
+        torch.testing.assert_close(without, loss_sum(base, batch))
+        model.merge_adapter()
+        torch.testing.assert_close(loss_sum(model, batch), with_adapter, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(with_adapter, without)

@@ -22,6 +22,7 @@ from dstune.config import RunConfig
 from dstune.core.facts import layer_index
 from dstune.errors import UsageError
 from dstune.methods.freeze import first_top_layer
+from dstune.methods.lora_fast import make_lean
 from dstune.methods.peft_model import CausalLM, wrap
 from dstune.models.inspect import param_kind
 
@@ -223,6 +224,7 @@ def prepare_lora(model: nn.Module, cfg: RunConfig) -> CausalLM:
     modules, params = sorted(config.target_modules or []), sorted(config.target_parameters or [])
     wrapped = wrap(model, config)
     _check_targets(wrapped, modules, params)
+    make_lean(wrapped)  # fewer passes over the activations, same maths (lora_fast.py)
     if cfg.lora.init in ("pissa", "pissa_fast", "olora"):
         wrapped.keep_initial_adapter()
     return wrapped
