@@ -221,7 +221,24 @@ def architecture_report(
         "total_params": total,
         "active_params": active,
         "params_by_kind": by_kind,
+        "storage": _storage(config),
     }
+
+
+def _storage(config) -> str | None:
+    """How the checkpoint stores its weights when not in the config's dtype: DeepSeek-V3/R1/V3.2 ship FP8."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return None
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("quant_method") == "fp8":
+        block = quant.get("weight_block_size")
+        blocks = f", {block[0]}x{block[1]} blocks with a scale each" if block else ""
+        return (
+            f"FP8 ({quant.get('fmt', 'e4m3')}{blocks}); de-quantised on load, except on GPUs "
+            "with FP8 support (compute capability 8.9+), where transformers keeps them in FP8"
+        )
+    return f"quantised ({quant.get('quant_method', '?')})"
 
 
 def inspect_model(spec: str) -> dict[str, Any]:
@@ -276,6 +293,8 @@ def render_report(report: dict[str, Any]) -> str:
             "tied to the output layer" if report["tie_word_embeddings"] else "separate output layer",
         ),
     ]
+    if report.get("storage"):
+        rows.append(("weights", report["storage"]))
     heads = (
         f"{att['kind']}, {att['heads']} heads, {att['kv_heads']} kv head{'s' if att['kv_heads'] != 1 else ''}"
     )
