@@ -6,6 +6,9 @@ Each row builds a run with dstune's own ``build`` and runs two optimizer steps t
 
     PYTHONPATH=src python benchmarks/bench_plan.py            # tiny families and SmolLM2, a few minutes
     PYTHONPATH=src python benchmarks/bench_plan.py --quick    # tiny families only
+
+On a CUDA machine the runs go to the GPU (dstune's default device) and the measured peak is
+``torch.cuda.max_memory_allocated``; the prediction is then made for ``Setup(device_type="cuda")``.
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ def row(data: Path, model: str, method: str, length: int, ckpt: bool, precision:
     cfg = load_config(values=values)
     start = time.perf_counter()
     measured = measure_step(cfg)["peak"]
-    predicted = estimate(cfg, Setup(device_type="cpu")).allocated
+    import torch
+
+    predicted = estimate(cfg, Setup(device_type="cuda" if torch.cuda.is_available() else "cpu")).allocated
     return {"predicted": predicted, "measured": measured, "seconds": time.perf_counter() - start}
 
 

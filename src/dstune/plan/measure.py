@@ -12,6 +12,7 @@ calling thread for CPU tensors, so one thread's events are all of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -81,8 +82,14 @@ def measure_step(cfg: RunConfig, steps: int = 2) -> dict:
     run = build(cfg)
     model = run.model
     model.train()  # as the loop does: transformers checkpoints layers only in training mode
-    base = live_bytes(model.parameters(), model.buffers())
-    with AllocationTracker() as tracker:
+    cuda = run.engine.device.type == "cuda"
+    if cuda:  # CUDA's caching allocator counts every tensor it hands out: its own peak is the measure
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = live_bytes(model.parameters(), model.buffers())
+    with contextlib.nullcontext() if cuda else AllocationTracker() as tracker:
         for step in range(steps):
             window = [run.batches.at(step * cfg.train.grad_accum + i)[0] for i in range(cfg.train.grad_accum)]
             backward_window(model, window, run.engine, run.objective)
@@ -90,4 +97,7 @@ def measure_step(cfg: RunConfig, steps: int = 2) -> dict:
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
     shape = tuple(window[0]["input_ids"].shape)
+    if cuda:
+        torch.cuda.synchronize()
+        return {"peak": torch.cuda.max_memory_allocated(), "baseline": base, "batch_shape": shape}
     return {"peak": base + tracker.peak, "baseline": base, "batch_shape": shape}
