@@ -119,3 +119,49 @@ def test_cli_plans_deepseek_v3_lora_on_8_h100_offline():
     for line in ("weights", "activations", "optimizer states", "total per device", "verdict:"):
         assert line in out.output
     assert "does not fit" in out.output and "fastest configuration that fits" in out.output
+
+
+def _auto_fit_run(tmp_path, name: str, *args: str):
+    import json
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    out = tmp_path / name
+    result = CliRunner().invoke(app, [
+        "train", "--model", "tiny:deepseek-llm", "--data", str(shared / "alpaca_zh_demo.json"), "--max-steps", "2",
+        "--output", str(out), "--set", "train.micro_batch_size=8", "--set", "train.grad_accum=2",
+        "--set", "data.max_length=512", "--set", "data.max_samples=64", "--set", "train.progress=false", *args,
+    ])
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else None
+    return result, out, summary
+
+
+def test_auto_fit_lowers_the_micro_batch_keeps_the_effective_batch_and_the_losses(tmp_path):
+    from dstune.config import load_config as load
+
+    plain, _, plain_summary = _auto_fit_run(tmp_path, "plain")
+    fitted, out, summary = _auto_fit_run(tmp_path, "fitted", "--auto-fit", "--set", "train.memory_budget=1GB")
+    assert plain.exit_code == 0 and fitted.exit_code == 0, fitted.output
+    assert "auto-fit to 0.98 GiB (train.memory_budget=1GB): micro-batch 8 ->" in fitted.output
+    saved = load(out / "config.yaml").train  # the run directory records the config that ran
+    assert saved.micro_batch_size < 8 and saved.micro_batch_size * saved.grad_accum == 16
+    memory = summary["memory"]
+    assert memory["auto_fit"]["budget_mb"] == pytest.approx(0.98 * 1024, abs=0.1)
+    assert memory["predicted_mb"] <= 0.98 * 1024 < plain_summary["memory"]["predicted_mb"]
+    assert memory["measured"] == "peak_rss" and memory["measured_mb"] > 0
+    assert "memory: the planner predicted" in fitted.output and "memory: the planner predicted" in plain.output
+    # The same 16 rows per optimizer step, in the same order: the same training, in smaller pieces.
+    assert plain_summary["final_train_loss"] == pytest.approx(summary["final_train_loss"], rel=1e-5)
+    # Resuming with the same flags fits the same way, so the config is unchanged.
+    more = CliRunner().invoke(app, ["train", "--output", str(out), "--resume", "--max-steps", "3"])
+    assert more.exit_code == 0, more.output
+    assert "changes (train.max_steps: 2 -> 3)" in more.output and "micro_batch" not in more.output
+
+
+def test_auto_fit_refuses_a_budget_nothing_fits_before_anything_is_written(tmp_path):
+    result, out, _ = _auto_fit_run(tmp_path, "tight", "--auto-fit", "--set", "train.memory_budget=150MB")
+    assert result.exit_code != 0 and "needs 0." in result.output and "even at micro-batch 1" in result.output
+    assert not out.exists()
+    bad, out, _ = _auto_fit_run(tmp_path, "bad", "--auto-fit", "--set", "train.memory_budget=lots")
+    assert bad.exit_code != 0 and "train.memory_budget" in bad.output and "512MB" in bad.output
+    assert not out.exists()

@@ -320,6 +320,16 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     gradient_checkpointing: bool = False
+    auto_fit: bool = Field(
+        False,
+        description="before the run, lower micro_batch_size (raising grad_accum to keep the effective batch) "
+        "and/or turn on gradient checkpointing until dstune plan's estimate fits train.memory_budget",
+    )
+    memory_budget: str | None = Field(
+        None,
+        description="memory of one device for auto_fit: 24GB, 512MB, or a GPU name (H100); default: the "
+        "device's total memory (on a CPU, the machine's RAM)",
+    )
     seed: int = 42
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
@@ -370,6 +380,15 @@ class TrainConfig(_Section):
     )
     best_mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for loss/ppl, else max")
     progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _known_budget(cls, value: str | None) -> str | None:
+        from dstune.plan.gpus import parse_budget
+
+        if value is not None:
+            parse_budget(value)  # a ValueError naming the accepted forms
+        return value
 
 
 class PreferenceConfig(_Section):

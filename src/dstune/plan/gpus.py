@@ -22,6 +22,7 @@ GPUS: dict[str, float] = {
     "T4": 14.6,
 }
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*GB$", re.IGNORECASE)
+_BUDGET = re.compile(r"^(\d+(?:\.\d+)?)\s*(MB|GB|MiB|GiB)$", re.IGNORECASE)
 _COUNT = re.compile(r"^(\d+)\s*x\s*(.+)$", re.IGNORECASE)
 
 
@@ -42,4 +43,23 @@ def parse_gpu(text: str) -> tuple[int, float]:
     raise UsageError(
         f"--gpu {text!r}: unknown GPU; use a size like 24GB or 80GB, or one of {', '.join(GPUS)}, "
         f"optionally with a count (8xH100)"
+    )
+
+
+def parse_budget(text: str) -> float:
+    """``train.memory_budget``: ``512MB``, ``24GB`` (as the GPU sizes above), ``1.5GiB`` or a GPU name ->
+    usable bytes of one device.
+
+    Raises:
+        ValueError: naming the value and the accepted forms (the config names the key).
+    """
+    if m := _BUDGET.match(text.strip()):
+        number, unit = float(m.group(1)), m.group(2).lower()
+        if number > 0:
+            return number * {"mb": 0.98 * 2**20, "gb": 0.98 * GIB, "mib": 2**20, "gib": GIB}[unit]
+    for known, gib in GPUS.items():
+        if known.lower() == text.strip().lower():
+            return gib * GIB
+    raise ValueError(
+        f"{text!r} is not a memory size: use a size like 512MB, 24GB or 1.5GiB, or one of {', '.join(GPUS)}"
     )

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from dstune.config import RunConfig, save_config
 from dstune.core.facts import file_sha256
 from dstune.errors import DstuneError
+from dstune.plan.autofit import apply_auto_fit, measured_peak, predicted_peak_mb
 from dstune.report.charts import plot_loss
 from dstune.rundir import RunDir
 from dstune.train.batching import split_by_length
@@ -78,6 +79,8 @@ def train(
     cfg = cfg.absolute()  # the saved config.yaml reproduces the run from any folder
     run_dir = RunDir(cfg.output)
     check_inputs(cfg)
+    cfg, fitted = apply_auto_fit(cfg, console)  # nothing fits: refused before anything is written
+    memory = {"auto_fit": fitted, "predicted_mb": predicted_peak_mb(cfg)}
     ckpt, changes = open_run_dir(run_dir, cfg, resume, allow_config_change, console)
     state = TrainState.from_json(read_loop_state(ckpt)) if ckpt else TrainState()
     run = build(cfg, console, schedule=state.schedule)
@@ -89,7 +92,7 @@ def train(
             done = train_step(run, state, hooks)
             if done is None or hooks.after_step(*done):
                 break
-    return finish(run, run_dir, state, hooks)
+    return finish(run, run_dir, state, hooks, memory)
 
 
 def train_step(run: Run, state: TrainState, hooks: Hooks) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -194,8 +197,9 @@ def start_files(run: Run, run_dir: RunDir, changes: list[dict], step: int, conso
         save_file(run.penalty.fisher, str(run_dir / RunDir.FISHER))
 
 
-def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks) -> RunResult:
-    """The end of a run: last checkpoint, evaluation, the kept weights, ``final/``, plots, summary."""
+def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks, memory: dict) -> RunResult:
+    """The end of a run: last checkpoint, evaluation, the kept weights, ``final/``, plots, summary
+    (``memory``: the planner's prediction and auto-fit decision, to which the measured peak is added)."""
     hooks.flush_losses()
     final_ckpt = hooks.checkpoint()
     end_val = hooks.validate()
@@ -217,6 +221,7 @@ def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks) -> RunRes
         "trainable": run.trainable,
         "data": run.data.report,
         "speed": run.speed,
+        "memory": {**memory, **measured_peak(run.engine.device)},
         "wall_s": hooks.wall_s(),
     }
     if hooks.is_main:
