@@ -16,7 +16,7 @@ import typer
 from dstune.clikit import console
 from dstune.clikit import fail as _fail
 from dstune.config import METHODS, RunConfig, load_config
-from dstune.data.cli import data_app
+from dstune.data_cli import data_app
 from dstune.errors import DstuneError
 from dstune.explain.cli import explain_command
 from dstune.export.cli import export_command
