@@ -63,7 +63,11 @@ SHRINK: dict[str, list[str]] = {
     "explain": ["--new-tokens", "2"],
     "merge": [], "report": [], "inspect": [], "export": [], "serve": [], "plan": [],
 }
-HUB = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "tiny:r1-distill-qwen"}
+HUB = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "tiny:r1-distill-qwen",
+       # the recipes' models (examples/recipe-*.yaml name them in the config, see config_args)
+       "deepseek-ai/deepseek-llm-7b-base": "tiny:deepseek-llm",
+       "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": "tiny:r1-distill-qwen",
+       "deepseek-ai/DeepSeek-V2-Lite": "tiny:deepseek-v2"}
 OFFLINE_HUB = {"inspect", "plan"}  # subcommands that read a hub id's architecture from dstune's tables
 NETWORK = {"postgresql://user:pass@db-host/studies": "sqlite:///{work}/shared-study.db"}
 ALIASES = {"runs/lora-r8": "runs/my-run", "runs/lora-r16": "runs/lora-deepseek-v3-tiny"}
@@ -347,7 +351,7 @@ class Session:
             first = self.run(producer)
             if first.returncode != 0:
                 raise AssertionError(f"{cmd.id} reads what {producer.id} writes, which failed:\n{first.output[-3000:]}")
-        args = mapped_args(cmd, self.work) + SHRINK.get(cmd.subcommand, []) + grpo_prompts(cmd, self.work)
+        args = mapped_args(cmd, self.work) + SHRINK.get(cmd.subcommand, []) + config_args(cmd, self.work)
         wrote = writes(cmd, args, self.work)
         owner = self.owners.get(wrote.rstrip("/")) if wrote else None
         if wrote and (owner.id != cmd.id if owner else (self.work / wrote).exists()):  # taken: a place of its own
@@ -363,15 +367,18 @@ class Session:
         return self.done[cmd.id]
 
 
-def grpo_prompts(cmd: Command, work: Path) -> list[str]:
-    """A GRPO config keeps its own data.max_length: it bounds the prompt plus the completion, and the
-    shrunk 64 tokens would drop every prompt of examples/grpo.yaml (a system prompt and a question)."""
+def config_args(cmd: Command, work: Path) -> list[str]:
+    """Flags a run of a config file needs here. A GRPO config keeps its own data.max_length: it bounds the
+    prompt plus the completion, and the shrunk 64 tokens would drop every prompt of examples/grpo.yaml (a
+    system prompt and a question). A config naming a hub model trains the tiny preset of its architecture."""
     config = work / cmd.args[1] if cmd.subcommand in ("train", "tune") and len(cmd.args) > 1 else None
     if config is None or config.suffix not in (".yaml", ".yml") or not config.is_file():
         return []
     data = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     keep = (data.get("data") or {}).get("max_length")
-    return ["--set", f"data.max_length={keep}"] if data.get("objective") == "grpo" and keep else []
+    out = ["--set", f"data.max_length={keep}"] if data.get("objective") == "grpo" and keep else []
+    model = (data.get("model") or {}).get("name")
+    return out + (["--model", HUB[model]] if model in HUB else [])
 
 
 # --------------------------------------------------------------------------- the reader's own files

@@ -165,3 +165,34 @@ def test_auto_fit_refuses_a_budget_nothing_fits_before_anything_is_written(tmp_p
     bad, out, _ = _auto_fit_run(tmp_path, "bad", "--auto-fit", "--set", "train.memory_budget=lots")
     assert bad.exit_code != 0 and "train.memory_budget" in bad.output and "512MB" in bad.output
     assert not out.exists()
+
+
+def _recipes():
+    from pathlib import Path
+
+    return sorted((Path(__file__).resolve().parents[1] / "examples").glob("recipe-*.yaml"))
+
+
+@pytest.mark.parametrize("path", _recipes(), ids=lambda p: p.stem)
+def test_each_recipe_names_its_gpu_and_fits_it(path):
+    import re
+
+    from dstune.plan.search import plan
+
+    found = re.search(r"dstune plan examples/\S+ --gpu (\S+)", path.read_text(encoding="utf-8"))
+    assert found, f"{path.name} does not say which GPU it was planned for"
+    cfg = load_config(path)
+    assert cfg.model.name.startswith("deepseek-ai/")  # a real model, planned from dstune's offline tables
+    asked, budget, _, _ = plan(cfg, found.group(1), Setup())
+    assert asked.total <= budget, f"{path.name}: {asked.total / 2**30:.1f} GiB on {found.group(1)}"
+
+
+def test_the_recipes_cover_the_guides_three_scenarios():
+    by_model = {load_config(p).model.name: load_config(p) for p in _recipes()}
+    domain = by_model["deepseek-ai/deepseek-llm-7b-base"]
+    assert (domain.method, domain.lora.r, domain.lora.targets, domain.optim.lr) == ("lora", 16, "attention", 1e-4)
+    dialogue = by_model["deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"]
+    assert (dialogue.lora.r, dialogue.lora.alpha, dialogue.train.gradient_checkpointing) == (8, 32, True)
+    assert 1 <= dialogue.train.epochs <= 2
+    low = by_model["deepseek-ai/DeepSeek-V2-Lite"]
+    assert (low.method, low.qlora.bits, low.lora.r, low.lora.alpha, low.train.grad_accum) == ("qlora", 4, 4, 8, 16)
