@@ -84,16 +84,22 @@ def load_teacher(cfg, tokenizer, device: torch.device) -> torch.nn.Module:
     """The teacher of ``distill.teacher`` in eval mode without gradients, refused when its tokenizer is
     not the student's (the logits would be over different vocabularies)."""
     from dstune.generate import load_for_inference
+    from dstune.models.load import load_tokenizer, resolve_model_dir
+    from dstune.rundir import RunDir
 
-    loaded = load_for_inference(cfg.distill.teacher, trust_remote_code=cfg.model.trust_remote_code)
-    if loaded.labels is not None:
-        raise UsageError(f"distill.teacher: {cfg.distill.teacher} is a classifier; a teacher generates text")
-    if loaded.tokenizer.get_vocab() != tokenizer.get_vocab():
+    target = cfg.distill.teacher
+    run = RunDir(target)  # the tokenizer first: a wrong teacher is refused before its weights load
+    where = run.final if run.run_json.is_file() else resolve_model_dir(target).path
+    teacher_tokenizer = load_tokenizer(str(where))
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise UsageError(
-            f"distill.teacher: {cfg.distill.teacher} has another tokenizer than the student {cfg.model.name} "
-            f"({len(loaded.tokenizer)} against {len(tokenizer)} tokens); distillation compares next-token "
+            f"distill.teacher: {target} has another tokenizer than the student {cfg.model.name} "
+            f"({len(teacher_tokenizer)} against {len(tokenizer)} tokens); distillation compares next-token "
             f"distributions, so both must share one vocabulary"
         )
+    loaded = load_for_inference(target, trust_remote_code=cfg.model.trust_remote_code)
+    if loaded.labels is not None:
+        raise UsageError(f"distill.teacher: {target} is a classifier; a teacher generates text")
     return loaded.model.to(device).eval().requires_grad_(False)
 
 
