@@ -2,7 +2,7 @@
 
 Each row builds a run with dstune's own ``build`` and runs two optimizer steps through ``backward_window``
 (forward, backward, clipping, AdamW step); the peak is measured with the tracking allocator of
-``dstune.plan.measure`` (profiler memory events, not RSS) and compared with ``dstune.plan.estimate``.
+``dstune.train.measure`` (profiler memory events, not RSS) and compared with ``dstune.plan.estimate``.
 
     PYTHONPATH=src python benchmarks/bench_plan.py            # tiny families and SmolLM2, a few minutes
     PYTHONPATH=src python benchmarks/bench_plan.py --quick    # tiny families only
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from dstune.config import load_config
 from dstune.plan.estimate import Setup, estimate
-from dstune.plan.measure import measure_step, write_text_data
 from dstune.quiet import quiet_libraries
+from dstune.train.measure import measure_step, write_text_data
 
 MIB = 2**20
 # (model, method, max_length, checkpointing, precision); micro-batch 2, packed full rows, AdamW.

@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 from dstune.cli import app
 from dstune.config import load_config
 from dstune.errors import DstuneError, UsageError
+from dstune.gpus import parse_gpu
 from dstune.plan.estimate import Setup, estimate
-from dstune.plan.gpus import parse_gpu
-from dstune.plan.measure import measure_step, write_text_data
 from dstune.plan.search import fit
+from dstune.train.measure import measure_step, write_text_data
 
 CPU = Setup(device_type="cpu")
 VOCAB, HIDDEN, LAYERS = 129280, 64, 2  # tiny:deepseek-llm (families.yaml)

@@ -384,7 +384,7 @@ class TrainConfig(_Section):
     @field_validator("memory_budget")
     @classmethod
     def _known_budget(cls, value: str | None) -> str | None:
-        from dstune.plan.gpus import parse_budget
+        from dstune.gpus import parse_budget
 
         if value is not None:
             parse_budget(value)  # a ValueError naming the accepted forms

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -58,3 +60,12 @@ def restore_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor]) ->
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+_MB = 2**20
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory (Linux reports ``ru_maxrss`` in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / _MB if sys.platform == "darwin" else peak / 1024

@@ -21,6 +21,17 @@ from dstune.core.loss import IGNORE, token_loss_sum
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
+def chunk_size(chunk_tokens: int | str, vocab: int) -> int:
+    """``train.chunk_tokens``; ``auto``: the largest power of two whose fp32 logits stay within 512 MB
+    (2^27 values), at least 256 tokens: 1,024 for DeepSeek's 129,280-token vocabulary."""
+    if chunk_tokens != "auto":
+        return int(chunk_tokens)
+    size = 256
+    while size * 2 * vocab <= 1 << 27:
+        size *= 2
+    return size
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     """The arguments of the model's forward for a collated batch.
 

@@ -16,8 +16,9 @@ import torch
 from rich.console import Console
 
 from dstune.config import RunConfig
+from dstune.core.facts import peak_rss_mb
+from dstune.gpus import GIB, parse_budget
 from dstune.plan.estimate import Setup, estimate
-from dstune.plan.gpus import GIB, parse_budget
 from dstune.plan.search import fit
 
 _MIB = 2**20
@@ -67,8 +68,6 @@ def predicted_peak_mb(cfg: RunConfig) -> float | None:
 
 def measured_peak(device: torch.device) -> dict:
     """The run's measured peak for ``summary.json: memory``: CUDA's max allocated, or the peak RSS."""
-    from dstune.train.sysmetrics import peak_rss_mb
-
     if device.type == "cuda":
         return {
             "measured_mb": round(torch.cuda.max_memory_allocated(device) / _MIB, 1),

@@ -14,7 +14,7 @@ import typer
 from dstune.clikit import console, fail
 from dstune.config import METHODS, load_config
 from dstune.errors import DstuneError, UsageError
-from dstune.plan.gpus import GIB, GPUS
+from dstune.gpus import GIB, GPUS
 
 _LABELS = {
     "weights": "weights (frozen, compute dtype / 4-bit)",

@@ -20,10 +20,10 @@ import torch.nn as nn
 
 from dstune.config import RunConfig
 from dstune.core.facts import layer_index
+from dstune.core.forward import chunk_size
+from dstune.gpus import GIB
 from dstune.models.inspect import param_kind
 from dstune.models.load import load_config_only
-from dstune.plan.gpus import GIB
-from dstune.train.build import chunk_size
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Linear layers that read the same input tensor: under fp32 autograd saves that tensor once for all of

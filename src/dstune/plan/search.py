@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 
 from dstune.config import RunConfig
 from dstune.errors import UsageError
+from dstune.gpus import parse_gpu
 from dstune.models.load import load_config_only
 from dstune.plan.estimate import GIB, Breakdown, Setup, estimate, meta_model
-from dstune.plan.gpus import parse_gpu
 
 # Relative step time of each change (1.0: as configured); rough, only their order matters.
 _COST = {"ckpt": 1.33, "zero3": 1.15, "offload:optimizer": 1.5, "offload:all": 2.5, "qlora": 1.3}

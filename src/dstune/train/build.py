@@ -17,6 +17,7 @@ from rich.console import Console
 
 from dstune.config import OBJECTIVE_FORMATS, RunConfig
 from dstune.core.facts import pad_id as pad_id_of
+from dstune.core.forward import chunk_size
 from dstune.data import DataError, PreparedData, dropped_rows_warning
 from dstune.data.pack import pack_rows, padding_share
 from dstune.errors import UsageError
@@ -80,17 +81,6 @@ def total_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
     if cfg.train.max_steps:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.epochs * micro_batches_per_epoch / cfg.train.grad_accum))
-
-
-def chunk_size(chunk_tokens: int | str, vocab: int) -> int:
-    """``train.chunk_tokens``; ``auto``: the largest power of two whose fp32 logits stay within 512 MB
-    (2^27 values), at least 256 tokens: 1,024 for DeepSeek's 129,280-token vocabulary."""
-    if chunk_tokens != "auto":
-        return int(chunk_tokens)
-    size = 256
-    while size * 2 * vocab <= 1 << 27:
-        size *= 2
-    return size
 
 
 def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] | None = None) -> Run:

@@ -10,20 +10,14 @@ micro-batch (the prefetch thread collates ahead, so a wait above zero means the 
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 
 import psutil
 import torch
 
+from dstune.core.facts import peak_rss_mb
+
 _MB = 2**20
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory (Linux reports ``ru_maxrss`` in KiB, macOS in bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / _MB if sys.platform == "darwin" else peak / 1024
 
 
 class SystemMetrics:

@@ -1,4 +1,5 @@
-"""The GPUs ``dstune plan --gpu`` knows, and the parser of its values (light: no torch import)."""
+"""The GPUs `dstune plan --gpu` knows, and memory sizes (`train.memory_budget`); light: no torch import,
+so the config can check a budget without importing the planner."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Measured peak memory of dstune's own training step on a CPU, to check the planner against.
+"""Measured peak memory of dstune's own training step, to check the planner (``dstune.plan``) against.
 
 A CPU has no ``torch.cuda.max_memory_allocated``, and RSS counts the allocator's cached pages, the
 Python heap and the libraries, not tensors. So allocations are tracked with the PyTorch profiler's
