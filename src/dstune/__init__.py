@@ -13,6 +13,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # OpenMP worker threads that find no work sleep instead of spinning. GNU OpenMP (torch's CPU runtime) spins
 # by default, which on CPUs counts every barrier between two small operations as busy time of each
 # thread; PASSIVE cut the CPU time of a SmolLM2 LoRA step by 11-13% in one pair of runs here, at the same
-# wall time (docs/benchmarks.md, 'Training speed'). It must be set before torch loads the runtime; a value the user
-# set is kept.
+# wall time (docs/benchmarks.md, 'Training speed'). It must be set before torch loads the runtime; a value
+# the user set is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
