@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from dstune.config import load_config
+from dstune.plan.autofit import device_type
 from dstune.plan.estimate import Setup, estimate
 from dstune.quiet import quiet_libraries
 from dstune.train.measure import measure_step, write_text_data
@@ -64,9 +65,7 @@ def row(data: Path, model: str, method: str, length: int, ckpt: bool, precision:
     cfg = load_config(values=values)
     start = time.perf_counter()
     measured = measure_step(cfg)["peak"]
-    import torch
-
-    predicted = estimate(cfg, Setup(device_type="cuda" if torch.cuda.is_available() else "cpu")).allocated
+    predicted = estimate(cfg, Setup(device_type=device_type())).allocated
     return {"predicted": predicted, "measured": measured, "seconds": time.perf_counter() - start}
 
 

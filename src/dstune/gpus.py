@@ -23,8 +23,15 @@ GPUS: dict[str, float] = {
     "T4": 14.6,
 }
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*GB$", re.IGNORECASE)
-_BUDGET = re.compile(r"^(\d+(?:\.\d+)?)\s*(MB|GB|MiB|GiB)$", re.IGNORECASE)
+_FINE = re.compile(r"^(\d+(?:\.\d+)?)\s*(MB|MiB|GiB)$", re.IGNORECASE)  # the budget's further units
 _COUNT = re.compile(r"^(\d+)\s*x\s*(.+)$", re.IGNORECASE)
+
+
+def _card(name: str) -> float | None:
+    """Usable bytes of one card given as a size in GB or by a GPU name, or None."""
+    if m := _SIZE.match(name):
+        return float(m.group(1)) * 0.98 * GIB  # a little less than printed: the driver's share
+    return next((gib * GIB for known, gib in GPUS.items() if known.lower() == name.lower()), None)
 
 
 def parse_gpu(text: str) -> tuple[int, float]:
@@ -36,11 +43,8 @@ def parse_gpu(text: str) -> tuple[int, float]:
     count, name = 1, text.strip()
     if m := _COUNT.match(name):
         count, name = int(m.group(1)), m.group(2).strip()
-    if m := _SIZE.match(name):
-        return count, float(m.group(1)) * 0.98 * GIB  # a little less than printed: the driver's share
-    for known, gib in GPUS.items():
-        if known.lower() == name.lower():
-            return count, gib * GIB
+    if (size := _card(name)) is not None:
+        return count, size
     raise UsageError(
         f"--gpu {text!r}: unknown GPU; use a size like 24GB or 80GB, or one of {', '.join(GPUS)}, "
         f"optionally with a count (8xH100)"
@@ -54,13 +58,13 @@ def parse_budget(text: str) -> float:
     Raises:
         ValueError: naming the value and the accepted forms (the config names the key).
     """
-    if m := _BUDGET.match(text.strip()):
-        number, unit = float(m.group(1)), m.group(2).lower()
-        if number > 0:
-            return number * {"mb": 0.98 * 2**20, "gb": 0.98 * GIB, "mib": 2**20, "gib": GIB}[unit]
-    for known, gib in GPUS.items():
-        if known.lower() == text.strip().lower():
-            return gib * GIB
+    name = text.strip()
+    if m := _FINE.match(name):
+        size = float(m.group(1)) * {"mb": 0.98 * 2**20, "mib": 2**20, "gib": GIB}[m.group(2).lower()]
+    else:
+        size = _card(name)
+    if size:
+        return size
     raise ValueError(
         f"{text!r} is not a memory size: use a size like 512MB, 24GB or 1.5GiB, or one of {', '.join(GPUS)}"
     )
