@@ -199,7 +199,7 @@ def test_fused_adamw_by_default_and_adamw8bit_names_its_extra(tiny):
 
 def test_adamw8bit_keeps_8bit_state_follows_adamw_and_survives_a_checkpoint(tmp_path):
     pytest.importorskip("bitsandbytes", reason="dev installs bitsandbytes; adamw8bit is its optimizer")
-    from dstune.train.checkpoint import load_checkpoint, save_checkpoint
+    from dstune.train.checkpoint import apply_local, load_checkpoint, local_state, save_checkpoint
 
     def setup(optimizer):
         torch.manual_seed(0)
@@ -232,16 +232,16 @@ def test_adamw8bit_keeps_8bit_state_follows_adamw_and_survives_a_checkpoint(tmp_
     model, opt, sched = setup("adamw8bit")
     for _ in range(3):
         step(model, opt, sched)
-    save_checkpoint(tmp_path / "step-000003", model, opt, sched, {"step": 3})
+    save_checkpoint(tmp_path / "step-000003", local_state(model, opt), sched, {"step": 3})
     model2, opt2, sched2 = setup("adamw8bit")
-    load_checkpoint(tmp_path / "step-000003", model2, opt2, sched2)
+    apply_local(model2, opt2, load_checkpoint(tmp_path / "step-000003", model2, sched2)[0])
     assert [step(model, opt, sched) for _ in range(2)] == [step(model2, opt2, sched2) for _ in range(2)]
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
 
 
 def test_adafactor_state_survives_a_checkpoint(tmp_path):
-    from dstune.train.checkpoint import load_checkpoint, save_checkpoint
+    from dstune.train.checkpoint import apply_local, load_checkpoint, local_state, save_checkpoint
 
     def setup():
         torch.manual_seed(0)
@@ -262,9 +262,9 @@ def test_adafactor_state_survives_a_checkpoint(tmp_path):
     for s in range(3):
         step(model, opt, sched, s)
     assert any("exp_avg_sq_row" in st for st in opt.state.values())  # factored second moment
-    save_checkpoint(tmp_path / "step-000003", model, opt, sched, {"step": 3})
+    save_checkpoint(tmp_path / "step-000003", local_state(model, opt), sched, {"step": 3})
     model2, opt2, sched2 = setup()
-    load_checkpoint(tmp_path / "step-000003", model2, opt2, sched2)
+    apply_local(model2, opt2, load_checkpoint(tmp_path / "step-000003", model2, sched2)[0])
     for s in (3, 4):
         step(model, opt, sched, s)
         step(model2, opt2, sched2, s)

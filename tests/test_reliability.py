@@ -103,7 +103,7 @@ def test_changed_file_or_missing_file_is_refused_by_name(small_file, tmp_path):
     verify_checkpoint(ck)
     (ck / "rng.safetensors").unlink()
     with pytest.raises(CheckpointError, match="rng.safetensors.*missing"):
-        load_checkpoint(ck, None, None, None)
+        load_checkpoint(ck, None, None)
 
 
 def test_latest_checkpoint_skips_incomplete_ones_and_retention_keeps_last_k(small_file, tmp_path):

@@ -6,6 +6,7 @@ traceback. Library progress bars and deprecation warnings are off unless ``--ver
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -105,8 +106,32 @@ def train(
         help="lower the micro-batch / turn on checkpointing until dstune plan says it "
         "fits the device (train.memory_budget)",
     ),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1, help="processes (GPUs) per machine: runs this command on each under torchrun"
+    ),
+    nnodes: int = typer.Option(
+        1, "--nnodes", min=1, help="machines, each running this command (with --nproc)"
+    ),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="this machine's number, 0 .. nnodes-1"),
+    master_addr: Optional[str] = typer.Option(
+        None, "--master-addr", help="address of the machine with node rank 0"
+    ),
+    master_port: int = typer.Option(29500, "--master-port", help="a free TCP port on that machine"),
 ) -> None:
-    """Fine-tune a model; writes a run directory with checkpoints, metrics, plots and the adapter."""
+    """Fine-tune a model; writes a run directory with checkpoints, metrics, plots and the adapter.
+
+    With --nproc N the run has N processes on this machine (N x --nnodes in all); train.distributed
+    says how they share the model (replicated DDP, or sharded with fsdp2)."""
+    if nproc is not None and "LOCAL_RANK" not in os.environ:  # LOCAL_RANK: already a rank of torchrun
+        from dstune.launch import launch, strip_launch_flags
+
+        if node_rank >= nnodes:
+            _fail(f"--node-rank {node_rank}: the machines are numbered 0 .. {nnodes - 1} (--nnodes {nnodes})")
+        if nnodes > 1 and master_addr is None:
+            _fail("--nnodes > 1 needs --master-addr: the address of the machine with --node-rank 0")
+        raise typer.Exit(
+            launch(strip_launch_flags(sys.argv[1:]), nproc, nnodes, node_rank, master_addr, master_port)
+        )
     from dstune.plan.autofit import memory_line
     from dstune.report.summary import padding_hint, summary_line
     from dstune.rundir import RunDir
@@ -130,21 +155,22 @@ def train(
         raise typer.Exit(130) from None
     except DstuneError as exc:
         _fail(str(exc))
-    console.print("\n" + summary_line(result), highlight=False)  # the metrics the run's task has
-    if line := memory_line(result.summary.get("memory") or {}):
-        console.print(line, highlight=False)
-    if hint := padding_hint(result.summary, cfg.train.packing):
-        console.print(hint, style="yellow", highlight=False)
-    if result.final_dir is not None:  # None: another process of a distributed run wrote the run directory
+    halt = (result.summary.get("stability") or {}).get("halt")
+    if result.final_dir is not None:  # None: another process of a distributed run, which prints nothing
+        console.print("\n" + summary_line(result), highlight=False)  # the metrics the run's task has
+        if line := memory_line(result.summary.get("memory") or {}):
+            console.print(line, highlight=False)
+        if hint := padding_hint(result.summary, cfg.train.packing):
+            console.print(hint, style="yellow", highlight=False)
         run_dir = RunDir(result.run_dir)
         console.print(
             f"run directory: {run_dir}\n  model/adapter: {result.final_dir}\n"
             f"  metrics: {run_dir.metrics}\n  loss curve: {run_dir.loss_plot}",
             highlight=False,
         )
-    halt = (result.summary.get("stability") or {}).get("halt")
+        if halt:
+            console.print(f"[bold red]halted by the stability guard[/]: {halt['message']}", highlight=False)
     if halt:  # the weights of the last good step were saved; a script must still see the run failed
-        console.print(f"[bold red]halted by the stability guard[/]: {halt['message']}", highlight=False)
         raise typer.Exit(3)
 
 

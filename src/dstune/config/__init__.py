@@ -227,6 +227,29 @@ class RunConfig(_Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _sharding_settings(self) -> "RunConfig":
+        if self.train.distributed != "fsdp2":
+            return self
+        refused = {
+            "train.precision=fp16": (self.train.precision == "fp16", "use bf16 (fp16 needs a loss scaler)"),
+            "objective=grpo": (
+                self.objective == "grpo",
+                "each rank samples its own prompts, so the ranks' forward passes would not line up",
+            ),
+            "regularize.ewc_lambda": (
+                bool(self.regularize.ewc_lambda),
+                "EWC's Fisher estimate reads whole gradients, which FSDP2 holds in shards",
+            ),
+        }
+        for key, (on, why) in refused.items():
+            if on:
+                raise ValueError(
+                    f"{key} does not run with train.distributed=fsdp2: {why}; use train.distributed=auto "
+                    f"(one process, or DDP with --nproc)"
+                )
+        return self
+
     def absolute(self, base: str | Path | None = None) -> "RunConfig":
         """A copy whose file paths (data files, a local model, ``output``) are absolute, relative paths taken
         from ``base`` (default: the working directory). A run saves this copy, so its ``config.yaml``

@@ -319,6 +319,11 @@ class TrainConfig(_Section):
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     epochs: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    distributed: Literal["auto", "fsdp2"] = Field(
+        "auto",
+        description="auto: one process, or DDP (replicated weights) when launched with --nproc/torchrun; "
+        "fsdp2: torch FSDP2, each decoder layer's weights, gradients and optimizer states sharded over ranks",
+    )
     gradient_checkpointing: bool = False
     auto_fit: bool = Field(
         False,

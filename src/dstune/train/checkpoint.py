@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -47,10 +48,37 @@ def _flatten(prefix: str, state: dict, tensors: dict, scalars: dict) -> None:
             scalars[f"{prefix}{key}"] = value
 
 
-def _optimizer_files(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+@dataclass
+class Trainable:
+    """What a checkpoint holds of the model and optimizer, whole (gathered from the shards when the
+    engine shards them), so a checkpoint is the same files whatever engine wrote or reads it.
+
+    Attributes:
+        weights: the trainable parameters by name.
+        order: the parameter names in the optimizer's order (its state is keyed by position).
+        optimizer: ``optimizer.state_dict()`` form: ``{"state": {position: {...}}, "param_groups": [...]}``.
+    """
+
+    weights: dict[str, torch.Tensor]
+    order: list[str]
+    optimizer: dict
+
+
+def local_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Trainable:
+    """The ``Trainable`` of a model and optimizer that this process holds whole (one process, or DDP)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    sd = optimizer.state_dict()
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return Trainable(snapshot_trainable(model, copy=False), order, optimizer.state_dict())
+
+
+def apply_local(model: nn.Module, optimizer: torch.optim.Optimizer, trainable: Trainable) -> None:
+    """Puts a ``Trainable`` back into a model and optimizer that this process holds whole."""
+    restore_trainable(model, trainable.weights)
+    optimizer.load_state_dict(trainable.optimizer)
+
+
+def _optimizer_files(trainable: Trainable) -> tuple[dict, dict]:
+    sd, order = trainable.optimizer, trainable.order
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         _flatten(f"{order[idx]}::", state, tensors, scalars)
@@ -60,17 +88,18 @@ def _optimizer_files(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     return tensors, {"param_names": order, "param_groups": groups, "scalars": scalars}
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+def _read_optimizer(tensors: dict, meta: dict) -> dict:
     order = meta["param_names"]
+    index = {name: i for i, name in enumerate(order)}
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
         name, field = key.rsplit("::", 1)
         *outer, leaf = field.split("/")
-        node = state.setdefault(order.index(name), {})
+        node = state.setdefault(index[name], {})
         for part in outer:
             node = node.setdefault(part, {})
         node[leaf] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _rng_state() -> tuple[dict, dict]:
@@ -107,9 +136,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_files(tmp: Path, model: nn.Module, optimizer, scheduler, loop_state: dict) -> None:
-    save_file(snapshot_trainable(model, copy=False), str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _optimizer_files(model, optimizer)
+def _write_files(tmp: Path, trainable: Trainable, scheduler, loop_state: dict) -> None:
+    save_file(trainable.weights, str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _optimizer_files(trainable)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -131,8 +160,7 @@ def _write_files(tmp: Path, model: nn.Module, optimizer, scheduler, loop_state: 
 
 def save_checkpoint(
     path: Path,
-    model: nn.Module,
-    optimizer,
+    trainable: Trainable,
     scheduler,
     loop_state: dict,
     fault: Callable[[], None] | None = None,
@@ -141,6 +169,7 @@ def save_checkpoint(
 
     Args:
         path: the final directory, e.g. ``run/checkpoints/step-000100``.
+        trainable: the weights and optimizer state (``local_state``, or an engine's ``gather_state``).
         loop_state: JSON-serialisable loop position (step, micro-batch position, loss history...).
         fault: test hook called between writing the files and the rename (fault injection).
 
@@ -154,7 +183,7 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        _write_files(tmp, model, optimizer, scheduler, loop_state)
+        _write_files(tmp, trainable, scheduler, loop_state)
         if fault is not None:
             fault()
         if path.exists():
@@ -225,8 +254,10 @@ def read_loop_state(path: Path) -> dict:
     return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))["loop"]
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
-    """Restores weights, optimizer, scheduler and RNG from ``path``; returns the loop state."""
+def load_checkpoint(path: Path, model: nn.Module, scheduler) -> tuple[Trainable, dict]:
+    """Reads a checkpoint for ``model``: restores the scheduler and RNG, and returns the weights and
+    optimizer state (for the engine's ``load_state``, which shards them where it shards) and the loop
+    state."""
     path = Path(path)
     verify_checkpoint(path)
     weights = load_file(str(path / "trainable.safetensors"))
@@ -247,9 +278,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> dict:
             f"{path}: checkpoint shapes differ from this model's ({wrong[0]}); the setup that "
             f"decides them (method, rank, targets, model) changed since it was written"
         )
-    restore_trainable(model, weights)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    sd = _read_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
-    return state["loop"]
+    return Trainable(weights, state["optimizer"]["param_names"], sd), state["loop"]

@@ -1,8 +1,9 @@
 """The engine seam: what the loop asks of the thing that places, wraps and synchronises the model.
 
-Today's engine is accelerate's ``Accelerator`` (one process, or DDP under ``torchrun``): it already has
-exactly this interface, so it is used as it is. A sharded engine (DeepSpeed ZeRO, torch FSDP2) is another
-``make_engine`` branch returning an object with the same methods; the loop does not change.
+``train.distributed: auto`` is accelerate's ``Accelerator`` (one process, or DDP under ``torchrun``), which
+has this interface already; ``AccelerateEngine`` adds the three methods that say what a checkpoint and the
+final save hold. ``fsdp2`` is ``train/fsdp.py``: another object with the same methods; the loop does not
+change.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Protocol
 import torch
 
 from dstune.config import RunConfig
+from dstune.train.checkpoint import Trainable, apply_local, local_state
 
 _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
@@ -34,17 +36,23 @@ class Engine(Protocol):
     def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor: ...
     def unscale_gradients(self) -> None: ...
     def wait_for_everyone(self) -> None: ...
+    def gather_state(self, model, optimizer) -> Trainable: ...
+    def load_state(self, model, optimizer, trainable: Trainable) -> None: ...
+    def final_state(self, model) -> dict | None: ...
 
 
 def make_engine(cfg: RunConfig) -> Engine:
-    """An ``Accelerator`` for this run's precision.
+    """The engine ``train.distributed`` names: FSDP2, or an ``Accelerator`` for this run's precision.
 
     accelerate keeps one process-wide state and refuses a second Accelerator with another mixed precision
     ("AcceleratorState has already been initialized"), which would stop a search whose trials differ in
     precision, or any program that calls ``train`` twice. Only the precision part of that state is reset;
     the process group (``PartialState``) stays, so this is safe under DDP.
     """
-    from accelerate import Accelerator
+    if cfg.train.distributed == "fsdp2":
+        from dstune.train.fsdp import Fsdp2Engine
+
+        return Fsdp2Engine(cfg)
     from accelerate.state import AcceleratorState
 
     precision = _MIXED[cfg.train.precision]
@@ -53,4 +61,23 @@ def make_engine(cfg: RunConfig) -> Engine:
     # Without a GPU, accelerate only forms a multi-process (gloo) group when told the run is on the CPU;
     # otherwise every rank of `torchrun --nproc-per-node 2` would train alone and write the same run dir.
     on_cpu = not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available())
-    return Accelerator(mixed_precision=precision, cpu=on_cpu)
+    return accelerate_engine(precision, on_cpu)
+
+
+def accelerate_engine(precision: str, cpu: bool) -> Engine:
+    """accelerate's ``Accelerator`` (imported only here: ``dstune --help`` does not load it)."""
+    from accelerate import Accelerator
+
+    class AccelerateEngine(Accelerator):
+        """Every process holds the whole model, so a checkpoint is what this process has."""
+
+        def gather_state(self, model, optimizer) -> Trainable:
+            return local_state(model, optimizer)
+
+        def load_state(self, model, optimizer, trainable: Trainable) -> None:
+            apply_local(model, optimizer, trainable)
+
+        def final_state(self, model) -> None:
+            return None  # save_pretrained reads the model's own weights
+
+    return AccelerateEngine(mixed_precision=precision, cpu=cpu)

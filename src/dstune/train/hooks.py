@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -175,8 +176,7 @@ class Hooks:
             raise TrainingInterrupted(
                 f"stopped by {self.stop.signal_name or 'a signal to another process of this run'} after step "
                 f"{step}/{steps}; checkpoint saved in {path}. Resume with: "
-                f"dstune train {self.run_dir.config} "
-                f"--resume"
+                f"dstune train {self.run_dir.config} --resume{launch_flags(self.run.engine.num_processes)}"
             )
         self.system.restart()  # evaluation and checkpoints above are not the next step's time
         return False
@@ -239,13 +239,13 @@ class Hooks:
         self.flush_losses()
         state, run = self.state, self.run
         path = self.run_dir.checkpoint(state.step)
+        trainable = run.engine.gather_state(run.unwrapped, run.optimizer)  # every rank (sharded: a gather)
         if self.is_main:
             state.position, state.wall_s = run.batches.position, self.wall_s()
             improved = self.update_best(path)  # before saving: the checkpoint's state knows it is the best
             save_checkpoint(
                 path,
-                run.unwrapped,
-                run.optimizer,
+                trainable,
                 run.scheduler,
                 state.to_json(),
                 fault=lambda: self.faults.kill("save", state.step),
@@ -297,6 +297,15 @@ class Hooks:
             # padding in the micro-batches this session computed (packing / length grouping lower it)
             "padding_share": round(1 - self.tokens_seen / padded, 4) if padded else None,
         }
+
+
+def launch_flags(world: int) -> str:
+    """The launch flags that start this run again: ``--nproc`` for torchrun's processes per machine."""
+    if world == 1:
+        return ""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    machines = " (on each machine, with the same --nnodes, --master-addr)" if local != world else ""
+    return f" --nproc {local}{machines}"
 
 
 def _progress(console: Console, enabled: bool):

@@ -150,7 +150,8 @@ def check_inputs(cfg: RunConfig) -> None:
 
 def restore(run: Run, state: TrainState, ckpt: Path, console: Console) -> None:
     """Loads a checkpoint into the built run; a changed run length gets its own lr phase (printed)."""
-    load_checkpoint(ckpt, run.unwrapped, run.optimizer, run.scheduler)
+    trainable, _ = load_checkpoint(ckpt, run.unwrapped, run.scheduler)
+    run.engine.load_state(run.unwrapped, run.optimizer, trainable)
     run.batches.position = state.position
     phase = change_length(state.schedule, state.step, run.steps, run.cfg.optim)
     if phase is not None:  # the optimizer holds the lr of the old schedule for this step: set the new one
@@ -209,8 +210,9 @@ def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks, memory: d
         state.step, end_val, run.unwrapped, hooks.validate
     )  # keep_best restores the best
     final_dir = None
+    weights = run.engine.final_state(run.unwrapped)  # every rank: a sharded engine gathers them on rank 0
     if hooks.is_main:
-        final_dir = save_final(run.unwrapped, run.tokenizer, run.template, run_dir / RunDir.FINAL)
+        final_dir = save_final(run.unwrapped, run.tokenizer, run.template, run_dir / RunDir.FINAL, weights)
         plot_loss(run_dir.path)
     hooks.logger.close()
     summary = {
@@ -231,13 +233,15 @@ def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks, memory: d
     )
 
 
-def save_final(model, tokenizer, chat_template: str | None, out: Path) -> Path:
+def save_final(model, tokenizer, chat_template: str | None, out: Path, weights: dict | None = None) -> Path:
     """Saves the trained model: an adapter in peft's format, or a full model, plus the tokenizer.
 
-    ``save_pretrained`` writes safetensors in both cases, so plain transformers/peft load the result.
+    ``save_pretrained`` writes safetensors in both cases, so plain transformers/peft load the result;
+    ``weights``: the model's weights gathered from a sharded engine (None: the model's own).
     """
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out), safe_serialization=True)
+    extra = {"state_dict": weights} if weights is not None else {}
+    model.save_pretrained(str(out), safe_serialization=True, **extra)
     if chat_template and not tokenizer.chat_template:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(out))
