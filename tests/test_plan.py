@@ -94,12 +94,12 @@ def test_fit_lowers_micro_batch_and_keeps_the_effective_batch():
     )
     small = cfg_of(method="lora", **{"train.micro_batch_size": 2, "data.max_length": 512})
     budget = estimate(small, CPU).total * 1.01
-    fitted, reason = fit(cfg, budget, device_type="cpu")
+    fitted, reason = fit(cfg, budget, Setup(device_type="cpu"))
     assert fitted.train.micro_batch_size < 8
     assert fitted.train.micro_batch_size * fitted.train.grad_accum == 16
     assert "micro-batch 8 ->" in reason
     with pytest.raises(UsageError, match="needs .* GiB"):
-        fit(cfg, 1024, device_type="cpu")
+        fit(cfg, 1024, Setup(device_type="cpu"))
 
 
 def test_errors_name_the_value_and_what_is_accepted():

@@ -11,6 +11,8 @@ interpreter and the libraries, so on a CPU the two are printed side by side but 
 
 from __future__ import annotations
 
+import os
+
 import psutil
 import torch
 from rich.console import Console
@@ -50,9 +52,18 @@ def apply_auto_fit(cfg: RunConfig, console: Console) -> tuple[RunConfig, dict | 
         return cfg, None
     kind = device_type()
     budget, source = device_budget(cfg, kind)
-    fitted, decision = fit(cfg, budget, device_type=kind)
+    fitted, decision = fit(cfg, budget, run_setup(cfg, kind))
     console.print(f"auto-fit to {budget / GIB:.2f} GiB ({source}): {decision}", highlight=False)
     return fitted, {"budget_mb": round(budget / _MIB, 1), "source": source, "decision": decision}
+
+
+def run_setup(cfg: RunConfig, kind: str) -> Setup:
+    """The devices this process's run spreads over: torchrun's WORLD_SIZE ranks (LOCAL_WORLD_SIZE per
+    machine); ``train.distributed: fsdp2`` shards weights, gradients and optimizer states as ZeRO-3 does."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    zero = 3 if cfg.train.distributed == "fsdp2" else 0
+    return Setup(devices=world, nodes=nodes, zero=zero, device_type=kind)
 
 
 def predicted_peak_mb(cfg: RunConfig) -> float | None:
@@ -60,7 +71,7 @@ def predicted_peak_mb(cfg: RunConfig) -> float | None:
     CUDA context and fragmentation margin it adds when fitting), or None where it cannot tell."""
     kind = device_type()
     try:
-        breakdown = estimate(cfg, Setup(device_type=kind))
+        breakdown = estimate(cfg, run_setup(cfg, kind))
     except Exception:  # the planner does not cover every config; a run never fails for its estimate
         return None
     return round(breakdown.allocated / _MIB, 1)

@@ -65,7 +65,14 @@ def plan_command(
     ),
     gpu: str = typer.Option("80GB", "--gpu", help=f"24GB, 80GB, {', '.join(GPUS)}, or a count: 8xH100"),
     nodes: int = typer.Option(1, "--nodes", min=1, help="machines, each with the --gpu count of cards"),
-    zero: int = typer.Option(0, "--zero", min=0, max=3, help="ZeRO stage: 0 replicated, 1, 2, 3"),
+    zero: Optional[int] = typer.Option(
+        None,
+        "--zero",
+        min=0,
+        max=3,
+        help="ZeRO stage: 0 replicated, 1, 2, 3 (default: 3 with train.distributed=fsdp2, which shards as "
+        "ZeRO-3 does, else 0)",
+    ),
     offload: str = typer.Option("none", "--offload", help="none | optimizer | all (to the CPU)"),
     set_: list[str] = typer.Option([], "--set", help="override any config field: --set lora.r=16"),
 ) -> None:
@@ -86,6 +93,8 @@ def plan_command(
         from dstune.plan.search import plan
 
         cfg = load_config(config, overrides=set_, values=values)
+        if zero is None:
+            zero = 3 if cfg.train.distributed == "fsdp2" else 0
         setup = Setup(nodes=nodes, zero=zero, offload=offload)
         asked, budget, setup, best = plan(cfg, gpu, setup)
     except DstuneError as exc:

@@ -118,8 +118,9 @@ def search(
         devices *= 2
 
 
-def fit(cfg: RunConfig, budget_bytes: float, device_type: str = "cuda") -> tuple[RunConfig, str]:
-    """The fastest single-device change of ``cfg`` that fits ``budget_bytes``: for ``train --auto-fit``.
+def fit(cfg: RunConfig, budget_bytes: float, setup: Setup | None = None) -> tuple[RunConfig, str]:
+    """The fastest change of ``cfg`` that fits ``budget_bytes`` per device of ``setup`` (default: one
+    CUDA device): for ``train --auto-fit``.
 
     Only micro-batch (with accumulation keeping micro x accumulation) and gradient checkpointing change.
 
@@ -129,7 +130,7 @@ def fit(cfg: RunConfig, budget_bytes: float, device_type: str = "cuda") -> tuple
     Raises:
         UsageError: when even micro-batch 1 with checkpointing does not fit, with the estimate.
     """
-    setup = Setup(device_type=device_type)
+    setup = setup or Setup()
     found = search(cfg, budget_bytes, setup, engines=False, grow=False)
     if found is None:
         need = estimate(_smallest(cfg), setup).total
