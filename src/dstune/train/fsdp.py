@@ -89,10 +89,13 @@ class Fsdp2Engine:
             if self.precision == "bf16"
             else MixedPrecisionPolicy()
         )
-        model.to(self.device)
         # QLoRA's frozen 4-bit weights (bitsandbytes Params4bit) carry their quantisation state beside the
         # data, which a DTensor shard would lose: they stay whole on every rank (half a byte a weight).
         kept = {p for p in model.parameters() if type(p).__name__ == "Params4bit"} or None
+        if kept:
+            model.to(self.device)
+        # Otherwise fully_shard moves each layer to the device as it shards it, so a GPU never holds more
+        # than one whole layer (model.to first would put the whole model on every GPU).
         for layer in decoder_layers(model):
             fully_shard(layer, mp_policy=policy, ignored_params=kept)
         fully_shard(model, mp_policy=policy, ignored_params=kept)
