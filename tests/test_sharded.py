@@ -216,6 +216,7 @@ def test_launch_flags_are_removed_for_the_ranks_and_become_torchrun_arguments():
     [
         (["train.precision=fp16"], "train.precision=fp16"),
         (["objective=grpo"], "objective=grpo"),
+        (["train.split_by_length=on"], "train.split_by_length=on"),
         (["regularize.ewc_lambda=1", "regularize.ewc_data=x.jsonl"], "regularize.ewc_lambda"),
     ],
 )

@@ -237,6 +237,10 @@ class RunConfig(_Section):
                 self.objective == "grpo",
                 "each rank samples its own prompts, so the ranks' forward passes would not line up",
             ),
+            "train.split_by_length=on": (
+                self.train.split_by_length == "on",
+                "each rank would cut its own micro-batches, and every pass gathers weights from all ranks",
+            ),
             "regularize.ewc_lambda": (
                 bool(self.regularize.ewc_lambda),
                 "EWC's Fisher estimate reads whole gradients, which FSDP2 holds in shards",

@@ -386,6 +386,11 @@ class TrainConfig(_Section):
     best_mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for loss/ppl, else max")
     progress: bool = Field(True, description="show a progress bar")
 
+    @field_validator("split_by_length", "liger", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value):  # YAML 1.1 reads a bare on/off (as in --set train.liger=off) as a bool
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("memory_budget")
     @classmethod
     def _known_budget(cls, value: str | None) -> str | None:

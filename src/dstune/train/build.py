@@ -291,7 +291,7 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
         else 0
     )
     speed["chunk_tokens"] = chunk
-    speed["split_by_length"] = length_split_overhead(tc.split_by_length, device.type)
+    speed["split_by_length"] = length_split_overhead(tc.split_by_length, device.type, tc.distributed)
     objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce)
     if OBJECTIVE_FORMATS.get(cfg.objective) in ("preference", "kto"):  # dpo, orpo, simpo, kto
         from dstune.train.preference import make_objective
@@ -306,8 +306,12 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
 LENGTH_SPLIT_OVERHEAD = 128
 
 
-def length_split_overhead(setting: str, device_type: str) -> int:
-    """``train.split_by_length`` as the overhead ``batching.split_by_length`` weighs (0: off)."""
+def length_split_overhead(setting: str, device_type: str, distributed: str = "auto") -> int:
+    """``train.split_by_length`` as the overhead ``batching.split_by_length`` weighs (0: off). Off under
+    FSDP2: each rank cuts its own rows, so the ranks could make different numbers of passes, and every
+    pass gathers weights from all of them (the config refuses ``on`` there)."""
+    if distributed == "fsdp2":
+        return 0
     return LENGTH_SPLIT_OVERHEAD if setting == "on" or (setting == "auto" and device_type == "cpu") else 0
 
 
