@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from dstune.config.objectives import DistillConfig, GrpoConfig, PreferenceConfig, RewardSpec
 from dstune.config.registry import (
     BUILTIN_REWARDS,
     GENERATION_METRICS,
@@ -32,19 +33,15 @@ from dstune.config.sections import (
     AdapterConfig,
     ClassifyConfig,
     DataConfig,
-    DistillConfig,
     FreezeConfig,
-    GrpoConfig,
     Ia3Config,
     LoraConfig,
     MixSource,
     ModelConfig,
     OptimConfig,
-    PreferenceConfig,
     PromptConfig,
     QloraConfig,
     RegularizeConfig,
-    RewardSpec,
     StabilityConfig,
     TrainConfig,
     TuneConfig,
@@ -229,29 +226,56 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _sharding_settings(self) -> "RunConfig":
-        if self.train.distributed != "fsdp2":
+        tc, engine = self.train, self.train.distributed
+        zero = engine in ("zero2", "zero3")
+        if tc.offload != "none" and not zero or tc.offload == "all" and engine != "zero3":
+            need = "zero3 (weights offloaded)" if tc.offload == "all" else "zero2 or zero3"
+            raise ValueError(f"train.offload={tc.offload} needs train.distributed={need} (DeepSpeed)")
+        if tc.deepspeed is not None and not zero:
+            raise ValueError("train.deepspeed (a DeepSpeed JSON) needs train.distributed=zero2 or zero3")
+        if engine == "auto":
             return self
+        # DeepSpeed keeps the fp32 master weights and optimizer states in its own partitions and clips
+        # inside its step, so what reads or restores them from the model is refused with ZeRO.
         refused = {
-            "train.precision=fp16": (self.train.precision == "fp16", "use bf16 (fp16 needs a loss scaler)"),
+            "train.precision=fp16": (tc.precision == "fp16", "use bf16 (fp16 needs a loss scaler)"),
             "objective=grpo": (
                 self.objective == "grpo",
                 "each rank samples its own prompts, so the ranks' forward passes would not line up",
             ),
-            "train.split_by_length=on": (
-                self.train.split_by_length == "on",
-                "each rank would cut its own micro-batches, and every pass gathers weights from all ranks",
-            ),
             "regularize.ewc_lambda": (
                 bool(self.regularize.ewc_lambda),
-                "EWC's Fisher estimate reads whole gradients, which FSDP2 holds in shards",
+                "EWC's Fisher estimate reads whole gradients, which the engine holds in shards",
             ),
+            "train.split_by_length=on": (
+                tc.split_by_length == "on",
+                "each rank would cut its own micro-batches, and every pass gathers weights from all ranks",
+            ),
+            "stability.policy=rollback": (
+                zero and self.stability.policy == "rollback",
+                "DeepSpeed's master weights live in its partitions (skip and halt work)",
+            ),
+            "regularize.keep_best": (zero and self.regularize.keep_best, "it restores weights in place"),
+            "optim.max_grad_norm=null": (
+                zero and self.optim.max_grad_norm is None,
+                "DeepSpeed reports the gradient norm when it clips; set a bound",
+            ),
+            "optim.agc_clip / optim.clip_value": (
+                zero and (self.optim.agc_clip is not None or self.optim.clip_value is not None),
+                "the gradients live in DeepSpeed's partitions, not in .grad",
+            ),
+            "stability.diag_every": (zero and bool(self.stability.diag_every), "it reads .grad per layer"),
         }
         for key, (on, why) in refused.items():
             if on:
                 raise ValueError(
-                    f"{key} does not run with train.distributed=fsdp2: {why}; use train.distributed=auto "
+                    f"{key} does not run with train.distributed={engine}: {why}; use train.distributed=auto "
                     f"(one process, or DDP with --nproc)"
                 )
+        if zero:
+            from dstune.config.deepspeed import deepspeed_config
+
+            deepspeed_config(tc, self.optim)  # the user's JSON: read and checked now, filled at launch
         return self
 
     def absolute(self, base: str | Path | None = None) -> "RunConfig":
@@ -390,6 +414,9 @@ def _absolute_paths(data: dict, base: Path, output: bool = False) -> None:
     if isinstance(distill, dict) and isinstance(distill.get("teacher"), str) and distill["teacher"] != "base":
         if (base / distill["teacher"]).exists():
             distill["teacher"] = str((base / distill["teacher"]).absolute())
+    train = data.get("train")  # a DeepSpeed JSON
+    if isinstance(train, dict) and isinstance(train.get("deepspeed"), str):
+        train["deepspeed"] = str((base / os.path.expanduser(train["deepspeed"])).absolute())
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("name"), str) and (base / model["name"]).exists():
         model["name"] = str((base / model["name"]).absolute())

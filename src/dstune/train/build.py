@@ -290,6 +290,8 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
         if TASKS[cfg.task].tokens_per_row
         else 0
     )
+    if tc.distributed == "zero3":  # ZeRO-3 frees the head's weight after the forward: logits come from it
+        chunk, fused_ce = 0, None
     speed["chunk_tokens"] = chunk
     speed["split_by_length"] = length_split_overhead(tc.split_by_length, device.type, tc.distributed)
     objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce)
@@ -308,9 +310,9 @@ LENGTH_SPLIT_OVERHEAD = 128
 
 def length_split_overhead(setting: str, device_type: str, distributed: str = "auto") -> int:
     """``train.split_by_length`` as the overhead ``batching.split_by_length`` weighs (0: off). Off under
-    FSDP2: each rank cuts its own rows, so the ranks could make different numbers of passes, and every
-    pass gathers weights from all of them (the config refuses ``on`` there)."""
-    if distributed == "fsdp2":
+    FSDP2 and ZeRO: each rank cuts its own rows, so the ranks could make different numbers of passes,
+    and every pass gathers weights from all of them (the config refuses ``on`` there)."""
+    if distributed != "auto":
         return 0
     return LENGTH_SPLIT_OVERHEAD if setting == "on" or (setting == "auto" and device_type == "cpu") else 0
 

@@ -268,10 +268,11 @@ def load_checkpoint(path: Path, model: nn.Module, scheduler) -> tuple[Trainable,
             f"{path}: checkpoint has parameters this model lacks, e.g. {unknown[:3]}; "
             f"was it made with another model or method?"
         )
+    shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in params.items()}  # ZeRO-3: the unpartitioned
     wrong = [
-        f"{n}: checkpoint {tuple(v.shape)}, model {tuple(params[n].shape)}"
+        f"{n}: checkpoint {tuple(v.shape)}, model {tuple(shapes[n])}"
         for n, v in weights.items()
-        if v.shape != params[n].shape
+        if v.shape != shapes[n]
     ]
     if wrong:
         raise CheckpointError(

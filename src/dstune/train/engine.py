@@ -2,8 +2,8 @@
 
 ``train.distributed: auto`` is accelerate's ``Accelerator`` (one process, or DDP under ``torchrun``), which
 has this interface already; ``AccelerateEngine`` adds the three methods that say what a checkpoint and the
-final save hold. ``fsdp2`` is ``train/fsdp.py``: another object with the same methods; the loop does not
-change.
+final save hold. ``fsdp2`` (``train/fsdp.py``) and ``zero2``/``zero3`` (``train/zero.py``, DeepSpeed) are
+other objects with the same methods; the loop does not change.
 """
 
 from __future__ import annotations
@@ -53,6 +53,10 @@ def make_engine(cfg: RunConfig) -> Engine:
         from dstune.train.fsdp import Fsdp2Engine
 
         return Fsdp2Engine(cfg)
+    if cfg.train.distributed in ("zero2", "zero3"):
+        from dstune.train.zero import ZeroEngine
+
+        return ZeroEngine(cfg)
     from accelerate.state import AcceleratorState
 
     precision = _MIXED[cfg.train.precision]

@@ -14,35 +14,13 @@ torch's own sharded checkpoint files (DCP) are not used: their metadata is a pic
 
 from __future__ import annotations
 
-import atexit
-import os
-from contextlib import contextmanager, nullcontext
-from datetime import timedelta
+from contextlib import contextmanager
 
 import torch
-import torch.distributed as dist
 
-from dstune.config import RunConfig
 from dstune.errors import UsageError
 from dstune.train.checkpoint import Trainable
-
-_REDUCE = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-
-
-def start_process_group(timeout_s: float) -> None:
-    """Joins the run's process group: the one torchrun describes in the environment, or a group of one
-    (a plain ``python`` process runs the same code, unsharded). gloo on CPUs, NCCL on GPUs."""
-    if dist.is_initialized():
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = timedelta(seconds=timeout_s)
-    if "WORLD_SIZE" in os.environ:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=timeout)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+from dstune.train.dist import ProcessGroupEngine
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -59,19 +37,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-class Fsdp2Engine:
+class Fsdp2Engine(ProcessGroupEngine):
     """FSDP2 over all ranks of the process group; the interface of ``engine.Engine``."""
-
-    def __init__(self, cfg: RunConfig):
-        start_process_group(float(os.environ.get("DSTUNE_DIST_TIMEOUT", 1800)))
-        self.num_processes = dist.get_world_size()
-        self.process_index = dist.get_rank()
-        self.is_main_process = self.process_index == 0
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
-        self.precision = cfg.train.precision
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """Shards ``model`` layer by layer and points ``optimizer`` at the sharded parameters.
@@ -107,9 +74,6 @@ class Fsdp2Engine:
     def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model  # FSDP2 shards the module in place: its class and parameter names stay
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
     @contextmanager
     def no_sync(self, model: torch.nn.Module):
         """Accumulates this micro-batch's gradient locally; the last one of the window reduce-scatters."""
@@ -119,26 +83,9 @@ class Fsdp2Engine:
         finally:
             model.set_requires_gradient_sync(True)
 
-    def autocast(self):
-        return nullcontext()  # the mixed-precision policy casts the gathered weights instead
-
-    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-        out = tensor.detach().clone()
-        if reduction == "mean":
-            dist.all_reduce(out, dist.ReduceOp.SUM)
-            return out / self.num_processes
-        dist.all_reduce(out, _REDUCE[reduction])
-        return out
-
     def clip_grad_norm_(self, parameters, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
         return full(norm)
-
-    def unscale_gradients(self) -> None:
-        pass  # no loss scaling: fp16 is refused with fsdp2 (config), bf16 needs none
-
-    def wait_for_everyone(self) -> None:
-        dist.barrier()
 
     # -------------------------------------------------------------- gathered state (all ranks call these)
 
