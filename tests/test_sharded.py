@@ -1,5 +1,5 @@
-"""``train.distributed=fsdp2`` on two CPU ranks (gloo), launched the way a user launches it:
-``dstune train ... --nproc 2`` (torchrun underneath).
+"""``train.distributed=fsdp2 | zero2 | zero3`` on two CPU ranks (gloo), launched the way a user launches
+it: ``dstune train ... --nproc 2`` (torchrun underneath).
 
 Two ranks with micro-batch 2 see, step by step, the same four rows as one process with micro-batch 4
 (rank r takes every other row of the epoch's order), and both normalise the loss over the window's
@@ -32,19 +32,24 @@ def rows_file(tmp_path_factory) -> Path:
 
 
 def dstune_train(
-    out: Path, data: Path, *args: str, nproc: int = 1, env: dict | None = None
+    out: Path, data: Path, *args: str, engine: str = "auto", env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """``dstune train`` as a user runs it, on one process or on ``nproc`` FSDP2 ranks."""
+    """``dstune train`` as a user runs it: one process, or two ranks of ``engine`` (``--nproc 2``)."""
+    nproc = 1 if engine == "auto" else 2
     micro = 4 // nproc  # the same rows per step either way
     cmd = [sys.executable, "-m", "dstune.cli", "train", "--data", str(data), "--output", str(out),
            "--set", "data.max_length=64", "--set", "train.progress=false", "--set", f"train.micro_batch_size={micro}",
            *args]  # fmt: skip
-    if nproc > 1:
-        cmd += ["--set", "train.distributed=fsdp2", "--nproc", str(nproc)]
-    return subprocess.run(
+    if engine != "auto":
+        offload = engine.endswith("-offload")
+        cmd += ["--set", f"train.distributed={engine.removesuffix('-offload')}", "--nproc", "2"]
+        cmd += ["--set", "train.offload=all"] if offload else []
+    done = subprocess.run(
         cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True,
         timeout=TIMEOUT, cwd=out.parent,
     )  # fmt: skip
+    assert env or done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 def curve(run: Path) -> list[tuple[str, int, float]]:
@@ -64,27 +69,58 @@ def assert_same_tensors(a: dict, b: dict, atol: float) -> None:
         torch.testing.assert_close(b[k].float(), a[k].float(), atol=atol, rtol=0, msg=k)
 
 
+def loop_state(run: Path, step: int = 6) -> dict:
+    return json.loads((run / f"checkpoints/step-{step:06d}/state.json").read_text())["loop"]
+
+
 COMMON = ["--max-steps", "6", "--set", "data.split=[0.75,0.25,0.0]", "--set", "train.eval_every=3",
           "--set", "train.save_every=2"]  # fmt: skip
+# Tiny DeepSeek-V3 (MLA; MoE with the per-expert `eager` experts code, under which ZeRO-3 needs its leaf
+# modules), accumulation over two micro-batches, periodic validation, a step the stability guard skips.
+V3 = ["--model", "tiny:deepseek-v3", "--method", "lora", *COMMON, "--set", "train.experts_implementation=eager",
+      "--set", "train.grad_accum=2", "--set", "stability.inject=[nan_loss@4]"]  # fmt: skip
+FULL = ["--model", "tiny:deepseek-llm", "--method", "full", *COMMON]
 
 
-@pytest.mark.slow  # ~40 s: a one-process run and a two-rank run of tiny V3
-def test_fsdp2_lora_on_moe_equals_one_process_with_rollback_and_gathers_a_plain_adapter(rows_file, tmp_path):
-    """Tiny DeepSeek-V3 (MLA, MoE with the per-expert `eager` experts code, where ZeRO-3 needs leaf modules),
-    accumulation over two micro-batches, periodic validation and a rollback by the stability guard."""
-    args = ["--model", "tiny:deepseek-v3", "--method", "lora", *COMMON,
-            "--set", "train.experts_implementation=eager", "--set", "train.grad_accum=2",
-            "--set", "stability.policy=rollback", "--set", "stability.snapshot_every=2",
-            "--set", "stability.inject=[nan_loss@4]"]  # fmt: skip
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out, n in ((one, 1), (two, 2)):
-        done = dstune_train(out, rows_file, *args, nproc=n)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+@pytest.fixture(scope="module")
+def one_process(rows_file, tmp_path_factory) -> dict[str, Path]:
+    """The one-process runs each engine is compared with (made once)."""
+    root = tmp_path_factory.mktemp("one")
+    dstune_train(root / "v3", rows_file, *V3)
+    dstune_train(root / "full", rows_file, *FULL)
+    return {"v3": root / "v3", "full": root / "full"}
+
+
+@pytest.fixture(scope="module")
+def sharded_v3(rows_file, tmp_path_factory):
+    """The two-rank V3 runs, by engine, made on first use (the merge test reads one of them)."""
+    runs: dict[str, Path] = {}
+
+    def get(engine: str) -> Path:
+        if engine not in runs:
+            runs[engine] = tmp_path_factory.mktemp("two") / engine
+            dstune_train(runs[engine], rows_file, *V3, engine=engine)
+        return runs[engine]
+
+    return get
+
+
+@pytest.mark.slow  # ~25 s per engine (two ranks), after the one-process reference
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3-offload"])
+def test_sharded_lora_on_moe_equals_one_process_and_gathers_a_plain_adapter(engine, one_process, sharded_v3):
+    one, two = one_process["v3"], sharded_v3(engine)
     assert_same_curve(curve(one), curve(two))
-    assert json.loads((two / "summary.json").read_text())["stability"]["rollbacks"] == 1
-    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(
-        p.name for p in (one / "checkpoints").iterdir()
-    )
+    assert json.loads((two / "summary.json").read_text())["stability"]["skipped"] == 1
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == [
+        "step-000002",
+        "step-000004",
+        "step-000006",
+    ]
+    # The checkpoint is the files a one-process run writes (gathered), with the same weights and moments.
+    for name in ("trainable", "optimizer"):
+        step = f"checkpoints/step-000006/{name}.safetensors"
+        assert_same_tensors(load_file(one / step), load_file(two / step), atol=1e-6)
+    assert loop_state(two)["losses"] == pytest.approx(loop_state(one)["losses"], rel=2e-6, nan_ok=True)
     # The gathered adapter is peft's plain format: one process loads it and computes the same logits.
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -97,57 +133,63 @@ def test_fsdp2_lora_on_moe_equals_one_process_with_rollback_and_gathers_a_plain_
         with torch.no_grad():
             logits.append(model.eval()(input_ids=ids).logits)
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
-    # `dstune merge` of the two-rank run equals the merge of the one-process run.
+
+
+@pytest.mark.slow  # ~20 s: two merges (the sharded run is the ZeRO-3 one above)
+def test_dstune_merge_of_a_sharded_run_equals_the_one_process_merge(one_process, sharded_v3, tmp_path):
     merged = []
-    for run in (one, two):
-        out = run.parent / f"{run.name}-merged"
+    for run in (one_process["v3"], sharded_v3("zero3-offload")):
+        out = tmp_path / f"{run.name}-merged"
         done = subprocess.run([sys.executable, "-m", "dstune.cli", "merge", str(run), "-o", str(out)],
                               capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         merged.append({k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()})
     assert_same_tensors(*merged, atol=1e-6)
-    # The checkpoint is the same files a one-process run writes (gathered), with the same weights.
-    step = "checkpoints/step-000006/trainable.safetensors"
-    assert_same_tensors(load_file(one / step), load_file(two / step), atol=1e-6)
 
 
-@pytest.mark.slow  # ~35 s
-def test_fsdp2_full_fine_tuning_gathers_the_whole_model_like_one_process(rows_file, tmp_path):
-    """Full fine-tuning shards every weight; the final model is gathered into one safetensors file that
+@pytest.mark.slow  # ~25 s per engine
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_sharded_full_fine_tuning_gathers_the_whole_model_like_one_process(
+    engine, one_process, rows_file, tmp_path
+):
+    """Full fine-tuning shards every weight; the final model is gathered into the safetensors file
     transformers loads, equal to the one-process model."""
-    args = ["--model", "tiny:deepseek-llm", "--method", "full", *COMMON]
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out, n in ((one, 1), (two, 2)):
-        done = dstune_train(out, rows_file, *args, nproc=n)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = one_process["full"], tmp_path / engine
+    dstune_train(two, rows_file, *FULL, engine=engine)
     assert_same_curve(curve(one), curve(two))
     a, b = (load_file(r / "final" / "model.safetensors") for r in (one, two))
     assert_same_tensors(a, b, atol=2e-5)
 
 
-@pytest.mark.slow  # ~60 s: an uninterrupted two-rank run, one killed with SIGKILL, its resume
-def test_fsdp2_qlora_killed_with_sigkill_resumes_exactly(rows_file, tmp_path):
+@pytest.mark.slow  # ~45 s per engine: a killed two-rank run and its resume
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_sharded_run_killed_with_sigkill_resumes_exactly(engine, one_process, rows_file, tmp_path):
     """Both ranks die with SIGKILL right after step 3 (no handler runs); ``--resume --nproc 2`` continues
-    from the step-2 checkpoint, and the curve and adapter equal an uninterrupted run's. QLoRA: the frozen
-    4-bit weights stay whole on each rank, the rest is sharded."""
-    args = ["--model", "tiny:deepseek-llm", "--method", "qlora", *COMMON]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    done = dstune_train(full, rows_file, *args, nproc=2)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    killed = dstune_train(cut, rows_file, *args, nproc=2, env={"DSTUNE_FAULTS": "kill@step:3"})
+    from the step-2 checkpoint, and the run's curve and adapter equal the uninterrupted one-process run's."""
+    cut = tmp_path / "cut"
+    killed = dstune_train(cut, rows_file, *V3, engine=engine, env={"DSTUNE_FAULTS": "kill@step:3"})
     assert killed.returncode != 0
     assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step-000002"]
-    resumed = dstune_train(cut, rows_file, *args, "--resume", nproc=2)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    resumed = dstune_train(cut, rows_file, *V3, "--resume", engine=engine)
     assert "resumed from" in resumed.stdout and "step 2" in resumed.stdout
     # metrics.jsonl is a log (the killed session's step 3 stays in it); the checkpoint holds the run's curve.
-    loop = [json.loads((r / "checkpoints/step-000006/state.json").read_text())["loop"] for r in (full, cut)]
-    assert loop[1]["order"] == loop[0]["order"]  # the same rows in every step
-    assert loop[1]["losses"] == pytest.approx(loop[0]["losses"], rel=1e-6)
-    val = [json.loads((r / "summary.json").read_text())["val"]["loss"] for r in (full, cut)]
-    assert val[1] == pytest.approx(val[0], rel=1e-6)
+    one = one_process["v3"]
+    assert loop_state(cut)["losses"] == pytest.approx(loop_state(one)["losses"], rel=1e-6, nan_ok=True)
     adapter = "final/adapter_model.safetensors"
-    assert_same_tensors(load_file(full / adapter), load_file(cut / adapter), atol=1e-6)
+    assert_same_tensors(load_file(one / adapter), load_file(cut / adapter), atol=1e-6)
+
+
+@pytest.mark.slow  # ~60 s: a one-process run and two of two ranks
+def test_fsdp2_qlora_rollback_equals_one_process(rows_file, tmp_path):
+    """QLoRA under FSDP2 (the frozen 4-bit weights stay whole on each rank, the rest is sharded) with
+    the stability guard rolling back to an in-memory snapshot of the sharded weights and optimizer."""
+    args = ["--model", "tiny:deepseek-llm", "--method", "qlora", *COMMON, "--set", "stability.policy=rollback",
+            "--set", "stability.snapshot_every=2", "--set", "stability.inject=[nan_loss@4]"]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    dstune_train(one, rows_file, *args)
+    dstune_train(two, rows_file, *args, engine="fsdp2")
+    assert_same_curve(curve(one), curve(two))
+    assert json.loads((two / "summary.json").read_text())["stability"]["rollbacks"] == 1
 
 
 SLURM_SHIMS = """#!/bin/bash
@@ -238,3 +280,74 @@ def test_launch_flags_are_checked_before_torchrun_starts(tmp_path):
         app, ["train", "--nproc", "2", "--nnodes", "2", "--node-rank", "2", "--master-addr", "h"]
     )
     assert bad.exit_code != 0 and "0 .. 1" in bad.output
+
+
+def _ds_cfg(tmp_path, user: dict | None, *sets: str):
+    from dstune.config import load_config
+
+    overrides = ["train.distributed=zero3", *sets]
+    if user is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(user))
+        overrides.append(f"train.deepspeed={path}")
+    return load_config(None, overrides)
+
+
+def test_the_shipped_zero3_offload_preset_gets_its_auto_values_from_the_run_config():
+    from dstune.config import load_config
+    from dstune.config.deepspeed import deepspeed_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "examples/zero3-offload-lora-deepseek-v3-tiny.yaml", ["train.precision=bf16"])
+    assert cfg.train.deepspeed == str(root / "examples/deepspeed/zero3-offload.json")  # relative to the yaml
+    ds = deepspeed_config(cfg.train, cfg.optim, world=8, hidden=7168)
+    zero = ds["zero_optimization"]
+    assert (
+        zero["stage"] == 3
+        and zero["offload_optimizer"]["device"] == "cpu"
+        and zero["offload_param"]["device"] == "cpu"
+    )
+    assert zero["reduce_bucket_size"] == 7168 * 7168 and zero["stage3_param_persistence_threshold"] == 71680
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 7168 * 7168)
+    assert ds["gradient_clipping"] == cfg.optim.max_grad_norm and ds["bf16"]["enabled"] is True
+    # dstune's loop accumulates: DeepSpeed sees one micro-step per optimizer step, over all ranks
+    assert (
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+        ds["train_batch_size"],
+    ) == (1, 1, 8)
+    assert ds["zero_force_ds_cpu_optimizer"] is False and not [k for k, v in ds.items() if v == "auto"]
+
+
+@pytest.mark.parametrize(
+    "user, sets, needle",
+    [
+        ({"gradient_accumulation_steps": 8}, ["train.grad_accum=2"], "gradient_accumulation_steps to 8, but train.grad_accum is 2"),
+        ({"zero_optimization": {"stage": 2}}, [], "zero_optimization.stage to 2, but train.distributed=zero3 is 3"),
+        ({"optimizer": {"type": "AdamW"}}, [], "'optimizer' section"),
+        ({"bf16": {"enabled": True}}, [], "bf16.enabled to True, but train.precision=bf16 is False"),
+        ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, [], "zero_optimization.sub_group_size"),
+        (None, ["train.offload=all", "train.distributed=zero2"], "train.offload=all needs train.distributed=zero3"),
+        (None, ["stability.policy=rollback"], "stability.policy=rollback does not run with train.distributed=zero3"),
+        (None, ["optim.max_grad_norm=null"], "optim.max_grad_norm=null"),
+    ],
+)  # fmt: skip
+def test_a_deepspeed_setting_dstune_cannot_honour_is_refused_by_key(user, sets, needle, tmp_path):
+    from dstune.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _ds_cfg(tmp_path, user, *sets)
+    assert needle in str(err.value)
+
+
+def test_a_broken_deepspeed_json_names_the_file_and_line(tmp_path):
+    from dstune.config import ConfigError, load_config
+
+    bad = tmp_path / "ds.json"
+    bad.write_text('{\n  "zero_optimization": {"stage": 3,}\n}\n')
+    with pytest.raises(ConfigError, match=r"ds.json is not valid JSON \(line 2"):
+        load_config(None, ["train.distributed=zero3", f"train.deepspeed={bad}"])
+    with pytest.raises(ConfigError, match="train.deepspeed: file not found"):
+        load_config(None, ["train.distributed=zero3", f"train.deepspeed={tmp_path / 'nope.json'}"])
+    with pytest.raises(ConfigError, match="train.deepspeed .* needs train.distributed=zero2 or zero3"):
+        load_config(None, [f"train.deepspeed={bad}"])

@@ -122,7 +122,7 @@ def train(
 
     With --nproc N the run has N processes on this machine (N x --nnodes in all); train.distributed
     says how they share the model (replicated DDP, or sharded with fsdp2)."""
-    if nproc is not None and "LOCAL_RANK" not in os.environ:  # LOCAL_RANK: already a rank of torchrun
+    if nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:  # set in the ranks torchrun starts
         from dstune.launch import launch, strip_launch_flags
 
         if node_rank >= nnodes:

@@ -118,3 +118,12 @@ def deepspeed_config(train, optim, world: int = 1, hidden: int | None = None) ->
     if "offload_optimizer" in zero:
         out["zero_force_ds_cpu_optimizer"] = False  # the offloaded states are updated by dstune's optimizer
     return out
+
+
+def offload_of(train) -> str:
+    """What the run keeps in CPU memory: ``train.offload``, or what the user's DeepSpeed JSON offloads."""
+    zero = (read_deepspeed_json(train.deepspeed).get("zero_optimization") or {}) if train.deepspeed else {}
+    device = lambda key: (zero.get(key) or {}).get("device", "none")  # noqa: E731
+    if train.offload == "all" or device("offload_param") != "none":
+        return "all"
+    return "optimizer" if train.offload == "optimizer" or device("offload_optimizer") != "none" else "none"

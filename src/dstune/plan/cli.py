@@ -70,10 +70,12 @@ def plan_command(
         "--zero",
         min=0,
         max=3,
-        help="ZeRO stage: 0 replicated, 1, 2, 3 (default: 3 with train.distributed=fsdp2, which shards as "
-        "ZeRO-3 does, else 0)",
+        help="ZeRO stage: 0 replicated, 1, 2, 3 (default: the config's train.distributed; fsdp2 shards as "
+        "ZeRO-3 does)",
     ),
-    offload: str = typer.Option("none", "--offload", help="none | optimizer | all (to the CPU)"),
+    offload: str = typer.Option(
+        "none", "--offload", help="none | optimizer | all (to the CPU; default: the config's train.offload)"
+    ),
     set_: list[str] = typer.Option([], "--set", help="override any config field: --set lora.r=16"),
 ) -> None:
     """Estimate a run's peak memory per GPU from the model's config alone, and find what fits."""
@@ -89,12 +91,15 @@ def plan_command(
     try:
         if offload not in ("none", "optimizer", "all"):
             raise UsageError(f"--offload {offload!r}: use none, optimizer or all")
+        from dstune.config.deepspeed import offload_of
         from dstune.plan.estimate import Setup
         from dstune.plan.search import plan
 
         cfg = load_config(config, overrides=set_, values=values)
-        if zero is None:
-            zero = 3 if cfg.train.distributed == "fsdp2" else 0
+        if zero is None:  # the config's engine: FSDP2 shards as ZeRO-3 does
+            zero = {"fsdp2": 3, "zero2": 2, "zero3": 3}.get(cfg.train.distributed, 0)
+        if offload == "none":
+            offload = offload_of(cfg.train)
         setup = Setup(nodes=nodes, zero=zero, offload=offload)
         asked, budget, setup, best = plan(cfg, gpu, setup)
     except DstuneError as exc:

@@ -79,6 +79,7 @@ class ZeroEngine(ProcessGroupEngine):
         config = deepspeed_config(self.cfg.train, self.cfg.optim, self.num_processes, hidden)
         if self.stage == 3 and (blocks := moe_blocks(model)):
             self.deepspeed.utils.set_z3_leaf_modules(model, blocks)
+        os.environ.setdefault("LOCAL_RANK", "0")  # a one-process run (no torchrun): DeepSpeed reads it
         engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.engine, self.optimizer = engine, ZeroOptimizer(engine, optimizer)
         return engine, self.optimizer
