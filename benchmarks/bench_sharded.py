@@ -1,11 +1,11 @@
-"""FSDP2 against DDP on the same ranks: per-rank peak memory, step time and the loss curve.
+"""The sharded engines against DDP on the same ranks: per-rank peak memory, step time and the loss curve.
 
-Runs ``dstune train --nproc N`` twice on the same config, once with ``train.distributed=auto`` (every rank
-holds the whole model: DDP, which is also what accelerate gives a user who asks it for FSDP on a CPU) and
-once with ``fsdp2``, in one invocation:
+Runs ``dstune train --nproc N`` on the same config once with ``train.distributed=auto`` (every rank holds
+the whole model: DDP, which is also what accelerate gives a user who asks it for FSDP or DeepSpeed on a
+CPU) and once per engine in ``--engines``, in one invocation:
 
     .venv/bin/python benchmarks/bench_sharded.py                          # SmolLM2-135M, full fine-tuning
-    .venv/bin/python benchmarks/bench_sharded.py --method lora --steps 6
+    .venv/bin/python benchmarks/bench_sharded.py --engines fsdp2,zero2,zero3,zero3-offload
 
 Peak memory is each run's rank 0 (``summary.json: memory``: CUDA's max allocated on a GPU, else the peak
 RSS of the process, which includes the Python/torch runtime both sides share). The per-step losses of
@@ -29,7 +29,8 @@ def run(engine: str, args) -> dict:
     out = Path(args.out) / engine
     cmd = [sys.executable, "-m", "dstune.cli", "train", "--model", args.model, "--method", args.method,
            "--data", str(SHARED / "alpaca_en_demo.json"), "--output", str(out), "--max-steps", str(args.steps),
-           "--nproc", str(args.nproc), "--set", f"train.distributed={engine}",
+           "--nproc", str(args.nproc), "--set", f"train.distributed={engine.removesuffix('-offload')}",
+           "--set", f"train.offload={'all' if engine.endswith('-offload') else 'none'}",
            "--set", f"train.micro_batch_size={args.micro_batch}", "--set", f"data.max_length={args.max_length}",
            "--set", f"train.precision={args.precision}", "--set", "train.progress=false",
            "--set", "data.split=[1.0,0.0,0.0]", "--set", "train.seed=0"]  # fmt: skip
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--method", default="full")
+    p.add_argument("--engines", default="fsdp2", help="comma-separated: fsdp2, zero2, zero3, zero3-offload")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=2)
@@ -67,20 +69,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="/tmp/dstune-bench-sharded")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    ddp, fsdp = run("auto", args), run("fsdp2", args)
-    for r in (ddp, fsdp):
-        print(json.dumps(r))
-    worst = max(abs(a - b) / abs(a) for a, b in zip(ddp["losses"], fsdp["losses"]))
-    ok = len(ddp["losses"]) == len(fsdp["losses"]) and worst < 1e-4
-    ratio = {
-        "peak_memory_fsdp2_over_ddp": round(fsdp["peak_mb_rank0"] / ddp["peak_mb_rank0"], 3),
-        "step_time_fsdp2_over_ddp": round(fsdp["s_per_step"] / ddp["s_per_step"], 3),
-        "max_rel_loss_diff": worst,
-        "losses_agree": ok,
-    }
-    print(json.dumps(ratio))
+    ddp = run("auto", args)
+    print(json.dumps(ddp))
+    results, ok = {"ddp": ddp}, True
+    for engine in args.engines.split(","):
+        mine = run(engine, args)
+        worst = max(abs(a - b) / abs(a) for a, b in zip(ddp["losses"], mine["losses"]))
+        agree = len(ddp["losses"]) == len(mine["losses"]) and worst < 1e-4
+        ok &= agree
+        mine |= {
+            "peak_memory_over_ddp": round(mine["peak_mb_rank0"] / ddp["peak_mb_rank0"], 3),
+            "step_time_over_ddp": round(mine["s_per_step"] / ddp["s_per_step"], 3),
+            "max_rel_loss_diff": worst,
+            "losses_agree": agree,
+        }
+        results[engine] = mine
+        print(json.dumps(mine))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "ddp": ddp, "fsdp2": fsdp, **ratio}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), **results}, indent=1))
     return 0 if ok else 1
 
 
