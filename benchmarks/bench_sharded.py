@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--precision", default="fp32")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
-    p.add_argument("--out", default="/tmp/dstune-bench-sharded")
+    p.add_argument("--out", default=None, help="where the runs go (default: a new temporary folder)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    args.out = args.out or tempfile.mkdtemp(prefix="dstune-bench-sharded-")
     ddp = run("auto", args)
     print(json.dumps(ddp))
     results, ok = {"ddp": ddp}, True
