@@ -121,7 +121,8 @@ def train(
     """Fine-tune a model; writes a run directory with checkpoints, metrics, plots and the adapter.
 
     With --nproc N the run has N processes on this machine (N x --nnodes in all); train.distributed
-    says how they share the model (replicated DDP, or sharded with fsdp2)."""
+    says how they share the model: auto (replicated, DDP), fsdp2, zero2 or zero3 (sharded; the README's
+    "Several GPUs or machines")."""
     if nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:  # set in the ranks torchrun starts
         from dstune.launch import launch, strip_launch_flags
 
