@@ -48,6 +48,13 @@ part train-smollm2 140 "$PY" benchmarks/bench_train.py --model smollm2 --rows 20
   --max-length 256 --out "$OUT/bench-smollm2"
 part train-smollm2-bf16 140 "$PY" benchmarks/bench_train.py --model smollm2 --rows 200 --steps 8 \
   --micro-batch 4 --max-length 256 --precision bf16 --out "$OUT/bench-smollm2-bf16"
-part train-tiny-v3 80 "$PY" benchmarks/bench_train.py --out "$OUT/bench-v3"
-part plan 100 env PYTHONPATH=src "$PY" benchmarks/bench_plan.py --quick
+part train-tiny-v3 70 "$PY" benchmarks/bench_train.py --out "$OUT/bench-v3"
+part plan 80 env PYTHONPATH=src "$PY" benchmarks/bench_plan.py --quick
+# The sharded engines' CUDA path on one GPU (a group of one; CPU tests cover two ranks): FSDP2 moving each
+# layer to the GPU as it shards it, and ZeRO-3 on CUDA, bf16, 3 steps each.
+part sharded 80 bash -c "for example in fsdp2-lora-deepseek-v3-tiny zero3-offload-lora-deepseek-v3-tiny; do
+  '$PY' -m dstune.cli train examples/\$example.yaml --max-steps 3 --output '$OUT'/\$example --set train.precision=bf16 \
+    --set data.max_samples=32 --set data.max_length=128 --set train.progress=false --set train.eval_every=0 \
+    --set train.save_every=0 || exit 1
+done"
 echo "== done ($(date -u +%H:%M:%S)); outputs in $OUT"
