@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The first thing to run on a machine with a CUDA GPU (issues 24 and 28), in under 8 minutes:
+# The first thing to run on a machine with a CUDA GPU (issues 24 and 28), in about 8 minutes:
 #   1. the machine: GPU, driver, torch/CUDA versions, the optional kernels installed (flash-attn, liger);
 #   2. speed: dstune's defaults against HF Trainer + peft (benchmarks/bench_train.py; both on the GPU,
 #      peak = torch.cuda.max_memory_allocated), on SmolLM2 (real weights) and on tiny DeepSeek-V3;
 #   3. the memory planner: predicted against measured peak (max allocated) for the tiny families
-#      (benchmarks/bench_plan.py --quick).
+#      (benchmarks/bench_plan.py --quick);
+#   4. the sharded engines (FSDP2, DeepSpeed ZeRO-3 + offload) on the GPU, as a group of one process.
 # Each part has its own time limit, and one that fails or runs out is reported and the next one runs.
 # Figures go to stdout and to $OUT (default runs/gpu-check); record them in docs/benchmarks.md with the
 # machine and date.
