@@ -124,17 +124,7 @@ def train(
     says how they share the model: auto (replicated, DDP), fsdp2, zero2 or zero3 (sharded; the README's
     "Several GPUs or machines")."""
     if nproc is not None and "TORCHELASTIC_RUN_ID" not in os.environ:  # set in the ranks torchrun starts
-        from dstune.launch import launch, strip_launch_flags
-
-        if node_rank >= nnodes:
-            _fail(f"--node-rank {node_rank}: the machines are numbered 0 .. {nnodes - 1} (--nnodes {nnodes})")
-        if nnodes > 1 and master_addr is None:
-            _fail("--nnodes > 1 needs --master-addr: the address of the machine with --node-rank 0")
-        raise typer.Exit(
-            launch(strip_launch_flags(sys.argv[1:]), nproc, nnodes, node_rank, master_addr, master_port)
-        )
-    from dstune.plan.autofit import memory_line
-    from dstune.report.summary import padding_hint, summary_line
+        raise typer.Exit(_launch(nproc, nnodes, node_rank, master_addr, master_port))
     from dstune.rundir import RunDir
     from dstune.train.loop import train as run_train
     from dstune.train.signals import TrainingInterrupted
@@ -158,21 +148,41 @@ def train(
         _fail(str(exc))
     halt = (result.summary.get("stability") or {}).get("halt")
     if result.final_dir is not None:  # None: another process of a distributed run, which prints nothing
-        console.print("\n" + summary_line(result), highlight=False)  # the metrics the run's task has
-        if line := memory_line(result.summary.get("memory") or {}):
-            console.print(line, highlight=False)
-        if hint := padding_hint(result.summary, cfg.train.packing):
-            console.print(hint, style="yellow", highlight=False)
-        run_dir = RunDir(result.run_dir)
-        console.print(
-            f"run directory: {run_dir}\n  model/adapter: {result.final_dir}\n"
-            f"  metrics: {run_dir.metrics}\n  loss curve: {run_dir.loss_plot}",
-            highlight=False,
-        )
-        if halt:
-            console.print(f"[bold red]halted by the stability guard[/]: {halt['message']}", highlight=False)
+        _print_result(result, cfg, halt)
     if halt:  # the weights of the last good step were saved; a script must still see the run failed
         raise typer.Exit(3)
+
+
+def _launch(nproc: int, nnodes: int, node_rank: int, master_addr: str | None, master_port: int) -> int:
+    """``train --nproc``: this command on every rank, under torchrun; returns the run's exit code."""
+    from dstune.launch import launch, strip_launch_flags
+
+    if node_rank >= nnodes:
+        _fail(f"--node-rank {node_rank}: the machines are numbered 0 .. {nnodes - 1} (--nnodes {nnodes})")
+    if nnodes > 1 and master_addr is None:
+        _fail("--nnodes > 1 needs --master-addr: the address of the machine with --node-rank 0")
+    return launch(strip_launch_flags(sys.argv[1:]), nproc, nnodes, node_rank, master_addr, master_port)
+
+
+def _print_result(result, cfg: RunConfig, halt: dict | None) -> None:
+    """What ``train`` prints at the end: the metrics, the memory line, hints and where everything is."""
+    from dstune.plan.autofit import memory_line
+    from dstune.report.summary import padding_hint, summary_line
+    from dstune.rundir import RunDir
+
+    console.print("\n" + summary_line(result), highlight=False)  # the metrics the run's task has
+    if line := memory_line(result.summary.get("memory") or {}):
+        console.print(line, highlight=False)
+    if hint := padding_hint(result.summary, cfg.train.packing):
+        console.print(hint, style="yellow", highlight=False)
+    run_dir = RunDir(result.run_dir)
+    console.print(
+        f"run directory: {run_dir}\n  model/adapter: {result.final_dir}\n"
+        f"  metrics: {run_dir.metrics}\n  loss curve: {run_dir.loss_plot}",
+        highlight=False,
+    )
+    if halt:
+        console.print(f"[bold red]halted by the stability guard[/]: {halt['message']}", highlight=False)
 
 
 @app.command()
