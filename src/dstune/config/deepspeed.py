@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 AUTO = "auto"
+# The ZeRO stage each train.distributed value shards like: FSDP2 shards weights, gradients and optimizer
+# states, as ZeRO-3 does; auto (one process or DDP) shards nothing.
+ZERO_STAGE = {"auto": 0, "zero2": 2, "zero3": 3, "fsdp2": 3}
 # The bucket sizes Hugging Face's Trainer derives from the model's hidden size for "auto".
 _SIZED = {
     "reduce_bucket_size": lambda h: h * h,
@@ -53,7 +56,7 @@ def deepspeed_config(train, optim, world: int = 1, hidden: int | None = None) ->
     Raises:
         ValueError: naming the file and key that dstune cannot accept, and what would be accepted.
     """
-    stage = {"zero2": 2, "zero3": 3}[train.distributed]
+    stage = ZERO_STAGE[train.distributed]
     path = train.deepspeed
     user = read_deepspeed_json(path) if path else {}
     for key in ("optimizer", "scheduler"):

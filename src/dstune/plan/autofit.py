@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from dstune.config import RunConfig
-from dstune.config.deepspeed import offload_of
+from dstune.config.deepspeed import ZERO_STAGE, offload_of
 from dstune.core.facts import peak_rss_mb
 from dstune.gpus import GIB, parse_budget
 from dstune.plan.estimate import Setup, estimate
@@ -63,8 +63,8 @@ def run_setup(cfg: RunConfig, kind: str) -> Setup:
     machine); ``train.distributed: fsdp2`` shards weights, gradients and optimizer states as ZeRO-3 does."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    zero = {"fsdp2": 3, "zero2": 2, "zero3": 3}.get(cfg.train.distributed, 0)
-    return Setup(devices=world, nodes=nodes, zero=zero, offload=offload_of(cfg.train), device_type=kind)
+    zero, offload = ZERO_STAGE[cfg.train.distributed], offload_of(cfg.train)
+    return Setup(devices=world, nodes=nodes, zero=zero, offload=offload, device_type=kind)
 
 
 def predicted_peak_mb(cfg: RunConfig) -> float | None:

@@ -91,13 +91,13 @@ def plan_command(
     try:
         if offload not in ("none", "optimizer", "all"):
             raise UsageError(f"--offload {offload!r}: use none, optimizer or all")
-        from dstune.config.deepspeed import offload_of
+        from dstune.config.deepspeed import ZERO_STAGE, offload_of
         from dstune.plan.estimate import Setup
         from dstune.plan.search import plan
 
         cfg = load_config(config, overrides=set_, values=values)
         if zero is None:  # the config's engine: FSDP2 shards as ZeRO-3 does
-            zero = {"fsdp2": 3, "zero2": 2, "zero3": 3}.get(cfg.train.distributed, 0)
+            zero = ZERO_STAGE[cfg.train.distributed]
         if offload == "none":
             offload = offload_of(cfg.train)
         setup = Setup(nodes=nodes, zero=zero, offload=offload)

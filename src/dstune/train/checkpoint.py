@@ -63,11 +63,43 @@ class Trainable:
     order: list[str]
     optimizer: dict
 
+    @classmethod
+    def empty(cls) -> "Trainable":
+        """What a rank other than 0 holds after a gather (rank 0 writes the files)."""
+        return cls({}, [], {"state": {}, "param_groups": []})
+
+    @classmethod
+    def from_named(cls, weights: dict[str, torch.Tensor], by_name: dict) -> "Trainable":
+        """From an optimizer state keyed by parameter name (torch.distributed.checkpoint's form, whose
+        ``param_groups`` list names), in the group order."""
+        order = [n for g in by_name["param_groups"] for n in g["params"]]
+        index = {n: i for i, n in enumerate(order)}
+        sd = {
+            "state": {index[n]: s for n, s in by_name["state"].items()},
+            "param_groups": [
+                g | {"params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]
+            ],
+        }
+        return cls(weights, order, sd)
+
+    def named_optimizer(self) -> dict:
+        """The optimizer state keyed by parameter name (``from_named``'s input form)."""
+        sd, order = self.optimizer, self.order
+        return {
+            "state": {order[i]: s for i, s in sd["state"].items()},
+            "param_groups": [g | {"params": [order[i] for i in g["params"]]} for g in sd["param_groups"]],
+        }
+
+
+def group_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """The parameter names of each optimizer group, in the optimizer's order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
 
 def local_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Trainable:
     """The ``Trainable`` of a model and optimizer that this process holds whole (one process, or DDP)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    order = [n for names in group_names(model, optimizer) for n in names]
     return Trainable(snapshot_trainable(model, copy=False), order, optimizer.state_dict())
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 
 from dstune.errors import UsageError
-from dstune.train.checkpoint import Trainable
+from dstune.train.checkpoint import Trainable, group_names
 from dstune.train.dist import ProcessGroupEngine
 
 
@@ -48,7 +48,7 @@ class Fsdp2Engine(ProcessGroupEngine):
         """
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        names = {id(p): n for n, p in model.named_parameters()}
+        groups = group_names(model, optimizer)
         # bf16: gathered weights and activations in bf16, the sharded fp32 trainable weights stay the
         # master copy and gradients are reduced in fp32 (what autocast gives a one-process run).
         policy = (
@@ -67,8 +67,8 @@ class Fsdp2Engine(ProcessGroupEngine):
             fully_shard(layer, mp_policy=policy, ignored_params=kept)
         fully_shard(model, mp_policy=policy, ignored_params=kept)
         sharded = dict(model.named_parameters())
-        for group in optimizer.param_groups:
-            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        for group, names in zip(optimizer.param_groups, groups):
+            group["params"] = [sharded[n] for n in names]
         return model, optimizer
 
     def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -103,17 +103,7 @@ class Fsdp2Engine(ProcessGroupEngine):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         weights = {n: t for n, t in get_model_state_dict(model, options=opts).items() if n in trainable}
         by_name = get_optimizer_state_dict(model, optimizer, options=opts)
-        if not self.is_main_process:
-            return Trainable({}, [], {"state": {}, "param_groups": []})
-        order = [n for g in by_name["param_groups"] for n in g["params"]]
-        index = {n: i for i, n in enumerate(order)}
-        sd = {
-            "state": {index[n]: s for n, s in by_name["state"].items()},
-            "param_groups": [
-                g | {"params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]
-            ],
-        }
-        return Trainable(weights, order, sd)
+        return Trainable.from_named(weights, by_name) if self.is_main_process else Trainable.empty()
 
     def load_state(self, model, optimizer, trainable: Trainable) -> None:
         """Puts whole (unsharded) trainable weights and optimizer state into the sharded model; every
@@ -124,13 +114,9 @@ class Fsdp2Engine(ProcessGroupEngine):
             set_optimizer_state_dict,
         )
 
-        order, sd = trainable.order, trainable.optimizer
         options = StateDictOptions(full_state_dict=True, strict=False)  # strict: the frozen weights too
         set_model_state_dict(model, trainable.weights, options=options)
-        by_name = {
-            "state": {order[i]: s for i, s in sd["state"].items()},
-            "param_groups": [g | {"params": [order[i] for i in g["params"]]} for g in sd["param_groups"]],
-        }
+        by_name = trainable.named_optimizer()
         set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
     def final_state(self, model) -> dict:

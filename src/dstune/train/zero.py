@@ -26,8 +26,8 @@ from contextlib import contextmanager
 import torch
 
 from dstune.config import RunConfig
-from dstune.config.deepspeed import deepspeed_config
-from dstune.train.checkpoint import Trainable
+from dstune.config.deepspeed import ZERO_STAGE, deepspeed_config
+from dstune.train.checkpoint import Trainable, group_names
 from dstune.train.dist import ProcessGroupEngine
 
 
@@ -66,15 +66,14 @@ class ZeroEngine(ProcessGroupEngine):
         self.deepspeed = import_deepspeed()
         super().__init__(cfg)
         self.cfg = cfg
-        self.stage = 3 if cfg.train.distributed == "zero3" else 2
+        self.stage = ZERO_STAGE[cfg.train.distributed]
         self._boundary = True
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """``deepspeed.initialize`` with dstune's optimizer (its groups and lrs, which the lr schedule
         keeps setting); returns the DeepSpeed engine as the model (under ZeRO-3 every forward must go
         through it) and an optimizer whose ``step``/``zero_grad`` drive DeepSpeed's."""
-        names = {id(p): n for n, p in model.named_parameters()}
-        self.groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+        self.groups = group_names(model, optimizer)
         hidden = getattr(model.config, "hidden_size", None)
         config = deepspeed_config(self.cfg.train, self.cfg.optim, self.num_processes, hidden)
         if self.stage == 3 and (blocks := moe_blocks(model)):
@@ -150,19 +149,13 @@ class ZeroEngine(ProcessGroupEngine):
                         k: t.cpu().reshape(shape).clone() for k, t in zip(("exp_avg", "exp_avg_sq"), full[1:])
                     }
         if not self.is_main_process:
-            return Trainable({}, [], {"state": {}, "param_groups": []})
-        order = [n for g in self.groups for n in g]
-        index = {n: i for i, n in enumerate(order)}
+            return Trainable.empty()
         state, groups = {}, []
         for g, (group, names) in enumerate(zip(inner.param_groups, self.groups)):
             step = inner.state.get(self._flats(g)[0], {}).get("step") if stepped else None
-            for n in names:
-                if n in moments:
-                    state[index[n]] = {"step": torch.tensor(float(step)), **moments[n]}
-            groups.append(
-                {k: v for k, v in group.items() if k != "params"} | {"params": [index[n] for n in names]}
-            )
-        return Trainable(weights, order, {"state": state, "param_groups": groups})
+            state |= {n: {"step": torch.tensor(float(step)), **moments[n]} for n in names if n in moments}
+            groups.append({k: v for k, v in group.items() if k != "params"} | {"params": names})
+        return Trainable.from_named(weights, {"state": state, "param_groups": groups})
 
     def load_state(self, model, optimizer, trainable: Trainable) -> None:
         """Every rank passes the same whole dicts and keeps its partition; the fp32 master is then
@@ -170,7 +163,7 @@ class ZeroEngine(ProcessGroupEngine):
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         opt = self.engine.optimizer
-        inner, sd, order = opt.optimizer, trainable.optimizer, trainable.order
+        inner, sd = opt.optimizer, trainable.optimizer
         for group, saved in zip(inner.param_groups, sd["param_groups"]):
             group.update({k: v for k, v in saved.items() if k not in ("params", "initial_lr")})
         if sd["state"]:
@@ -182,10 +175,10 @@ class ZeroEngine(ProcessGroupEngine):
                     s.setdefault("exp_avg_sq", torch.zeros_like(flat))
                     s["step"] = torch.tensor(step)
             self._link_states()
-        index = {n: i for i, n in enumerate(order)}
+        states = trainable.named_optimizer()["state"]
         for name, p in self._trainable():
             safe_set_full_fp32_param(p, trainable.weights[name])
-            if (state := sd["state"].get(index[name])) is not None:
+            if (state := states.get(name)) is not None:
                 for key in ("exp_avg", "exp_avg_sq"):
                     safe_set_full_optimizer_state(p, state[key], key)
         if self.stage == 2:
