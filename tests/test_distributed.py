@@ -65,7 +65,10 @@ def test_two_ranks_share_one_run_and_stop_together_on_sigterm(tmp_path):
     ]
     assert len(ranks) == 2
     ranks[1].send_signal(signal.SIGTERM)  # only one rank is told to stop (as when a scheduler signals one)
-    assert launcher.wait(timeout=600) == 130  # the launcher's exit code is the ranks': stopped, resumable
+    code = launcher.wait(timeout=600)
+    assert code == 130, (tmp_path / "first.log").read_text()[
+        -4000:
+    ]  # the ranks' exit code: stopped, resumable
     log = (tmp_path / "first.log").read_text()
     stopped = _train_rows(run)
     k = stopped[-1]["step"]

@@ -251,6 +251,24 @@ def test_launch_flags_are_removed_for_the_ranks_and_become_torchrun_arguments():
     assert "--standalone" not in multi
 
 
+def test_the_launch_exits_with_the_code_of_the_rank_that_ended_first_not_of_those_torchrun_killed():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from dstune.launch import root_exit_code
+
+    def failed(rank: int, code: int, at: int) -> ProcessFailure:
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="/nonexistent")
+        f.timestamp = at
+        return f
+
+    # Rank 1 saved and stopped (130); torchrun then sent SIGTERM to rank 0, recorded as -15.
+    assert root_exit_code([failed(0, -15, 11), failed(1, 130, 10)]) == 130
+    assert root_exit_code([failed(0, 3, 10), failed(1, -15, 10)]) == 3  # halted by the stability guard
+    assert root_exit_code([failed(0, 130, 10), failed(1, 1, 10)]) == 1  # same second: the error wins
+    assert root_exit_code([failed(0, 130, 9), failed(1, 1, 10)]) == 130
+    assert root_exit_code([failed(0, -9, 10), failed(1, -9, 10)]) == 1  # every rank killed
+
+
 @pytest.mark.parametrize(
     "sets, key",
     [

@@ -65,6 +65,17 @@ def launch(
     except SignalException:
         return 130
     except ChildFailedError as exc:
-        codes = sorted({f.exitcode for f in exc.failures.values()})
-        return codes[0] if codes and codes[0] > 0 else 1
+        return root_exit_code(exc.failures.values())
     return 0
+
+
+def root_exit_code(failures) -> int:
+    """The exit code of the rank that ended first on its own (torchrun's "root cause").
+
+    When one rank exits (130 after its checkpoint, 3 halted, 1 an error), torchrun sends SIGTERM to the
+    ranks still running, and they are recorded as failed with a negative code (killed by a signal) a moment
+    later; that is torchrun's doing, not the run's outcome. Timestamps are whole seconds: within one, an
+    error wins over a stop (130). 1 when every rank was killed by a signal.
+    """
+    own = sorted((f for f in failures if f.exitcode > 0), key=lambda f: (f.timestamp, f.exitcode == 130))
+    return own[0].exitcode if own else 1
