@@ -87,8 +87,10 @@ def test_set_without_equals_is_explained():
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 def test_every_example_config_validates(path):
     cfg = load_config(path)
-    assert cfg.data.train, f"{path.name} names no training data"
-    assert Path(cfg.data.train).is_file(), f"{path.name}: {cfg.data.train} (relative to the file) is missing"
+    files = [cfg.data.train] if cfg.data.train else [m.path for m in cfg.data.mix]
+    assert files, f"{path.name} names no training data"
+    for f in files:
+        assert Path(f).is_file(), f"{path.name}: {f} (relative to the file) is missing"
 
 
 def test_examples_exist():

@@ -287,6 +287,17 @@ class RunConfig(_Section):
         return RunConfig.model_validate(data)
 
     @model_validator(mode="after")
+    def _task_weights(self) -> "RunConfig":
+        weighted = [f"data.mix[{i}].loss_weight" for i, s in enumerate(self.data.mix) if s.loss_weight != 1.0]
+        if weighted and (self.task != "lm" or self.objective != "sft"):
+            raise ValueError(
+                f"{weighted[0]} weights token losses, which only task=lm with objective=sft has (this run: "
+                f"task={self.task}, objective={self.objective}); use data.mix[i].weight to sample a data set "
+                f"more or less often instead"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _retrain_needs_one_file(self) -> "RunConfig":
         if self.tune.retrain and self.data.validation:
             raise ValueError(

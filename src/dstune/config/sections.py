@@ -6,6 +6,7 @@ them); ``extra="forbid"`` turns a typo into an error that names the closest key.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -52,6 +53,14 @@ class MixSource(_Section):
 
     path: str = Field(description="data file (json, jsonl, csv, parquet, txt)")
     weight: float = Field(gt=0, description="sampling weight; shares are weight / sum of weights")
+    task: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="task name in the logs (loss/<task>); default: the file's name without its suffix",
+    )
+    loss_weight: float = Field(
+        1.0, gt=0, description="multiplies this task's token losses in the training loss (1: unweighted)"
+    )
 
 
 class DataConfig(_Section):
@@ -76,7 +85,9 @@ class DataConfig(_Section):
     )
     train_on: Literal["assistant", "all"] = Field("assistant", description="which tokens carry loss")
     lenient: bool = Field(False, description="drop malformed rows and count them instead of stopping")
-    max_samples: int | None = Field(None, ge=1, description="use only the first N rows of the train file")
+    max_samples: int | None = Field(
+        None, ge=1, description="use only the first N rows of the train file (of each data.mix file)"
+    )
     system: str | None = Field(None, description="system prompt added to examples that have none")
     text_column: str | None = Field(
         None, description="classification: the text column (default: text, review, ...)"
@@ -97,6 +108,13 @@ class DataConfig(_Section):
             raise ValueError(
                 "data.train and data.mix are both set: give one file as data.train, or list every "
                 "data set (the train file included) under data.mix with a weight each"
+            )
+        named = [s.task for s in self.mix if s.task]
+        unnamed = [Path(s.path).stem for s in self.mix if not s.task]  # default names: the files' stems
+        if len(set(named)) < len(named) or set(named) & set(unnamed):
+            raise ValueError(
+                f"data.mix: task names must differ, got {named} (and {unnamed} from the unnamed entries' "
+                f"file names)"
             )
         return self
 

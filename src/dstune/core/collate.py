@@ -32,6 +32,11 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if packed:
         batch["position_ids"] = pos
+    if "task" in rows[0] or "task_ids" in rows[0]:  # data.mix: each token's task, -1 on padding
+        batch["task_ids"] = torch.full((len(rows), width), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            batch["task_ids"][i, :n] = torch.tensor(r["task_ids"]) if "task_ids" in r else r["task"]
     _collate_preference(rows, pad_id, batch)
     return batch
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dstune.core.loss import IGNORE, token_loss_sum
+from dstune.core.loss import IGNORE, TaskLosses, token_loss_sum, token_losses
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -68,7 +68,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, label_smoothing: float, chunk: int):
+    def forward(
+        ctx, hidden, weight, bias, target, label_smoothing: float, chunk: int, scale=None, losses=None
+    ):
+        """``scale``: a weight per token (multi-task loss weights) or None; ``losses``: None, or a tensor
+        of one float per token that receives each token's (unweighted) loss, for the per-task logs."""
         need_w, need_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -80,11 +84,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h, weight, bias).float()
             lse = torch.logsumexp(logits, dim=-1)
             nll = lse - logits.gather(1, y[:, None]).squeeze(1)
-            total += (1 - eps) * nll.sum() + (eps * (lse - logits.mean(dim=-1)).sum() if eps else 0.0)
+            if scale is None and losses is None:
+                total += (1 - eps) * nll.sum() + (eps * (lse - logits.mean(dim=-1)).sum() if eps else 0.0)
+            else:
+                each = (1 - eps) * nll + (eps * (lse - logits.mean(dim=-1)) if eps else 0.0)
+                if losses is not None:
+                    losses[start : start + chunk] = each
+                total += each.sum() if scale is None else (each * scale[start : start + chunk]).sum()
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
             probs[torch.arange(len(y), device=y.device), y] -= 1 - eps
             if eps:
                 probs -= eps / vocab
+            if scale is not None:
+                probs *= scale[start : start + chunk, None]
             grad_h[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
                 grad_w += probs.t() @ h.float()
@@ -105,11 +117,18 @@ class LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
+            None,
         )
 
 
 def loss_sum(
-    model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0, chunk_tokens: int = 0, fused_ce=None
+    model,
+    batch: dict[str, torch.Tensor],
+    label_smoothing: float = 0.0,
+    chunk_tokens: int = 0,
+    fused_ce=None,
+    tasks: TaskLosses | None = None,
 ) -> torch.Tensor:
     """Summed next-token cross-entropy of ``batch`` (labels shifted inside).
 
@@ -120,14 +139,21 @@ def loss_sum(
         chunk_tokens: 0 computes full logits; N > 0 computes them N labelled tokens at a time.
         fused_ce: a fused linear cross-entropy ``f(weight, hidden, target, bias) -> summed loss`` (liger's,
             see ``train.accel.fused_ce_loss``) used instead of the chunks; it carries its label smoothing.
+        tasks: multi-task training (a batch with ``task_ids``): each token's loss is weighted by its task's
+            weight and counted in its task's log (``core.loss.TaskLosses``).
     """
     labels = batch["labels"]
     if labels.dim() == 1:
         return class_loss_sum(
             model(**model_inputs(batch)).logits, labels, batch.get("weights"), label_smoothing
         )
+    task_ids = batch.get("task_ids") if tasks is not None else None
     if not chunk_tokens and fused_ce is None:
-        return token_loss_sum(model(**model_inputs(batch)).logits, labels, label_smoothing)
+        logits = model(**model_inputs(batch)).logits
+        if task_ids is None:
+            return token_loss_sum(logits, labels, label_smoothing)
+        keep = labels[:, 1:] != IGNORE
+        return _task_sum(token_losses(logits, labels, label_smoothing)[keep], task_ids[:, 1:][keep], tasks)
     out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
     # Prompt-learning methods prepend virtual tokens: the last T positions are the real ones.
     hidden = out.hidden_states[-1][:, -labels.shape[1] :]
@@ -135,8 +161,23 @@ def loss_sum(
     h = hidden[:, :-1][keep]
     y = labels[:, 1:][keep]
     head = getattr(model, "module", model).get_output_embeddings()  # unwrap DDP
-    if fused_ce is not None:
+    if fused_ce is not None:  # build never combines liger's fused loss with task weights (it has none)
         return fused_ce(head.weight, h, y, head.bias).float()
+    if task_ids is not None:
+        t = task_ids[:, 1:][keep]
+        each = torch.empty(len(y), dtype=torch.float32, device=y.device)
+        if torch.is_grad_enabled():
+            weights = tasks.token_weights(t)
+            total = LinearCrossEntropy.apply(
+                h, head.weight, head.bias, y, label_smoothing, chunk_tokens, weights, each
+            )
+            tasks.add(t, each)
+            return total
+        for start in range(0, y.numel(), chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            logits = F.linear(h[part], head.weight, head.bias).float()
+            each[part] = F.cross_entropy(logits, y[part], reduction="none", label_smoothing=label_smoothing)
+        return _task_sum(each, t, tasks)
     if torch.is_grad_enabled():
         return LinearCrossEntropy.apply(h, head.weight, head.bias, y, label_smoothing, chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -149,6 +190,13 @@ def loss_sum(
             label_smoothing,
         )
     return total
+
+
+def _task_sum(losses: torch.Tensor, task_ids: torch.Tensor, tasks: TaskLosses) -> torch.Tensor:
+    """The task-weighted sum of labelled tokens' losses, counted in each task's log."""
+    tasks.add(task_ids, losses)
+    weights = tasks.token_weights(task_ids)
+    return losses.sum() if weights is None else (losses * weights).sum()
 
 
 def class_loss_sum(

@@ -100,13 +100,9 @@ def _token_report(tok: Tokenized) -> dict:
 def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
     """Reads ``data.train`` (or every data set of ``data.mix``) and splits it, filling ``report``."""
     if cfg.mix:
-        from dstune.data.mix import mix_examples
+        from dstune.data.mix import mix_examples, task_names
 
-        if cfg.max_samples:
-            raise DataError(
-                "data.max_samples applies to data.train; with data.mix, subsample each file instead"
-            )
-        reads = [_load(cfg, source.path, None) for source in cfg.mix]
+        reads = [_load(cfg, source.path, cfg.max_samples) for source in cfg.mix]  # first N rows of each
         held = _load(cfg, cfg.validation, None) if cfg.validation else None
         _check_kinds(
             [(f"data.mix[{i}]", r) for i, r in enumerate(reads)]
@@ -116,6 +112,8 @@ def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
             (r.examples, [], []) if held else split_examples(r.examples, tuple(cfg.split), seed)
             for r in reads
         ]
+        # Every row knows its task (its data set's index), for the loss weights and the per-task losses.
+        parts = [tuple([{**e, "task": i} for e in split] for split in p) for i, p in enumerate(parts)]
         for i, (part, r) in enumerate(zip(parts, reads)):
             if not part[0]:
                 raise DataError(f"data.mix[{i}] ({r.path}) has no training rows; remove it or fix the file")
@@ -132,8 +130,10 @@ def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
                 "train_rows": len(p[0]),
                 "sampled": n,
                 "share": round(n / max(len(train), 1), 4),
+                "task": name,
+                "loss_weight": s.loss_weight,
             }
-            for s, p, n in zip(cfg.mix, parts, counts)
+            for s, p, n, name in zip(cfg.mix, parts, counts, task_names(cfg.mix))
         ]
         if held:
             report["read"]["validation"] = _read_report(held)

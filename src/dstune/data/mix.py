@@ -9,12 +9,16 @@ three times while another is left out. One asked for fewer is subsampled by a se
 mixed rows are then shuffled together. Everything is a function of the files, the weights and the seed.
 Validation and test are the data sets' held-out parts concatenated, unweighted: each task is measured
 on its own rows.
+
+Each data set is a task: its rows carry the task's index (``task``), so the training loss can weight a
+task's tokens (``data.mix[i].loss_weight``) and the logs break the loss down per task (``loss/<name>``).
 """
 
 from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Sequence
 
 from dstune.errors import UsageError
@@ -66,3 +70,13 @@ def mix_examples(parts: list[list], weights: Sequence[float], seed: int) -> tupl
     mixed = [row for part, n in zip(parts, counts) for row in sample(part, n, rng)]
     rng.shuffle(mixed)
     return mixed, counts
+
+
+def task_names(sources: Sequence) -> list[str]:
+    """The task name of each ``data.mix`` entry: its ``task``, else its file's name without the suffix
+    (``medical.jsonl`` -> ``medical``); a name taken by an earlier entry gets the entry's index appended."""
+    names: list[str] = []
+    for i, source in enumerate(sources):
+        name = source.task or Path(source.path).stem
+        names.append(name if name not in names else f"{name}-{i}")
+    return names

@@ -52,14 +52,18 @@ def pack_rows(rows: list[dict], max_length: int, seed: int) -> list[dict]:
             room.append(max_length - n)
     packed = []
     for members in bins:
-        ids, labels, pos, sources = [], [], [], []
+        ids, labels, pos, sources, tasks = [], [], [], [], []
         for i in members:
             r = rows[i]
             ids += r["input_ids"]
             labels += [IGNORE] + list(r["labels"][1:])  # never predict across an example boundary
             pos += list(range(len(r["input_ids"])))
             sources.append(r.get("source", str(i)))
-        packed.append({"input_ids": ids, "labels": labels, "position_ids": pos, "source": "+".join(sources)})
+            tasks += [r.get("task", -1)] * len(r["input_ids"])
+        row = {"input_ids": ids, "labels": labels, "position_ids": pos, "source": "+".join(sources)}
+        if "task" in rows[members[0]]:  # data.mix: each token's task (its example's data set)
+            row["task_ids"] = tasks
+        packed.append(row)
     return packed
 
 

@@ -295,7 +295,10 @@ def tokenize_examples(
                 _count_drop(out, "no trainable tokens")
                 continue
             out.truncated += truncated
-            out.rows.append({"input_ids": list(ids), "labels": labels, "source": ex["source"]})
+            row = {"input_ids": list(ids), "labels": labels, "source": ex["source"]}
+            if "task" in ex:  # data.mix: the row's data set (data/mix.py)
+                row["task"] = ex["task"]
+            out.rows.append(row)
     return out
 
 

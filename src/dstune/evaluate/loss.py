@@ -46,6 +46,25 @@ def evaluate_loss(
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens.item())}
 
 
+def evaluate_tasks(model, rows: list[dict], names: list[str], *args, **kwargs) -> dict[str, float]:
+    """``evaluate_loss`` of each task's rows (``loss/<task>``, multi-task runs) and of all of them together.
+
+    Each task is evaluated on its own rows, so ``limit`` counts micro-batches per task; the overall loss is
+    the token-weighted mean of the tasks' (every labelled token counts once, as in ``evaluate_loss``).
+    Rows without a task (a separate ``data.validation`` file) get the overall loss only.
+    """
+    if not rows or not names or "task" not in rows[0]:
+        return evaluate_loss(model, rows, *args, **kwargs)
+    total, tokens, per = 0.0, 0, {}
+    for i, name in enumerate(names):
+        metrics = evaluate_loss(model, [r for r in rows if r.get("task") == i], *args, **kwargs)
+        if metrics:
+            per[f"loss/{name}"] = metrics["loss"]
+            total, tokens = total + metrics["loss"] * metrics["tokens"], tokens + metrics["tokens"]
+    loss = total / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens, **per}
+
+
 @torch.no_grad()
 def classifier_outputs(
     model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None, limit: int | None = None

@@ -32,8 +32,9 @@ def plot_run_curves(
     run_dir: str | Path, out_dir: str | Path, only: Sequence[str] | None = None
 ) -> dict[str, Path]:
     """Writes ``loss.png`` (train and validation), ``lr.png``, ``grad_norm.png``, ``reward.png`` (GRPO),
-    ``memory.png`` and ``step_time.png`` (system metrics) and, when the run logged validation metrics other
-    than loss, ``val_metrics.png`` from its ``metrics.jsonl``.
+    ``memory.png`` and ``step_time.png`` (system metrics), ``tasks.png`` (each task's train and validation
+    loss, multi-task runs) and, when the run logged validation metrics other than loss,
+    ``val_metrics.png`` from its ``metrics.jsonl``.
 
     Args:
         only: write just these charts (e.g. ``("loss",)``); None writes them all.
@@ -52,9 +53,12 @@ def plot_run_curves(
             for r in rows
             if r.get("split") == "val"
             for k, v in r.items()
-            if k not in ("step", "split", "loss", "ppl", "tokens") and isinstance(v, (int, float))
+            if k not in ("step", "split", "loss", "ppl", "tokens")
+            and not k.startswith("loss/")
+            and isinstance(v, (int, float))
         }
     )
+    task_keys = sorted({k for r in rows for k in r if k.startswith("loss/")})  # multi-task runs (data.mix)
     charts = {
         "loss": ("loss (nats/token)", [("train", "loss", "train"), ("val", "loss", "validation")]),
         "lr": ("learning rate", [("train", "lr", "lr")]),
@@ -65,6 +69,10 @@ def plot_run_curves(
             [("train", "reward", "train (sampled)"), ("val", "reward", "validation (greedy)")],
         ),
         "val_metrics": ("validation metrics", [("val", k, k) for k in val_keys]),
+        "tasks": (
+            "loss per task (nats/token)",
+            [(split, k, f"{split} {k[5:]}") for k in task_keys for split in ("train", "val")],
+        ),
     }
     for name, (ylabel, lines) in charts.items():
         if only is not None and name not in only:

@@ -176,6 +176,12 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _task_columns(runs: list[dict]) -> list[tuple[str, Any]]:
+    """A validation-loss column per task of the multi-task runs among ``runs`` (``val loss/<task>``)."""
+    keys = sorted({k for r in runs for k in (r["summary"].get("val") or {}) if k.startswith("loss/")})
+    return [(f"val {k}", lambda r, k=k: (r["summary"].get("val") or {}).get(k)) for k in keys]
+
+
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     """Writes ``report.md`` (one table, one row per run), ``compare.png`` (their loss curves) and
     ``system.png`` (step time and memory, when the runs logged system metrics) to ``out_dir``.
@@ -195,10 +201,11 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     if len(set(names)) < len(names):  # runs/a/run and runs/b/run: name them by their parent too
         for r in runs:
             r["name"] = "/".join(Path(r["path"]).resolve().parts[-2:])
-    values = {title: [get(r) for r in runs] for title, get in _COLUMNS}
+    getters = list(_COLUMNS) + _task_columns(runs)
+    values = {title: [get(r) for r in runs] for title, get in getters}
     columns = [
         title
-        for title, _ in _COLUMNS
+        for title, _ in getters
         if any(v is not None for v in values[title])
         and (title != "state" or set(values[title]) != {"finished"})
     ]

@@ -177,7 +177,7 @@ def split_by_length(window: list[dict], overhead: int) -> list[dict]:
     """
     out = []
     for batch in window:
-        if overhead <= 0 or set(batch) != _TOKEN_BATCH or batch["labels"].dim() != 2:
+        if overhead <= 0 or set(batch) - {"task_ids"} != _TOKEN_BATCH or batch["labels"].dim() != 2:
             out.append(batch)
             continue
         lengths = batch["attention_mask"].sum(1).tolist()

@@ -18,7 +18,9 @@ from rich.console import Console
 from dstune.config import OBJECTIVE_FORMATS, RunConfig
 from dstune.core.facts import pad_id as pad_id_of
 from dstune.core.forward import chunk_size
+from dstune.core.loss import TaskLosses
 from dstune.data import DataError, PreparedData, dropped_rows_warning
+from dstune.data.mix import task_names
 from dstune.data.pack import pack_rows, padding_share
 from dstune.errors import UsageError
 from dstune.methods import prepare_model, trainable_summary
@@ -294,12 +296,22 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
         chunk, fused_ce = 0, None
     speed["chunk_tokens"] = chunk
     speed["split_by_length"] = length_split_overhead(tc.split_by_length, device.type, tc.distributed)
-    objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce)
+    tasks = task_losses(cfg)
+    if tasks is not None:  # liger's fused loss has no per-token weights or per-token losses: the chunks do
+        fused_ce = None
+    objective = SupervisedObjective(cfg.regularize.label_smoothing, chunk, fused_ce, tasks)
     if OBJECTIVE_FORMATS.get(cfg.objective) in ("preference", "kto"):  # dpo, orpo, simpo, kto
         from dstune.train.preference import make_objective
 
         objective = make_objective(cfg, pad, model)
     return model, speed, objective, regularization
+
+
+def task_losses(cfg: RunConfig) -> TaskLosses | None:
+    """Multi-task bookkeeping for a token-loss run on ``data.mix`` (each data set a task), else None."""
+    if not cfg.data.mix or cfg.task != "lm" or cfg.objective != "sft":
+        return None
+    return TaskLosses(task_names(cfg.data.mix), [s.loss_weight for s in cfg.data.mix])
 
 
 # One more forward/backward pass over fewer rows costs about as much as this many padded tokens on a

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from dstune.core.forward import loss_sum
-from dstune.core.loss import count_loss_tokens
+from dstune.core.loss import TaskLosses, count_loss_tokens
 
 
 class Objective(Protocol):
@@ -38,17 +38,23 @@ class SupervisedObjective:
         label_smoothing: training only; validation loss is plain cross-entropy.
         chunk_tokens: compute the output layer this many labelled tokens at a time (0: all at once).
         fused_ce: liger's fused linear cross-entropy on CUDA, used instead of the chunks.
+        tasks: multi-task training (``data.mix``): token losses weighted by their task's ``loss_weight``.
     """
 
     label_smoothing: float = 0.0
     chunk_tokens: int = 0
     fused_ce: Callable | None = None
+    tasks: TaskLosses | None = None  # data.mix: the task loss weights and per-task logs
 
     def prepare(self, model: torch.nn.Module, window: list[dict], engine) -> list[dict]:
         return window
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return loss_sum(model, batch, self.label_smoothing, self.chunk_tokens, self.fused_ce)
+        return loss_sum(model, batch, self.label_smoothing, self.chunk_tokens, self.fused_ce, self.tasks)
+
+    def take_metrics(self) -> dict[str, float]:
+        """Each task's mean token loss since the last call (``loss/<task>``; multi-task runs only)."""
+        return self.tasks.take() if self.tasks is not None else {}
 
     def units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return count_loss_tokens(batch["labels"])

@@ -18,7 +18,7 @@ from dstune.config import RunConfig
 from dstune.data import PreparedData, prepare_data
 from dstune.data.cache import cached_prepare
 from dstune.evaluate.answers import evaluate_answers
-from dstune.evaluate.loss import evaluate_classifier, evaluate_loss
+from dstune.evaluate.loss import evaluate_classifier, evaluate_tasks
 from dstune.models.load import load_model
 
 
@@ -42,8 +42,16 @@ def _lm_validate(run, micro: int) -> dict[str, float]:
     tc = run.cfg.train
     if hasattr(run.objective, "evaluate"):  # a preference objective: its loss and rewards on validation pairs
         return run.objective.evaluate(run.model, run.data.val, micro, run.engine, tc.eval_batches)
-    metrics = evaluate_loss(
-        run.model, run.data.val, micro, run.pad_id, run.engine, tc.eval_batches, run.objective.chunk_tokens
+    tasks = getattr(run.objective, "tasks", None)
+    metrics = evaluate_tasks(
+        run.model,
+        run.data.val,
+        tasks.names if tasks is not None else [],
+        micro,
+        run.pad_id,
+        run.engine,
+        tc.eval_batches,
+        run.objective.chunk_tokens,
     )
     # Answers are generated one row at a time, so a smaller evaluation batch would not help them.
     if metrics and tc.eval_generate:
