@@ -95,7 +95,7 @@ def load_run_for_merge(run_dir: Path) -> tuple[nn.Module, dict, object]:
         base = (
             load_classifier(info["base_model"], labels, pad, pooling=cfg.classify.pooling)
             if labels
-            else load_model(info["base_model"], dtype=torch.float32)
+            else load_model(info["base_model"], dtype=torch.float32, rope_scaling=cfg.model.rope_scaling)
         )
         quantize_like_training(base, final, cfg)
         dequantize_(base)  # the adapter was trained against these de-quantised weights

@@ -298,6 +298,41 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _curriculum(self) -> "RunConfig":
+        stages = self.train.curriculum
+        if not stages:
+            return self
+        lengths = [s.max_length for s in stages]
+        before_last = sum(s.steps or 0 for s in stages[:-1])
+        checks = [
+            (len(stages) == 1, "needs two or more stages, got 1"),
+            (any(b <= a for a, b in zip(lengths, lengths[1:])), f"max_length must rise, got {lengths}"),
+            (
+                lengths[-1] > self.data.max_length,
+                f"max_length {lengths[-1]} is above data.max_length={self.data.max_length}, the length at "
+                f"which the rows are tokenised",
+            ),
+            (
+                any(s.steps is None for s in stages[:-1]) or stages[-1].steps is not None,
+                "needs steps on every stage but the last, which runs to the end of the run",
+            ),
+            (
+                bool(self.train.max_steps) and before_last >= (self.train.max_steps or 0),
+                f"takes {before_last} steps before its last stage; train.max_steps={self.train.max_steps} "
+                f"leaves none for it",
+            ),
+            (
+                self.task != "lm" or self.objective != "sft",
+                f"trains token rows with objective=sft; this run has task={self.task}, "
+                f"objective={self.objective}",
+            ),
+        ]
+        for failed, why in checks:
+            if failed:
+                raise ValueError(f"train.curriculum {why}")
+        return self
+
+    @model_validator(mode="after")
     def _retrain_needs_one_file(self) -> "RunConfig":
         if self.tune.retrain and self.data.validation:
             raise ValueError(

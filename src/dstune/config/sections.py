@@ -37,6 +37,20 @@ class ModelConfig(_Section):
         description="keep only the first N decoder layers (a smaller student for objective=distill); "
         "method full or freeze, which save the whole smaller model",
     )
+    rope_scaling: dict[str, float | int | str] | None = Field(
+        None,
+        description="RoPE scaling for longer inputs, merged into the model config's rope_parameters: "
+        "{rope_type: yarn, factor: 4, original_max_position_embeddings: 4096}, {rope_type: linear, "
+        "factor: 2}, dynamic, longrope or llama3",
+    )
+
+    @field_validator("rope_scaling")
+    @classmethod
+    def _known_rope(cls, value: dict | None) -> dict | None:
+        kinds = ("linear", "dynamic", "yarn", "longrope", "llama3")
+        if value is not None and value.get("rope_type") not in kinds:
+            raise ValueError(f"model.rope_scaling.rope_type must be one of {', '.join(kinds)}, got {value}")
+        return value
 
     @model_validator(mode="after")
     def _remote_code_needs_revision(self) -> "ModelConfig":
@@ -329,6 +343,15 @@ class StabilityConfig(_Section):
     )
 
 
+class CurriculumStage(_Section):
+    """One stage of ``train.curriculum`` (short-to-long training)."""
+
+    max_length: int = Field(ge=8, description="tokens per row in this stage (rows are cut to it)")
+    steps: int | None = Field(
+        None, ge=1, description="optimizer steps of this stage; the last stage has none: it runs to the end"
+    )
+
+
 class TrainConfig(_Section):
     micro_batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -377,6 +400,11 @@ class TrainConfig(_Section):
     )
     group_by_length: bool = Field(
         False, description="without packing: batch rows of similar length (less padding)"
+    )
+    curriculum: list[CurriculumStage] = Field(
+        default_factory=list,
+        description="short-to-long training: stages of rising max_length (each cuts the rows to its length "
+        "and re-packs them with train.packing), e.g. [{max_length: 256, steps: 100}, {max_length: 1024}]",
     )
     split_by_length: Literal["auto", "on", "off"] = Field(
         "auto",

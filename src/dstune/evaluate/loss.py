@@ -46,23 +46,41 @@ def evaluate_loss(
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens.item())}
 
 
-def evaluate_tasks(model, rows: list[dict], names: list[str], *args, **kwargs) -> dict[str, float]:
-    """``evaluate_loss`` of each task's rows (``loss/<task>``, multi-task runs) and of all of them together.
-
-    Each task is evaluated on its own rows, so ``limit`` counts micro-batches per task; the overall loss is
-    the token-weighted mean of the tasks' (every labelled token counts once, as in ``evaluate_loss``).
-    Rows without a task (a separate ``data.validation`` file) get the overall loss only.
-    """
-    if not rows or not names or "task" not in rows[0]:
-        return evaluate_loss(model, rows, *args, **kwargs)
+def evaluate_groups(model, groups: list[tuple[str, list[dict]]], *args, **kwargs) -> dict[str, float]:
+    """``evaluate_loss`` of each group of rows (``{name: loss}``), and the loss, perplexity and tokens of
+    all of them together, the token-weighted mean of the groups' (the groups split the rows: every
+    labelled token counts once, as in ``evaluate_loss``). ``limit`` counts micro-batches per group."""
     total, tokens, per = 0.0, 0, {}
-    for i, name in enumerate(names):
-        metrics = evaluate_loss(model, [r for r in rows if r.get("task") == i], *args, **kwargs)
+    for name, rows in groups:
+        metrics = evaluate_loss(model, rows, *args, **kwargs)
         if metrics:
-            per[f"loss/{name}"] = metrics["loss"]
+            per[name] = metrics["loss"]
             total, tokens = total + metrics["loss"] * metrics["tokens"], tokens + metrics["tokens"]
-    loss = total / max(tokens, 1)
+    if not tokens:
+        return {}
+    loss = total / tokens
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens, **per}
+
+
+def evaluate_tasks(
+    model, rows: list[dict], names: list[str], *args, buckets=None, **kwargs
+) -> dict[str, float]:
+    """Validation loss of ``rows``, broken down per task (``loss/<task>``: multi-task runs, whose rows carry
+    their task) and per length bucket (``buckets(rows)``: ``train.curriculum``), each evaluated on its own.
+    Rows without a task (a separate ``data.validation`` file) have no per-task losses."""
+    by_task = (
+        [(f"loss/{name}", [r for r in rows if r.get("task") == i]) for i, name in enumerate(names)]
+        if rows and names and "task" in rows[0]
+        else []
+    )
+    by_length = buckets(rows) if buckets is not None and rows else []
+    if not by_task and not by_length:
+        return evaluate_loss(model, rows, *args, **kwargs)
+    metrics = evaluate_groups(model, by_task or by_length, *args, **kwargs)
+    if by_task and by_length:  # a second split of the same rows: evaluated again
+        again = evaluate_groups(model, by_length, *args, **kwargs)
+        metrics.update({k: v for k, v in again.items() if "/" in k})
+    return metrics
 
 
 @torch.no_grad()

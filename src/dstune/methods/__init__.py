@@ -8,6 +8,7 @@ sections, whether it merges, its help line: ``--help`` and the README table are 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
@@ -100,6 +101,8 @@ def load_trained(
         def load_model(path, dtype=torch.float32):  # noqa: F811 - the same call, with the head
             return load_classifier(str(path), labels, pad_id, dtype=dtype, pooling=pooling)
 
+    if labels is None and cfg is not None and cfg.model.rope_scaling:  # the base as it was trained
+        load_model = functools.partial(load_model, rope_scaling=cfg.model.rope_scaling)  # noqa: F811
     final = Path(final_dir)
     if is_adapter_dir(final):
         return load_adapter(load_model(base_path, dtype=torch.float32), final)

@@ -30,7 +30,7 @@ import yaml
 from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from dstune.errors import DstuneError
+from dstune.errors import DstuneError, UsageError
 from dstune.models.safety import check_model_dir
 
 FAMILIES_FILE = Path(__file__).with_name("families.yaml")
@@ -431,6 +431,7 @@ def load_model(
     revision: str | None = None,
     device_map: str | dict | None = None,
     allow_pickle: bool = False,
+    rope_scaling: dict | None = None,
 ) -> torch.nn.Module:
     """Loads a causal LM from safetensors weights.
 
@@ -446,6 +447,8 @@ def load_model(
         allow_pickle: load pickled ``.bin``/``.pt`` weights when there are no safetensors
             (``--allow-pickle``);
             transformers then unpickles with ``weights_only=True``, which still trusts the file's format.
+        rope_scaling: ``model.rope_scaling``, merged into the config's ``rope_parameters`` and checked by
+            transformers' own validation (a missing key is a UsageError naming it).
 
     Raises:
         ModelSpecError: when the directory holds no safetensors weights and pickles are not allowed.
@@ -476,7 +479,20 @@ def load_model(
     }
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if rope_scaling:
+        kwargs["config"] = scaled_rope_config(path, rope_scaling, trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def scaled_rope_config(path: str, rope_scaling: dict, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config with ``rope_scaling`` merged into its ``rope_parameters``, validated."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config.rope_parameters = {**(getattr(config, "rope_parameters", None) or {}), **rope_scaling}
+    try:
+        config.validate_rope()
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UsageError(f"model.rope_scaling={rope_scaling}: {exc}") from None
+    return config
 
 
 def load_config_only(

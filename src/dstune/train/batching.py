@@ -17,6 +17,16 @@ import torch
 from dstune.core.collate import collate
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A stage of ``train.curriculum``: its rows are ``rows[first_row : first_row + count]`` and it serves
+    micro-batches from ``first_position`` on (until the next stage's)."""
+
+    first_row: int
+    count: int
+    first_position: int
+
+
 @dataclass
 class MicroBatches:
     """Endless stream of micro-batches over ``rows``, reshuffled every epoch from ``seed + epoch``.
@@ -25,6 +35,9 @@ class MicroBatches:
     ``num_shards``/``shard`` split every epoch's order across data-parallel processes.
     ``group_by_length`` orders each epoch so that a micro-batch holds rows of similar length (less padding),
     still from ``seed + epoch`` and still every row once per epoch (see ``length_grouped_order``).
+    ``stages`` (``train.curriculum``): from each stage's first position on, the stream runs over that stage's
+    rows only, its epochs counted from the stage's start (stage k shuffles from ``seed + 1000 k + epoch``);
+    None is one stage of every row.
     """
 
     rows: list[dict]
@@ -35,32 +48,48 @@ class MicroBatches:
     num_shards: int = 1
     shard: int = 0
     group_by_length: bool = False
+    stages: list[Stage] | None = None
+
+    def __post_init__(self):
+        self.stages = self.stages or [Stage(0, len(self.rows), 0)]
+
+    def stage_at(self, position: int) -> int:
+        return max(k for k, s in enumerate(self.stages) if s.first_position <= position)
+
+    def epoch_length(self, stage: int) -> int:
+        """Micro-batches per epoch of ``stage`` on this process."""
+        per_shard = -(-self.stages[stage].count // self.num_shards)
+        return -(-per_shard // self.micro_batch_size)
 
     @property
     def per_epoch(self) -> int:
-        per_shard = -(-len(self.rows) // self.num_shards)
-        return -(-per_shard // self.micro_batch_size)
+        """Micro-batches per epoch of the last stage (every row, without a curriculum)."""
+        return self.epoch_length(len(self.stages) - 1)
 
-    def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.rows), generator=g).tolist()
+    def _order(self, stage: int, epoch: int) -> list[int]:
+        first, count = self.stages[stage].first_row, self.stages[stage].count
+        seed = self.seed + 1000 * stage + epoch
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
         if self.group_by_length:  # whole global batches of similar length, then each shard takes its share
             order = length_grouped_order(
                 order,
-                [len(r["input_ids"]) for r in self.rows],
+                [len(r["input_ids"]) for r in self.rows[first : first + count]],
                 self.micro_batch_size * self.num_shards,
-                self.seed + epoch,
+                seed,
             )
-        return order[self.shard :: self.num_shards]
+        return [first + i for i in order[self.shard :: self.num_shards]]
 
     def epoch(self) -> float:
-        return self.position / self.per_epoch
+        """Epochs of the current stage's rows served so far."""
+        stage = self.stage_at(self.position)
+        return (self.position - self.stages[stage].first_position) / self.epoch_length(stage)
 
     def indices_at(self, position: int) -> list[int]:
         """The row indices of micro-batch number ``position`` (a pure function of seed and position)."""
-        epoch, k = divmod(position, self.per_epoch)
-        if getattr(self, "_cached_epoch", None) != epoch:  # one permutation per epoch, not per batch
-            self._cached_epoch, self._cached_order = epoch, self._order(epoch)
+        stage = self.stage_at(position)
+        epoch, k = divmod(position - self.stages[stage].first_position, self.epoch_length(stage))
+        if getattr(self, "_cached", None) != (stage, epoch):  # one permutation per epoch, not per batch
+            self._cached, self._cached_order = (stage, epoch), self._order(stage, epoch)
         return self._cached_order[k * self.micro_batch_size : (k + 1) * self.micro_batch_size]
 
     def at(self, position: int, pin_memory: bool = False) -> tuple[dict[str, torch.Tensor], list[int]]:

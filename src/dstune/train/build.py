@@ -36,7 +36,8 @@ from dstune.train.accel import (
     fused_ce_loss,
     plan_liger,
 )
-from dstune.train.batching import MicroBatches
+from dstune.train.batching import MicroBatches, Stage
+from dstune.train.curriculum import curriculum_steps, stage_rows
 from dstune.train.engine import Engine, make_engine
 from dstune.train.objective import Objective, SupervisedObjective
 from dstune.train.optim import build_optimizer, build_scheduler, render_groups
@@ -123,8 +124,9 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
         num_shards=engine.num_processes,
         shard=engine.process_index,
         group_by_length=tc.group_by_length,
+        stages=[Stage(**s) for s in data.report.get("curriculum_stages", [])],
     )
-    steps = total_steps(cfg, batches.per_epoch)
+    steps = curriculum_steps(cfg, batches.per_epoch) if tc.curriculum else total_steps(cfg, batches.per_epoch)
     optimizer = build_optimizer(model, cfg.optim, engine.device)
     schedule = schedule if schedule is not None else []
     if not schedule:  # a new run: one phase over the whole run (the list is the caller's TrainState.schedule)
@@ -200,7 +202,17 @@ def build_data(cfg: RunConfig, tokenizer, template: str | None) -> tuple[Prepare
     if warning := dropped_rows_warning(data.report, cfg.data.max_length):
         data.report["warning"] = warning  # in data_report.json too: tune says it for its quiet trials
         notes.append(warning)
-    if tc.packing:  # validation stays unpacked: its loss is comparable across runs with and without packing
+    if tc.curriculum:  # every stage's rows, cut to its length (and packed, with packing)
+        data.train, stages, data.report["curriculum"] = stage_rows(cfg, data.train)
+        data.report["curriculum_stages"] = [vars(s) for s in stages]
+        notes.append(
+            "curriculum: "
+            + ", then ".join(
+                f"{s['max_length']} tokens ({s['rows']} rows, {s['steps'] or 'the remaining'} steps)"
+                for s in data.report["curriculum"]
+            )
+        )
+    elif tc.packing:  # validation stays unpacked: its loss is comparable across runs with and without packing
         data.train = pack_rows(data.train, cfg.data.max_length, tc.seed)
         data.report["packed"] = {
             "rows": len(data.train),

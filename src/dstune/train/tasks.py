@@ -20,6 +20,7 @@ from dstune.data.cache import cached_prepare
 from dstune.evaluate.answers import evaluate_answers
 from dstune.evaluate.loss import evaluate_classifier, evaluate_tasks
 from dstune.models.load import load_model
+from dstune.train.curriculum import length_buckets
 
 
 def _lm_data(cfg: RunConfig, tokenizer, template: str | None) -> PreparedData:
@@ -35,6 +36,7 @@ def _lm_model(cfg: RunConfig, resolved, labels: list[str], pad: int) -> torch.nn
         trust_remote_code=cfg.model.trust_remote_code,
         revision=cfg.model.revision,
         allow_pickle=cfg.model.allow_pickle,
+        rope_scaling=cfg.model.rope_scaling,
     )
 
 
@@ -52,6 +54,7 @@ def _lm_validate(run, micro: int) -> dict[str, float]:
         run.engine,
         tc.eval_batches,
         run.objective.chunk_tokens,
+        buckets=(lambda rows: length_buckets(run.cfg, rows)) if tc.curriculum else None,
     )
     # Answers are generated one row at a time, so a smaller evaluation batch would not help them.
     if metrics and tc.eval_generate:
