@@ -7,7 +7,8 @@ and the ``#   dstune ...`` comment lines of those files. Nothing here lists the 
 changed code block is a changed test.
 
 A command runs as written, in a work directory laid out like the checkout (``examples/``, ``src/`` and
-``../shared/data`` resolve), through ``python -m dstune.cli`` in a subprocess, with:
+``../shared/data`` resolve), through ``dstune.cli.main()`` in a process of its own (forked from a server
+that imported torch, transformers and peft once, see ``run_cli``), with:
 
 - ``SHRINK``: flags appended per subcommand, so a run is 2 steps on 64 rows (later flags win);
 - ``FIXTURE_FILES``: the files a command names as the reader's own (``my.jsonl``, ``run.yaml``), written
@@ -26,6 +27,7 @@ place gets its own ``--output``/``--out`` instead, so no command finds its outpu
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -33,6 +35,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -283,11 +286,74 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+# A command-line process spends ~9 s of a 2-core CI machine importing torch, transformers and peft before
+# it does anything, and the documented commands are 60+ processes. The fork server imports them once and
+# runs each command in a fresh process forked from it: its own memory, cwd, stdin, stdout, signal handlers
+# and exit status, ``dstune.cli.main()`` as ``python -m dstune.cli`` runs it, atexit handlers included. It
+# never runs a tensor operation itself, so no thread pool exists to be broken by fork.
+_FORK_SERVER = r"""
+import json, os, sys, time, traceback
+import peft, torch, transformers  # noqa: F401  the imports every command pays, paid once
+import dstune.cli, dstune.train.loop  # noqa: F401
+for line in sys.stdin:
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()  # its own process group: a timeout kills what the command started too
+        os.chdir(req["cwd"])
+        for fd, path, flags in ((0, req["stdin"], os.O_RDONLY), (1, req["out"], os.O_WRONLY | os.O_APPEND),
+                                (2, req["out"], os.O_WRONLY | os.O_APPEND)):
+            os.dup2(os.open(path, flags), fd)
+        sys.stdin, sys.stdout, sys.stderr = (open(0, closefd=False), open(1, "w", buffering=1, closefd=False),
+                                             open(2, "w", buffering=1, closefd=False))
+        sys.argv = ["dstune", *req["args"]]
+        try:
+            dstune.cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        raise SystemExit(code)  # a normal interpreter exit, as after python -m dstune.cli
+    deadline = time.monotonic() + req["timeout"]
+    while not (status := os.waitpid(pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not status[0]:
+        os.killpg(pid, 9)
+        status = os.waitpid(pid, 0)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status[1])}), flush=True)
+"""
+
+
+class _ForkServer:
+    """One fork server for the session (started on first use, stopped at exit)."""
+
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def run(cls, args: list[str], cwd: Path, stdin: str, timeout: float) -> tuple[int, str]:
+        if cls.proc is None or cls.proc.poll() is not None:
+            cls.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, env=subprocess_env())
+            atexit.register(cls.proc.kill)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "in").write_text(stdin, encoding="utf-8")
+            (Path(tmp) / "out").write_text("", encoding="utf-8")
+            request = {"args": args, "cwd": str(cwd), "stdin": str(Path(tmp) / "in"),
+                       "out": str(Path(tmp) / "out"), "timeout": timeout}
+            cls.proc.stdin.write(json.dumps(request) + "\n")
+            cls.proc.stdin.flush()
+            reply = cls.proc.stdout.readline()
+            if not reply:
+                raise RuntimeError(f"the fork server died running dstune {' '.join(args)}")
+            return json.loads(reply)["code"], (Path(tmp) / "out").read_text(encoding="utf-8", errors="replace")
+
+
 def run_cli(args: list[str], cwd: Path, *, stdin: str | None = None, timeout: float = 900) -> tuple[int, str]:
-    """Runs ``python -m dstune.cli ARGS``; returns the exit status and stdout + stderr."""
-    proc = subprocess.run([sys.executable, "-m", "dstune.cli", *args], cwd=cwd, input=stdin or "",
-                          capture_output=True, text=True, timeout=timeout, env=subprocess_env())
-    return proc.returncode, proc.stdout + proc.stderr
+    """Runs ``dstune ARGS`` as ``python -m dstune.cli`` would, in a process of its own forked from the
+    fork server (above); returns the exit status and stdout + stderr."""
+    return _ForkServer.run(args, cwd, stdin or "", timeout)
 
 
 def _free_port() -> int:
