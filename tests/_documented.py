@@ -65,6 +65,7 @@ SHRINK: dict[str, list[str]] = {
     "eval": ["--max-samples", "4", "--max-new-tokens", "4"],
     "data prepare": ["--max-samples", "200"],
     "data inspect": ["--examples", "1"],
+    "data augment": [], "data pseudo-label": ["--max-rows", "64"],
     "lr-find": ["--steps", "4", *[a for s in _SETS for a in ("--set", s)]],
     "explain": ["--new-tokens", "2"],
     "merge": [], "report": [], "inspect": [], "export": [], "serve": [], "plan": [],

@@ -94,6 +94,62 @@ def data_prepare(
     console.print(f"wrote {out}/train.jsonl, val.jsonl, test.jsonl, report.json, report.md", highlight=False)
 
 
+@data_app.command("augment")
+def data_augment(
+    file: Path = typer.Argument(..., help="training data (json, jsonl, csv, parquet, txt): augment the train "
+                                "split, e.g. dstune data prepare's train.jsonl"),
+    out: Path = typer.Option(..., "--out", "-o", help="output .jsonl: the original rows, then the new ones"),
+    ops: str = typer.Option("swap,delete", "--ops", help="comma-separated: swap, delete, synonym (needs "
+                            "--synonyms), paraphrase (needs --model)"),
+    copies: int = typer.Option(1, "--copies", "-n", help="new rows per operation per input row"),
+    rate: float = typer.Option(0.1, "--rate", help="share of the words an edit swaps, deletes or replaces"),
+    synonyms: Optional[str] = typer.Option(None, "--synonyms", help="thesaurus: JSON {word: [synonyms]} or "
+                                           "lines 'word syn1 syn2'"),
+    model: Optional[str] = typer.Option(None, "--model", help="paraphrase: the model (or run) that restates "
+                                        "each text"),
+    via: Optional[str] = typer.Option(None, "--via", help="paraphrase by back-translation through this "
+                                      "language (e.g. English)"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="paraphrase: longest reply"),
+    format_: str = typer.Option("auto", "--format", help="auto | text | alpaca | messages | classification"),
+    seed: int = typer.Option(0, "--seed", help="seed of the edits"),
+) -> None:
+    """More training rows: word swaps, deletions, synonyms, paraphrases; each row marked with its origin."""
+    from dstune.data.augment import AugmentOptions, augment_file
+
+    opts = AugmentOptions(ops=tuple(o.strip() for o in ops.split(",") if o.strip()), copies=copies, rate=rate,
+                          seed=seed, synonyms=synonyms, model=model, via=via, max_new_tokens=max_new_tokens,
+                          fmt=format_)
+    try:
+        counts = augment_file(str(file), str(out), opts)
+    except DstuneError as exc:
+        _fail(str(exc))
+    made = ", ".join(f"{op} {n}" for op, n in counts["by_op"].items()) or "none"
+    new = counts["written"] - counts["input"]
+    console.print(f"wrote {out}: {counts['input']} original rows and {new} new ({made})", highlight=False)
+
+
+@data_app.command("pseudo-label")
+def data_pseudo_label(
+    file: Path = typer.Argument(..., help="unlabelled texts (json, jsonl, csv, parquet, txt)"),
+    run: str = typer.Option(..., "--run", help="the classification run (task: classification) that labels"),
+    out: Path = typer.Option(..., "--out", "-o", help="output .jsonl of the confidently labelled rows"),
+    min_confidence: float = typer.Option(0.9, "--min-confidence", help="keep rows whose top class has at "
+                                         "least this probability"),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="the text column (default: text, "
+                                              "review, ...)"),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", help="label only the first N rows"),
+) -> None:
+    """Label unlabelled texts with a trained classifier; keep the confident ones as training rows."""
+    from dstune.data.augment import pseudo_label
+
+    try:
+        counts = pseudo_label(str(file), run, str(out), min_confidence, text_column, max_rows)
+    except DstuneError as exc:
+        _fail(str(exc))
+    console.print(f"wrote {out}: {counts['written']} of {counts['input']} rows labelled with confidence >= "
+                  f"{min_confidence} ({counts['by_label']})", highlight=False)
+
+
 # fmt: on
 
 

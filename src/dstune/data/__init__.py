@@ -13,7 +13,7 @@ from typing import Any
 
 from dstune.data.formats import DataError, has_reasoning, strip_reasoning
 from dstune.data.read import Loaded, load_examples
-from dstune.data.split import split_examples
+from dstune.data.split import split_examples, split_rows, without_augmented
 from dstune.data.tokenize import IGNORE, Tokenized, tokenize_examples
 
 __all__ = [
@@ -109,7 +109,7 @@ def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
             + ([("data.validation", held)] if held else [])
         )
         parts = [
-            (r.examples, [], []) if held else split_examples(r.examples, tuple(cfg.split), seed)
+            (r.examples, [], []) if held else split_rows(r.examples, tuple(cfg.split), seed)[:3]
             for r in reads
         ]
         # Every row knows its task (its data set's index), for the loss weights and the per-task losses.
@@ -137,7 +137,7 @@ def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
         ]
         if held:
             report["read"]["validation"] = _read_report(held)
-            return {"train": train, "val": held.examples, "test": []}
+            return {"train": train, "val": _held_rows(held, report), "test": []}
         return {
             "train": train,
             "val": [e for p in parts for e in p[1]],
@@ -153,9 +153,19 @@ def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
         held = _load(cfg, cfg.validation, None)
         _check_kinds([("data.train", loaded), ("data.validation", held)])
         report["read"]["validation"] = _read_report(held)
-        return {"train": loaded.examples, "val": held.examples, "test": []}
-    train, val, test = split_examples(loaded.examples, tuple(cfg.split), seed)
+        return {"train": loaded.examples, "val": _held_rows(held, report), "test": []}
+    train, val, test, left_out = split_rows(loaded.examples, tuple(cfg.split), seed)
+    if left_out:  # dstune data augment's copies of validation and test rows (data/augment.py)
+        report["augmented_left_out"] = left_out
     return {"train": train, "val": val, "test": test}
+
+
+def _held_rows(held: Loaded, report: dict) -> list[dict]:
+    """A validation file's rows; augmented ones (``dstune data augment``) are never validated on."""
+    rows, left_out = without_augmented(held.examples)
+    if left_out:
+        report["augmented_left_out"] = report.get("augmented_left_out", 0) + left_out
+    return rows
 
 
 def dropped_rows_warning(report: dict, max_length: int) -> str | None:

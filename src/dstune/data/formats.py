@@ -312,7 +312,7 @@ def to_example(
         text = _string(row, "text", required=True)
         if not text.strip():
             raise RowError("empty text", "field 'text' is empty")
-        return {"text": text, "source": source}
+        return _keep_origin(row, {"text": text, "source": source})
     label = None
     if fmt == "classification":
         text, label = _classification(row, text_column, label_column)
@@ -322,6 +322,15 @@ def to_example(
     if system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     _check_turns(messages)
+    example = {"messages": messages, "source": source}
     if label is not None:
-        return {"messages": messages, "label": label, "source": source}
-    return {"messages": messages, "source": source}
+        example["label"] = label
+    return _keep_origin(row, example)
+
+
+def _keep_origin(row: dict, example: dict) -> dict:
+    """Carries ``dstune data augment``'s ``origin`` and ``group`` into the example (``split.split_rows``)."""
+    for key in ("origin", "group"):
+        if key in row:
+            example[key] = row[key]
+    return example

@@ -190,6 +190,12 @@ def _read_inputs(
             text_column=opts.text_column,
             label_column=opts.label_column,
         )
+        made = next((e for e in loaded.examples if e.get("origin", "original") != "original"), None)
+        if made is not None:  # deduplication would drop them and the split could validate on them
+            raise DataError(
+                f"{path}: {made['source']} was written by dstune data augment (origin: {made['origin']}); "
+                f"prepare the original data first, then augment the train.jsonl it writes"
+            )
         formats[loaded.path] = loaded.format
         dropped.update(loaded.dropped)
         report["inputs"].append(loaded.summary())

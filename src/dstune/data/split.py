@@ -56,3 +56,33 @@ def split_examples(
     n_train = n - n_val - n_test
     picked = [examples[i] for i in order]
     return picked[:n_train], picked[n_train : n_train + n_val], picked[n_train + n_val :]
+
+
+def split_rows(
+    examples: list[dict], ratios: tuple[float, float, float], seed: int
+) -> tuple[list[dict], list[dict], list[dict], int]:
+    """``split_examples`` for data that ``dstune data augment`` wrote (rows with an ``origin``).
+
+    The original rows are split; an augmented row joins training when the row it was made from (its
+    ``group``) is in training, and is left out otherwise, so no augmented copy of a validation or test row
+    is trained on, and none is validated or tested on. Pseudo-labelled rows (no group) train. Without
+    ``origin`` fields this is ``split_examples``.
+
+    Returns:
+        (train, validation, test, augmented rows left out).
+    """
+    if not any("origin" in e for e in examples):
+        return (*split_examples(examples, ratios, seed), 0)
+    originals = [e for e in examples if e.get("origin", "original") == "original"]
+    made = [e for e in examples if e.get("origin", "original") != "original"]
+    train, val, test = split_examples(originals, ratios, seed)
+    groups = {e.get("group") for e in train}
+    kept = [e for e in made if e.get("group") is None or e.get("group") in groups]
+    return train + kept, val, test, len(made) - len(kept)
+
+
+def without_augmented(examples: list[dict]) -> tuple[list[dict], int]:
+    """A validation file's rows without augmented ones (``origin`` other than ``original``), and how many
+    were left out."""
+    kept = [e for e in examples if e.get("origin", "original") == "original"]
+    return kept, len(examples) - len(kept)
