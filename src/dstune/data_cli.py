@@ -1,4 +1,4 @@
-"""``dstune data``: prepare (clean, deduplicate, scrub, split, check) and inspect data files."""
+"""``dstune data``: prepare (clean, deduplicate, split, check), augment, pseudo-label and inspect data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from dstune.clikit import console
 from dstune.clikit import fail as _fail
 from dstune.errors import DstuneError
 
-data_app = typer.Typer(no_args_is_help=True, help="Prepare (clean, split, check) and inspect data files.")
+data_app = typer.Typer(
+    no_args_is_help=True, help="Prepare (clean, split, check), augment, pseudo-label and inspect data files."
+)
 
 
 # fmt: off
