@@ -97,7 +97,7 @@ def main() -> None:
 
     import shutil
 
-    from dstune.data.augment import AugmentOptions, augment_file, pseudo_label
+    from dstune.augment import AugmentOptions, augment_file, pseudo_label
     from dstune.data.prepare import PrepareOptions, prepare_files
 
     work = Path(args.out)

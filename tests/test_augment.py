@@ -12,8 +12,8 @@ import pytest
 from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
+from dstune.augment import AugmentOptions, augment_file, edit, words
 from dstune.cli import app
-from dstune.data.augment import AugmentOptions, augment_file, edit, words
 
 
 def _rows(path):

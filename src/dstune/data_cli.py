@@ -116,7 +116,7 @@ def data_augment(
     seed: int = typer.Option(0, "--seed", help="seed of the edits"),
 ) -> None:
     """More training rows: word swaps, deletions, synonyms, paraphrases; each row marked with its origin."""
-    from dstune.data.augment import AugmentOptions, augment_file
+    from dstune.augment import AugmentOptions, augment_file
 
     opts = AugmentOptions(ops=tuple(o.strip() for o in ops.split(",") if o.strip()), copies=copies, rate=rate,
                           seed=seed, synonyms=synonyms, model=model, via=via, max_new_tokens=max_new_tokens,
@@ -142,7 +142,7 @@ def data_pseudo_label(
     max_rows: Optional[int] = typer.Option(None, "--max-rows", help="label only the first N rows"),
 ) -> None:
     """Label unlabelled texts with a trained classifier; keep the confident ones as training rows."""
-    from dstune.data.augment import pseudo_label
+    from dstune.augment import pseudo_label
 
     try:
         counts = pseudo_label(str(file), run, str(out), min_confidence, text_column, max_rows)

@@ -155,7 +155,7 @@ def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
         report["read"]["validation"] = _read_report(held)
         return {"train": loaded.examples, "val": _held_rows(held, report), "test": []}
     train, val, test, left_out = split_rows(loaded.examples, tuple(cfg.split), seed)
-    if left_out:  # dstune data augment's copies of validation and test rows (data/augment.py)
+    if left_out:  # dstune data augment's copies of validation and test rows (dstune/augment.py)
         report["augmented_left_out"] = left_out
     return {"train": train, "val": val, "test": test}
 
