@@ -16,7 +16,7 @@ Every written row says where it came from: ``origin`` (``original``, the edit, `
 ``pseudo-label``) and ``group`` (the index of the input row it was made from; none for pseudo-labels). The
 training split (``data.split``) splits the original rows only, and an augmented row goes to training when
 its original did and is left out otherwise, so no augmented copy of a validation or test row is trained
-on and none is ever validated on (``data.split_rows``).
+on and none is ever validated on (``dstune.data.split.split_rows``).
 """
 
 from __future__ import annotations
