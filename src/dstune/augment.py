@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from dstune.data.prepare import to_row
 from dstune.data.read import load_examples
 from dstune.errors import UsageError
+from dstune.rundir import write_text_atomic
 
 EDITS = ("swap", "delete", "synonym")
 OPS = (*EDITS, "paraphrase")
@@ -46,7 +48,6 @@ class AugmentOptions:
     via: str | None = None  # ``paraphrase``: back-translation through this language
     max_new_tokens: int = 256
     fmt: str = "auto"
-    thesaurus: dict[str, list[str]] = field(default_factory=dict)
 
 
 def read_thesaurus(path: str) -> dict[str, list[str]]:
@@ -129,14 +130,11 @@ def _with(example: dict, where: tuple[str, int | None], text: str) -> dict:
 
 
 def output_row(example: dict, origin: str, group: int | None) -> dict:
-    """An example as dstune writes it: ``text``, or ``text`` + ``label`` (classification), or
-    ``messages``, with ``origin`` and ``group``."""
-    if "label" in example:
-        row = {"text": example["messages"][-2]["content"], "label": example["label"]}
-    elif "text" in example:
-        row = {"text": example["text"]}
-    else:
-        row = {"messages": example["messages"]}
+    """An example as ``dstune data prepare`` writes it (``data.prepare.to_row``), with ``origin`` and
+    ``group`` in place of its ``source``."""
+    fmt = "classification" if "label" in example else "text" if "text" in example else "messages"
+    row = to_row(example, fmt)
+    del row["source"]
     return {**row, "origin": origin, "group": group}
 
 
@@ -277,9 +275,5 @@ def pseudo_label(
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    """Writes ``rows`` as JSON lines, into a temporary file renamed into place (never half-written)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(target)
+    """Writes ``rows`` as JSON lines, atomically (never half-written)."""
+    write_text_atomic(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
