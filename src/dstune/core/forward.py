@@ -51,9 +51,10 @@ def _chunk_ce(
     bias: torch.Tensor | None,
     target: torch.Tensor,
     label_smoothing: float,
+    reduction: str = "sum",
 ) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias).float()
-    return F.cross_entropy(logits, target, reduction="sum", label_smoothing=label_smoothing)
+    return F.cross_entropy(logits, target, reduction=reduction, label_smoothing=label_smoothing)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -175,8 +176,7 @@ def loss_sum(
             return total
         for start in range(0, y.numel(), chunk_tokens):
             part = slice(start, start + chunk_tokens)
-            logits = F.linear(h[part], head.weight, head.bias).float()
-            each[part] = F.cross_entropy(logits, y[part], reduction="none", label_smoothing=label_smoothing)
+            each[part] = _chunk_ce(h[part], head.weight, head.bias, y[part], label_smoothing, "none")
         return _task_sum(each, t, tasks)
     if torch.is_grad_enabled():
         return LinearCrossEntropy.apply(h, head.weight, head.bias, y, label_smoothing, chunk_tokens)
