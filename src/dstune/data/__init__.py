@@ -108,10 +108,12 @@ def _read_splits(cfg: Any, seed: int, report: dict) -> dict[str, list[dict]]:
             [(f"data.mix[{i}]", r) for i, r in enumerate(reads)]
             + ([("data.validation", held)] if held else [])
         )
-        parts = [
-            (r.examples, [], []) if held else split_rows(r.examples, tuple(cfg.split), seed)[:3]
-            for r in reads
+        splits = [
+            (r.examples, [], [], 0) if held else split_rows(r.examples, tuple(cfg.split), seed) for r in reads
         ]
+        if left_out := sum(p[3] for p in splits):  # dstune data augment's copies of held-out rows
+            report["augmented_left_out"] = left_out
+        parts = [p[:3] for p in splits]
         # Every row knows its task (its data set's index), for the loss weights and the per-task losses.
         parts = [tuple([{**e, "task": i} for e in split] for split in p) for i, p in enumerate(parts)]
         for i, (part, r) in enumerate(zip(parts, reads)):
