@@ -25,24 +25,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "chnsenticorp_htl.csv"
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from bench_classify import DATA, ROOT, _rows, _scores  # the same data, rows reader and scores
 
 
 def _write(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def _scores(y_true: list[str], y_pred: list[str]) -> dict:
-    from dstune.evaluate.metrics import classification_metrics
-
-    m = classification_metrics(y_true, y_pred, sorted(set(y_true)))
-    return {"accuracy": round(m["accuracy"], 4), "f1_macro": round(m["f1_macro"], 4)}
 
 
 def tfidf(train: list[dict], test: list[dict]) -> dict:
