@@ -50,6 +50,16 @@ import tempfile  # noqa: E402
 # DSTUNE_CACHE already in the environment wins. Tests about materialisation itself use tmp_path.
 os.environ.setdefault("DSTUNE_CACHE", os.path.join(tempfile.gettempdir(), "dstune-test-cache"))
 
+# pytest-xdist's workers (`pytest -n 2`) start with COLUMNS=80 and LINES=24 in their environment, which
+# a user's shell would not give a piped command; without them a worker prints as a serial run does.
+# Each worker gets an equal share of the cores for torch's threads (set before torch loads; a value the
+# caller set wins), so two workers on two cores do not run four threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:

@@ -29,6 +29,7 @@ from rich.markup import escape
 from dstune.core.facts import pad_id
 from dstune.errors import UsageError
 from dstune.generate import Loaded, classifier_ids
+from dstune.quiet import output_console
 
 OPEN, CLOSE = "<think>", "</think>"
 
@@ -156,7 +157,7 @@ def chat(
     Returns:
         The conversation, as chat messages (answers only, without reasoning).
     """
-    console = console or Console()
+    console = console or output_console()
     read = read or _read_stdin
     if loaded.labels is not None:
         if system:

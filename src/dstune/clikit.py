@@ -7,9 +7,10 @@ print the same way without importing the CLI module that registers them (no impo
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 
-console = Console()
+from dstune.quiet import output_console
+
+console = output_console()
 
 
 def fail(message: str) -> None:

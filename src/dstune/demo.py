@@ -17,6 +17,7 @@ from rich.table import Table
 
 from dstune.config import RunConfig
 from dstune.generate import generate_replies, load_for_inference
+from dstune.quiet import output_console
 
 DEMO_MODEL = "smollm2"
 
@@ -79,7 +80,7 @@ def run_demo(output: str = "runs/demo", console: Console | None = None, max_step
     """
     from dstune.train.loop import train
 
-    console = console or Console()
+    console = console or output_console()
     t0 = time.perf_counter()
     _, heldout_file = demo_paths()
     heldout = json.loads(heldout_file.read_text(encoding="utf-8"))

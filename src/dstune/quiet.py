@@ -9,7 +9,10 @@ dstune's own progress bars and warnings are unaffected.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+
+from rich.console import Console
 
 
 def quiet_libraries(quiet: bool = True) -> None:
@@ -32,3 +35,11 @@ def quiet_libraries(quiet: bool = True) -> None:
         hf_logging.set_verbosity_warning()
         hf_logging.enable_progress_bar()
         warnings.filterwarnings("default", category=FutureWarning)
+
+
+def output_console(**kwargs) -> Console:
+    """The console dstune prints to. On a terminal, rich wraps lines to its width; into a file or a pipe
+    (a CI log, ``| tee``) lines are not wrapped, so a printed path or a suggested command stays one line a
+    user can copy and grep, whatever rich guesses the width to be; unless ``COLUMNS`` asks for a width."""
+    kwargs.setdefault("soft_wrap", not sys.stdout.isatty() and not os.environ.get("COLUMNS"))
+    return Console(**kwargs)

@@ -22,6 +22,7 @@ from dstune.config import RunConfig, save_config
 from dstune.core.facts import file_sha256
 from dstune.errors import DstuneError
 from dstune.plan.autofit import apply_auto_fit, measured_peak, predicted_peak_mb
+from dstune.quiet import output_console
 from dstune.report.charts import plot_loss
 from dstune.rundir import RunDir
 from dstune.train.batching import split_by_length
@@ -75,7 +76,7 @@ def train(
     Returns:
         RunResult with per-step training losses, final validation metrics and paths.
     """
-    console = console or Console()
+    console = console or output_console()
     cfg = cfg.absolute()  # the saved config.yaml reproduces the run from any folder
     run_dir = RunDir(cfg.output)
     check_inputs(cfg)

@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from dstune.config import ConfigError, RunConfig, save_config
+from dstune.quiet import output_console
 from dstune.rundir import RunDir
 from dstune.tune.space import Domain, default_preset, parse_space, suggest, to_overrides
 
@@ -441,7 +442,7 @@ def run_tune(cfg: RunConfig, *, console: Console | None = None, trials: int | No
     Returns:
         TuneResult; the study directory holds best.yaml, trials.csv/.md, importances and plots.
     """
-    console = console or Console()
+    console = console or output_console()
     tc = cfg.tune
     total = trials or tc.trials
     preset = tc.preset
