@@ -39,10 +39,23 @@ def _config(args) -> dict:
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "attention"},
         "optim": {"lr": args.lr, "schedule": "linear", "warmup_steps": 0, "max_grad_norm": 1.0},
         "train": {"micro_batch_size": args.micro_batch, "grad_accum": args.grad_accum, "max_steps": args.steps,
-                  "precision": args.precision, "seed": 0, "progress": False, "log_every": 1,
-                  "packing": args.packing, "chunk_tokens": args.chunk_tokens, "group_by_length": args.group_by_length},
+                  "seed": 0, "progress": False, "log_every": 1,
+                  "packing": args.packing, "chunk_tokens": args.chunk_tokens, "group_by_length": args.group_by_length,
+                  # --precision default: dstune's own default (auto) against the Trainer's (fp32)
+                  **({"precision": args.precision} if args.precision != "default" else {})},
         "output": str(Path(args.out) / "dstune"),
     }
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """``{"train": {"seed": 0}}`` as ``{"train.seed": 0}``, the form ``load_config(values=...)`` takes."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _peak_memory_mb() -> float:
@@ -56,11 +69,11 @@ def _peak_memory_mb() -> float:
 def run_dstune(args) -> dict:
     from rich.console import Console
 
-    from dstune.config import RunConfig
+    from dstune.config import load_config
     from dstune.train.batching import Prefetcher
     from dstune.train.loop import train
 
-    cfg = RunConfig.model_validate(_config(args))
+    cfg = load_config(values=_flat(_config(args)), overrides=args.set or [])
     stamps, calls, fetch = [], [0], Prefetcher.next
 
     def stamped(self):  # the loop fetches grad_accum micro-batches at the start of each step
@@ -74,7 +87,8 @@ def run_dstune(args) -> dict:
     result = train(cfg, console=Console(quiet=True))
     wall = time.perf_counter() - t0
     return {"losses": result.train_losses, "stamps": stamps, "peak_mb": _peak_memory_mb(),
-            "wall_s": wall, "padding": result.summary["padding_share"]}
+            "wall_s": wall, "padding": result.summary["padding_share"],
+            "precision": result.summary["speed"]["precision"]}
 
 
 def _same_rows(args):
@@ -196,11 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--precision", default="default", choices=["default", "fp32", "bf16"],
+                    help="both sides in fp32 or bf16; default: each side's own default (the Trainer: fp32; "
+                         "dstune: train.precision=auto, bf16 autocast where the device computes bf16 natively)")
     ap.add_argument("--packing", action="store_true", help="dstune packs examples (train.packing)")
     ap.add_argument("--chunk-tokens", default="auto", type=lambda v: v if v == "auto" else int(v),
                     help="dstune's train.chunk_tokens (default: auto, as dstune's own default)")
     ap.add_argument("--group-by-length", action="store_true", help="dstune's train.group_by_length")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="a dstune config setting for dstune's side only (repeatable), as `dstune train --set`: "
+                         "to measure what one setting changes")
     ap.add_argument("--out", default="runs/bench-train")
     ap.add_argument("--side", choices=["dstune", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -228,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
           f"packing {args.packing}, chunk_tokens {args.chunk_tokens}, group_by_length {args.group_by_length}; "
           f"{pad['real_tokens']} non-padding tokens trained by each side")
     print(f"{'':<10}{'tokens/s':>10}{'tok/cpu-s':>11}{'step s':>9}{'cpu s':>8}{'peak MB':>9}{'padding':>9}"
-          f"{'final loss':>12}")
+          f"{'final loss':>12}  precision")
+    baseline_precision = "bf16" if args.precision == "bf16" else "fp32"
     rate, cpu = {}, {}
     for side, r in results.items():
         rates = _rates(r, pad["timed_tokens"])
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         final = sum(r["losses"][-5:]) / len(r["losses"][-5:])
         r["final"] = final
         print(f"{side:<10}{rates['wall']:>10.1f}{rates['cpu']:>11.1f}{rates['step_s']:>9.3f}{rates['step_cpu_s']:>8.2f}"
-              f"{r['peak_mb']:>9.0f}{r['padding']:>9.1%}{final:>12.4f}")
+              f"{r['peak_mb']:>9.0f}{r['padding']:>9.1%}{final:>12.4f}  {r.get('precision') or baseline_precision}")
     gap = abs(results["dstune"]["final"] - results["baseline"]["final"]) / results["baseline"]["final"]
     print(f"loss gate: final losses differ by {gap:.2%} ({'ok' if gap <= 0.02 else 'FAILED'}, limit 2%)")
     print(f"dstune/baseline: tokens/s {rate['dstune'] / rate['baseline']:.2f}x (per CPU second "

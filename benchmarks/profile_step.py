@@ -62,7 +62,7 @@ def _dstune_step(args):
     batch = collate(run.data.train[: args.micro_batch], run.tokenizer.pad_token_id)
 
     def step():
-        with torch.profiler.record_function("part::forward+loss"):
+        with torch.profiler.record_function("part::forward+loss"), run.engine.autocast():
             loss = run.objective.loss_sum(run.model, batch)
         with torch.profiler.record_function("part::backward"):
             (loss / run.objective.units(batch)).backward()
@@ -71,7 +71,7 @@ def _dstune_step(args):
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
 
-    return run.model, step, batch
+    return run.model, step, batch, run.speed["precision"]
 
 
 def _trainer_step(args, batch):
@@ -140,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--side", choices=["both", "dstune", "trainer"], default="both")
+    ap.add_argument("--precision", default="default", choices=["default", "fp32"],
+                    help="dstune's train.precision: its default (auto: bf16 autocast where the CPU computes bf16 "
+                         "natively) or fp32; the Trainer's step is fp32, its default")
     ap.add_argument("--out", default="runs/profile-step")
     args = ap.parse_args(argv)
-    args.grad_accum, args.precision, args.packing, args.chunk_tokens, args.group_by_length = 1, "fp32", False, "auto", False
-    model, step, batch = _dstune_step(args)
+    args.grad_accum, args.packing, args.chunk_tokens, args.group_by_length = 1, False, "auto", False
+    model, step, batch, precision = _dstune_step(args)
     tokens = int(batch["attention_mask"].sum())
-    print(f"micro-batch: {tuple(batch['input_ids'].shape)}, {tokens} non-padding tokens, "
+    print(f"micro-batch: {tuple(batch['input_ids'].shape)}, {tokens} non-padding tokens, dstune in {precision}, "
           f"{int((batch['labels'] != -100).sum())} labelled; torch threads {torch.get_num_threads()}")
     if args.side in ("both", "dstune"):
         profile("dstune", model, step, args)

@@ -77,7 +77,7 @@ def cell_config(family: str, method: str, data: Path, out: Path, extra: dict | N
         "model": {"name": f"tiny:{family}"}, "method": method,
         "data": {"train": str(data), "format": "text", "split": [1.0, 0.0, 0.0], "max_length": 16},
         "optim": {"lr": lr, "schedule": "constant"}, **{k: dict(v) for k, v in SECTIONS.items()},
-        "train": {"micro_batch_size": 2, "max_steps": 20, "progress": False, "seed": 7},
+        "train": {"micro_batch_size": 2, "max_steps": 20, "progress": False, "seed": 7, "precision": "fp32"},
         "output": str(out)}
     for section, values in (extra or {}).items():
         config.setdefault(section, {}).update(values)

@@ -45,7 +45,7 @@ def _cfg(out, **over) -> RunConfig:
             "data": {"train": str(HOTEL), "max_samples": 40, "max_length": 48},
             "optim": {"lr": 1e-2, "schedule": "constant"},
             "train": {"micro_batch_size": 8, "max_steps": 6, "eval_every": 2, "save_every": 2, "keep_checkpoints": 1,
-                      "progress": False, "seed": 3}, "output": str(out)}
+                      "progress": False, "seed": 3, "precision": "fp32"}, "output": str(out)}
     for key, value in over.items():
         base.setdefault(key, {}).update(value) if isinstance(value, dict) else base.update({key: value})
     return RunConfig.model_validate(base)

@@ -27,7 +27,8 @@ def _cfg(data, out, max_length=64, **train_over) -> RunConfig:
         "model": {"name": "tiny:deepseek-llm"},
         "data": {"train": str(data), "validation": str(data), "max_length": max_length},
         "method": "lora", "lora": {"r": 8, "alpha": 16}, "optim": {"lr": 1e-2, "schedule": "constant"},
-        "train": {"micro_batch_size": 4, "max_steps": 2, "progress": False, "seed": 3, **train_over},
+        "train": {"micro_batch_size": 4, "max_steps": 2, "progress": False, "seed": 3, "precision": "fp32",
+                  **train_over},
         "output": str(out)})
 
 

@@ -27,7 +27,7 @@ def _cfg(data, out, validation=None, **data_over) -> RunConfig:
         "data": {"train": str(data), "validation": str(validation) if validation else None, "max_length": 64,
                  **data_over},
         "method": "lora", "optim": {"lr": 3e-3, "schedule": "constant"},
-        "train": {"micro_batch_size": 4, "max_steps": 2, "progress": False, "seed": 7},
+        "train": {"micro_batch_size": 4, "max_steps": 2, "progress": False, "seed": 7, "precision": "fp32"},
         "output": str(out)})
 
 

@@ -48,7 +48,8 @@ def make_cfg(files, out: Path, method: str = "lora", **over) -> RunConfig:
         "data": {"train": str(files["data"]), "max_length": 64, "split": [0.75, 0.25, 0.0]},
         "lora": {"r": 8, "alpha": 16},
         "optim": {"lr": 1e-2 if method == "lora" else 1e-3, "schedule": "constant"},
-        "train": {"micro_batch_size": 2, "max_steps": 4, "progress": False, "seed": 3, "eval_batches": 1},
+        "train": {"micro_batch_size": 2, "max_steps": 4, "progress": False, "seed": 3, "eval_batches": 1,
+                  "precision": "fp32"},  # the hand computations are fp32
         "output": str(out),
     }
     for key, value in over.items():

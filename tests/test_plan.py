@@ -18,7 +18,8 @@ VOCAB, HIDDEN, LAYERS = 129280, 64, 2  # tiny:deepseek-llm (families.yaml)
 
 
 def cfg_of(**values):
-    base = {"model.name": "tiny:deepseek-llm", "data.max_length": 64, "train.micro_batch_size": 2}
+    base = {"model.name": "tiny:deepseek-llm", "data.max_length": 64, "train.micro_batch_size": 2,
+            "train.precision": "fp32"}  # the hand counts are fp32's (auto plans bf16 for a GPU)
     return load_config(values={**base, **values})
 
 

@@ -72,7 +72,7 @@ def make_cfg(data: Path, out: Path, objective: str, method: str = "lora", **over
         "data": {"train": str(data), "validation": str(data), "max_length": 48},
         "lora": {"r": 8, "alpha": 16},
         "optim": {"lr": 2e-2 if method == "lora" else 1e-3, "schedule": "constant"},
-        "train": {"micro_batch_size": 8, "max_steps": 8, "progress": False, "seed": 7},
+        "train": {"micro_batch_size": 8, "max_steps": 8, "progress": False, "seed": 7, "precision": "fp32"},
         "output": str(out),
     }
     for key, value in over.items():

@@ -39,6 +39,7 @@ def dstune_train(
     micro = 4 // nproc  # the same rows per step either way
     cmd = [sys.executable, "-m", "dstune.cli", "train", "--data", str(data), "--output", str(out),
            "--set", "data.max_length=64", "--set", "train.progress=false", "--set", f"train.micro_batch_size={micro}",
+           "--set", "train.precision=fp32",  # the engines agree to fp32 rounding (auto: bf16 on an avx512_bf16 CPU)
            *args]  # fmt: skip
     if engine != "auto":
         offload = engine.endswith("-offload")
@@ -222,7 +223,7 @@ def test_the_slurm_example_runs_one_run_over_two_machines(rows_file, tmp_path):
     (tmp_path / "slurm.sh").write_text(script)
     shrink = ["--max-steps", "3", "--set", "data.max_samples=32", "--set", "data.max_length=64",
               "--set", "train.progress=false", "--set", "train.eval_every=0", "--set", "train.save_every=0",
-              "--set", f"data.train={rows_file}"]  # fmt: skip
+              "--set", f"data.train={rows_file}", "--set", "train.precision=fp32"]  # fmt: skip
     config = str(root / "examples/fsdp2-lora-deepseek-v3-tiny.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_NODELIST": "localhost"}  # fmt: skip
@@ -341,7 +342,7 @@ def test_the_shipped_zero3_offload_preset_gets_its_auto_values_from_the_run_conf
         ({"gradient_accumulation_steps": 8}, ["train.grad_accum=2"], "gradient_accumulation_steps to 8, but train.grad_accum is 2"),
         ({"zero_optimization": {"stage": 2}}, [], "zero_optimization.stage to 2, but train.distributed=zero3 is 3"),
         ({"optimizer": {"type": "AdamW"}}, [], "'optimizer' section"),
-        ({"bf16": {"enabled": True}}, [], "bf16.enabled to True, but train.precision=bf16 is False"),
+        ({"bf16": {"enabled": True}}, ["train.precision=fp32"], "bf16.enabled to True, but train.precision=bf16 is False"),
         ({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, [], "zero_optimization.sub_group_size"),
         (None, ["train.offload=all", "train.distributed=zero2"], "train.offload=all needs train.distributed=zero3"),
         (None, ["stability.policy=rollback"], "stability.policy=rollback does not run with train.distributed=zero3"),

@@ -164,6 +164,37 @@ def test_lean_lora_forward_equals_peft_in_loss_and_gradients(family, lora):
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_lean_lora_under_bf16_autocast_takes_the_lean_path_and_equals_peft():
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from dstune.train.build import cast_frozen
+
+    model = _lora_model("deepseek-llm", {"dropout": 0.0})
+    cast_frozen(model, "bf16")  # as a bf16 run keeps its frozen weights; the adapter stays fp32
+    batch = collate(_rows(4), pad_id=0)
+    calls = []
+    base_forward = PeftLinear.forward
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return base_forward(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp, torch.autocast("cpu", dtype=torch.bfloat16):
+        mp.setattr(PeftLinear, "forward", counted)
+        got_loss, got = _loss_and_grads(model, batch)
+    assert not calls  # bf16 activations into fp32 adapters: still the lean path
+    lean = [m for m in model.modules() if isinstance(m, PeftLinear)]
+    for m in lean:
+        m.__class__ = PeftLinear
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss, want = _loss_and_grads(model, batch)
+    assert {g.dtype for g in got.values()} == {torch.float32} and got.keys() == want.keys()
+    # bf16 rounds the scaled rank-r intermediate where peft rounds the scaled update: bf16's tolerance.
+    torch.testing.assert_close(got_loss, want_loss, rtol=2e-3, atol=0)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0.05, atol=0.02 * want[n].abs().max().item(), msg=n)
+
+
 def test_lean_lora_defers_to_peft_when_the_adapter_is_disabled_or_merged():
     model = _lora_model("deepseek-llm", {})
     batch = collate(_rows(3), pad_id=0)

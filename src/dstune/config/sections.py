@@ -357,7 +357,12 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
     epochs: float = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast where the device computes bf16 natively (a CUDA GPU from Ampere on, "
+        "a CPU with avx512_bf16 or AMX), fp32 elsewhere; bf16: autocast with fp32 master weights (frozen "
+        "weights are kept in bf16); fp32: no autocast",
+    )
     distributed: Literal["auto", "fsdp2", "zero2", "zero3"] = Field(
         "auto",
         description="auto: one process, or DDP (replicated weights) when launched with --nproc/torchrun; "

@@ -69,3 +69,30 @@ def peak_rss_mb() -> float:
     """The process's peak resident memory (Linux reports ``ru_maxrss`` in KiB, macOS in bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / _MB if sys.platform == "darwin" else peak / 1024
+
+
+def native_bf16(device_type: str) -> str | None:
+    """Why this machine computes bf16 matmuls natively (a line for the run's log), or None when it would
+    emulate them: a CUDA GPU torch says supports bf16 (Ampere and later), or a CPU with ``avx512_bf16``
+    (AMD Zen 4, Intel Cooper Lake and later) or AMX (Intel Sapphire Rapids and later), as torch's own
+    cpuinfo reads its flags. Emulated bf16 is slower than fp32 (measured: docs/benchmarks.md)."""
+    if device_type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return f"{torch.cuda.get_device_name()} computes bf16 natively" if ok else None
+    if device_type != "cpu":
+        return None
+    try:
+        flags = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # a torch without it, or a CPU cpuinfo does not know
+        return None
+    found = [f for f in ("amx_bf16", "avx512_bf16") if flags.get(f)]
+    return f"this CPU computes bf16 natively ({found[0]})" if found else None
+
+
+def resolve_precision(setting: str, device_type: str) -> tuple[str, str]:
+    """``train.precision`` as the dtype a run computes in, and why: ``auto`` is bf16 autocast (fp32
+    master weights) where the device computes bf16 natively, else fp32; other settings are kept."""
+    if setting != "auto":
+        return setting, f"train.precision={setting}"
+    why = native_bf16(device_type)
+    return ("bf16", f"auto: {why}") if why else ("fp32", f"auto: no native bf16 on this {device_type}")

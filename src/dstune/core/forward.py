@@ -1,6 +1,6 @@
 """One forward pass to a summed token loss, with the output layer computed in chunks when asked.
 
-The chunked path asks the model for its final hidden states only (``logits_to_keep=1``), keeps the
+The chunked path asks the model for its final hidden states and no logits (``NO_LOGITS``), keeps the
 labelled positions and computes logits and cross-entropy a chunk of tokens at a time, so at most
 ``chunk x vocab`` logits exist at once. In training each chunk's gradient is computed in the forward pass
 (``LinearCrossEntropy``, as liger's fused linear cross-entropy does in Triton on GPUs): the logits are used
@@ -19,6 +19,14 @@ import torch.nn.functional as F
 from dstune.core.loss import IGNORE, TaskLosses, token_loss_sum, token_losses
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def no_logits(input_ids: torch.Tensor) -> torch.Tensor:
+    """``logits_to_keep`` for a forward whose caller computes the output layer itself: an empty index of
+    positions, so the model's head runs on none. (``logits_to_keep=1`` still ran it on the last position of
+    each row; under bf16 autocast on a CPU that 3-D slice made oneDNN's batched matmul copy the whole output
+    layer once per row: 0.26 s of a 3.4 s SmolLM2 step, docs/benchmarks.md.)"""
+    return torch.empty(0, dtype=torch.long, device=input_ids.device)
 
 
 def chunk_size(chunk_tokens: int | str, vocab: int) -> int:
@@ -155,7 +163,9 @@ def loss_sum(
             return token_loss_sum(logits, labels, label_smoothing)
         keep = labels[:, 1:] != IGNORE
         return _task_sum(token_losses(logits, labels, label_smoothing)[keep], task_ids[:, 1:][keep], tasks)
-    out = model(**model_inputs(batch), output_hidden_states=True, logits_to_keep=1)
+    out = model(
+        **model_inputs(batch), output_hidden_states=True, logits_to_keep=no_logits(batch["input_ids"])
+    )
     # Prompt-learning methods prepend virtual tokens: the last T positions are the real ones.
     hidden = out.hidden_states[-1][:, -labels.shape[1] :]
     keep = labels[:, 1:] != IGNORE

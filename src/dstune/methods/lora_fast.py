@@ -19,8 +19,8 @@ from peft.tuners.lora.layer import Linear as PeftLinear
 
 class LeanLinear(PeftLinear):
     """peft's ``lora.Linear``; the plain case (one active unmerged adapter, no variant such as DoRA, a
-    plain ``nn.Linear`` base in the adapter's dtype, no extra arguments) takes the lean path; every other
-    case is peft's own forward."""
+    plain ``nn.Linear`` base, input in the adapter's dtype or in autocast's, no extra arguments) takes the
+    lean path; every other case is peft's own forward."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._lean_adapter(x, args, kwargs)
@@ -41,7 +41,14 @@ class LeanLinear(PeftLinear):
         base = self.base_layer
         if name not in self.lora_A or name in self.lora_variant or type(base) is not nn.Linear:
             return None
-        if base._forward_hooks or x.dtype != self.lora_A[name].weight.dtype:  # a hook may keep the output
+        if base._forward_hooks:  # a hook may keep the output, which the lean path adds into
+            return None
+        # The adapter's dtype, or under autocast the dtype autocast computes in (bf16 autocast: x is bf16
+        # and peft would cast it to the fp32 adapter's dtype, for autocast to cast it back for the matmul).
+        device = x.device.type
+        if x.dtype != self.lora_A[name].weight.dtype and not (
+            torch.is_autocast_enabled(device) and x.dtype == torch.get_autocast_dtype(device)
+        ):
             return None
         return name
 

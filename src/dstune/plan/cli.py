@@ -34,7 +34,9 @@ def _gib(n: float) -> str:
 
 def render(cfg, setup, b, budget: float) -> str:
     """The breakdown as aligned lines, with the total against one GPU's usable memory."""
-    tc = cfg.train
+    from dstune.plan.estimate import with_planned_precision
+
+    tc = with_planned_precision(cfg, setup).train
     head = (
         f"{cfg.model.name}: {cfg.method}, {tc.precision}, micro-batch {tc.micro_batch_size} x "
         f"{cfg.data.max_length} tokens (accumulation {tc.grad_accum}), checkpointing "
@@ -59,7 +61,9 @@ def plan_command(
     max_length: Optional[int] = typer.Option(None, "--max-length", help="tokens per row (data.max_length)"),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="rows per micro-batch"),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="micro-batches per optimizer step"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 | bf16 | fp16"),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 on a GPU)"
+    ),
     checkpointing: Optional[bool] = typer.Option(
         None, "--checkpointing/--no-checkpointing", help="gradient checkpointing (default: the config's)"
     ),

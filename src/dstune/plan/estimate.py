@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from dstune.config import RunConfig
-from dstune.core.facts import layer_index
+from dstune.core.facts import layer_index, resolve_precision
 from dstune.core.forward import chunk_size
 from dstune.gpus import GIB
 from dstune.models.inspect import param_kind
@@ -183,6 +183,16 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def with_planned_precision(cfg: RunConfig, setup: Setup) -> RunConfig:
+    """``cfg`` with ``train.precision: auto`` as a run would decide it on ``setup``'s device: bf16 on a
+    GPU (the planner's cards are taken as Ampere or later: plan a V100 or T4 with ``--precision fp32``),
+    and on this machine's CPU what the run itself would pick."""
+    if cfg.train.precision != "auto":
+        return cfg
+    precision = "bf16" if setup.device_type == "cuda" else resolve_precision("auto", setup.device_type)[0]
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": precision})})
+
+
 def estimate(
     cfg: RunConfig, setup: Setup | None = None, config=None, model=None, cache: dict | None = None
 ) -> Breakdown:
@@ -200,6 +210,7 @@ def estimate(
         A Breakdown in bytes; ``facts`` holds the counts it was computed from.
     """
     setup = setup or Setup()
+    cfg = with_planned_precision(cfg, setup)
     config = config or load_config_only(cfg.model.name, revision=cfg.model.revision)
     model = model if model is not None else meta_model(config)
     key = (cfg.method, cfg.lora.model_dump_json(), cfg.freeze.model_dump_json(), cfg.prompt.model_dump_json())

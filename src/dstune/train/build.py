@@ -17,6 +17,7 @@ from rich.console import Console
 
 from dstune.config import OBJECTIVE_FORMATS, RunConfig
 from dstune.core.facts import pad_id as pad_id_of
+from dstune.core.facts import resolve_precision
 from dstune.core.forward import chunk_size
 from dstune.core.loss import TaskLosses
 from dstune.data import DataError, PreparedData, dropped_rows_warning
@@ -27,6 +28,7 @@ from dstune.methods import prepare_model, trainable_summary
 from dstune.methods.summary import render_summary
 from dstune.models.load import load_tokenizer, resolve_model_dir
 from dstune.models.templates import resolve_chat_template
+from dstune.plan.autofit import device_type
 from dstune.train.accel import (
     apply_attention,
     apply_experts,
@@ -79,6 +81,17 @@ class Run:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
+def resolve_auto_precision(cfg: RunConfig) -> tuple[RunConfig, str]:
+    """``cfg`` with ``train.precision: auto`` decided for this process's device (validated again, so a
+    DeepSpeed JSON that disagrees is refused), and the decision with its reason, for the log."""
+    precision, why = resolve_precision(cfg.train.precision, device_type())
+    if precision == cfg.train.precision:
+        return cfg, precision
+    data = cfg.model_dump(mode="json")
+    data["train"]["precision"] = precision
+    return RunConfig.model_validate(data), f"{precision} ({why})"
+
+
 def total_steps(cfg: RunConfig, micro_batches_per_epoch: int) -> int:
     """Optimizer steps of the run: ``train.max_steps``, else ``epochs`` over the data."""
     if cfg.train.max_steps:
@@ -94,6 +107,7 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
         console: where the main process prints the data, model and optimizer summaries (None: silent).
         schedule: the lr schedule's phases (``TrainState.schedule``); None: one phase over the whole run.
     """
+    cfg, precision = resolve_auto_precision(cfg)
     tc = cfg.train
     engine = make_engine(cfg)
     torch.manual_seed(tc.seed)
@@ -133,6 +147,7 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
         schedule.append({"start": 0, "total": steps})
     scheduler = build_scheduler(optimizer, schedule, cfg.optim)
     notes.append(render_groups(optimizer) + (f"\n{regularization}" if regularization else ""))
+    speed["precision"] = precision
     notes.append(f"speed: {speed}")
     model, optimizer = engine.prepare(model, optimizer)
     penalty = before_first_step(cfg, engine, model, objective, data, tokenizer, template, pad, notes)

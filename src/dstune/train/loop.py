@@ -26,7 +26,7 @@ from dstune.quiet import output_console
 from dstune.report.charts import plot_loss
 from dstune.rundir import RunDir
 from dstune.train.batching import split_by_length
-from dstune.train.build import Run, build
+from dstune.train.build import Run, build, resolve_auto_precision
 from dstune.train.checkpoint import load_checkpoint, read_loop_state
 from dstune.train.hooks import Hooks
 from dstune.train.lifecycle import RunDirError, open_run_dir, record_changes  # noqa: F401  (RunDirError: API)
@@ -80,6 +80,9 @@ def train(
     cfg = cfg.absolute()  # the saved config.yaml reproduces the run from any folder
     run_dir = RunDir(cfg.output)
     check_inputs(cfg)
+    cfg, precision = resolve_auto_precision(cfg)  # saved as decided: a resume elsewhere sees the change
+    if precision != cfg.train.precision:
+        console.print(f"precision: {precision}", highlight=False)
     cfg, fitted = apply_auto_fit(cfg, console)  # nothing fits: refused before anything is written
     memory = {"auto_fit": fitted, "predicted_mb": predicted_peak_mb(cfg)}
     ckpt, changes = open_run_dir(run_dir, cfg, resume, allow_config_change, console)

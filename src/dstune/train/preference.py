@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from dstune.config import PreferenceConfig
 from dstune.core.collate import collate, eval_batches
+from dstune.core.forward import no_logits
 from dstune.core.loss import IGNORE
 
 
@@ -29,11 +30,14 @@ def answer_logits(model, input_ids, attention_mask, labels) -> tuple[torch.Tenso
     """The output layer's logits at the positions that predict a labelled token ``[tokens, vocab]``, those
     tokens, and the mask of labelled positions ``[rows, length - 1]``.
 
-    The model returns its last hidden states only (``logits_to_keep=1``) and the output layer runs on the
+    The model returns its last hidden states only (``no_logits``) and the output layer runs on the
     labelled positions alone, so no ``rows x length x vocabulary`` logits exist for the prompts.
     """
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=no_logits(input_ids),
     )
     hidden = out.hidden_states[-1][:, -labels.shape[1] :]  # prompt-learning methods prepend virtual tokens
     keep = labels[:, 1:] != IGNORE
