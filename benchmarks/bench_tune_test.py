@@ -32,6 +32,9 @@ SEARCHES = {"random": "random, no pruning", "tpe": "TPE + ASHA"}
 def score_trial(trial_dir: Path) -> dict:
     """Validation loss (as the trial evaluated it) and test loss of one finished trial."""
     cfg = load_config(trial_dir / "config.yaml")
+    if cfg.train.precision != "fp32":  # its validation ran on bf16 copies of the frozen weights, not saved
+        raise SystemExit(f"{trial_dir}: trained with train.precision={cfg.train.precision}; the rescoring "
+                         f"reproduces fp32 trials only (bench_tune.py trains in fp32)")
     loaded = load_for_inference(str(trial_dir))
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

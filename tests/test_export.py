@@ -256,7 +256,8 @@ def test_a_trained_smollm2_run_exports_and_answers_alike(smollm2_dir, tmp_path):
     for quant, threshold in THRESHOLD.items():
         res = export_model(str(run), tmp_path / "gguf", quant=quant)
         assert res.arch == "llama"
-        assert agreement(ref, next_token_logits(load_with_transformers(res.path), rows))["top1"] >= threshold
+        top1 = agreement(ref, next_token_logits(load_with_transformers(res.path), rows))["top1"]
+        assert round(top1 * len(rows)) >= threshold * len(rows)  # in prompts: 19 of 20 is 0.95, not float32's 0.9499
 
 
 @pytest.mark.parametrize("family", ["deepseek-v2", "deepseek-v3"])

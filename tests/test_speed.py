@@ -1,6 +1,7 @@
 """Speed features that must not change the maths: packing and the chunked output layer."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,22 @@ def _loss_and_grads(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@contextmanager
+def _peft_fallbacks():
+    """Counts the calls of peft's own ``lora.Linear.forward``, which ``LeanLinear`` falls back to."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    calls, base_forward = [], PeftLinear.forward
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return base_forward(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PeftLinear, "forward", counted)
+        yield calls
+
+
 @pytest.mark.parametrize("family,lora", [("deepseek-llm", {"dropout": 0.0}), ("deepseek-v3", {"dropout": 0.0}),
                                          ("deepseek-llm", {"use_dora": True})])
 def test_lean_lora_forward_equals_peft_in_loss_and_gradients(family, lora):
@@ -143,15 +160,7 @@ def test_lean_lora_forward_equals_peft_in_loss_and_gradients(family, lora):
     lean = [m for m in model.modules() if isinstance(m, PeftLinear)]
     assert lean and all(type(m) is LeanLinear for m in lean)
     batch = collate(_rows(4), pad_id=0)
-    calls = []
-    base_forward = PeftLinear.forward
-
-    def counted(self, *a, **k):
-        calls.append(1)
-        return base_forward(self, *a, **k)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(PeftLinear, "forward", counted)  # LeanLinear falls back to it: count the fallbacks
+    with _peft_fallbacks() as calls:
         got_loss, got = _loss_and_grads(model, batch)
     # The plain case takes the lean path; DoRA (a peft variant) is peft's own forward in every layer.
     assert len(calls) == (len(lean) if lora.get("use_dora") else 0)
@@ -172,15 +181,7 @@ def test_lean_lora_under_bf16_autocast_takes_the_lean_path_and_equals_peft():
     model = _lora_model("deepseek-llm", {"dropout": 0.0})
     cast_frozen(model, "bf16")  # as a bf16 run keeps its frozen weights; the adapter stays fp32
     batch = collate(_rows(4), pad_id=0)
-    calls = []
-    base_forward = PeftLinear.forward
-
-    def counted(self, *a, **k):
-        calls.append(1)
-        return base_forward(self, *a, **k)
-
-    with pytest.MonkeyPatch.context() as mp, torch.autocast("cpu", dtype=torch.bfloat16):
-        mp.setattr(PeftLinear, "forward", counted)
+    with _peft_fallbacks() as calls, torch.autocast("cpu", dtype=torch.bfloat16):
         got_loss, got = _loss_and_grads(model, batch)
     assert not calls  # bf16 activations into fp32 adapters: still the lean path
     lean = [m for m in model.modules() if isinstance(m, PeftLinear)]
