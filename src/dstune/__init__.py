@@ -1,7 +1,6 @@
 """dstune: fine-tune DeepSeek models, and tune the fine-tuning itself."""
 
 import logging
-import os
 
 __version__ = "0.1.0"
 
@@ -10,9 +9,7 @@ __version__ = "0.1.0"
 # time is what dstune never does (offline by design); its built-in CPU kernel is used instead, correctly.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-# OpenMP worker threads that find no work sleep instead of spinning. GNU OpenMP (torch's CPU runtime) spins
-# by default, which on CPUs counts every barrier between two small operations as busy time of each
-# thread; PASSIVE cut the CPU time of a SmolLM2 LoRA step by 11-13% in one pair of runs here, at the same
-# wall time (docs/benchmarks.md, 'Training speed'). It must be set before torch loads the runtime; a value
-# the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY is left to GNU OpenMP's default (threads spin briefly at a barrier, then sleep). An
+# earlier default of PASSIVE (sleep at once) saved CPU time on an AVX2 CPU in fp32, but on a Zen 4 in bf16,
+# where operations are shorter, it cost 16-21% of wall time for no CPU time saved (two pairs of SmolLM2
+# runs: docs/benchmarks.md, 'On a CPU with native bf16'). A value the user sets is torch's to read.
