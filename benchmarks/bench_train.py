@@ -47,15 +47,12 @@ def _config(args) -> dict:
     }
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """``{"train": {"seed": 0}}`` as ``{"train.seed": 0}``, the form ``load_config(values=...)`` takes."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def _setting(text: str) -> tuple[str, str]:
+    """``--set KEY=VALUE`` as (key, value text), as ``dstune train --set`` takes it."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"expects key.sub=value, got {text!r}")
+    return key.strip(), value
 
 
 def _peak_memory_mb() -> float:
@@ -69,11 +66,14 @@ def _peak_memory_mb() -> float:
 def run_dstune(args) -> dict:
     from rich.console import Console
 
-    from dstune.config import load_config
+    from dstune.config import RunConfig, apply_override, parse_value
     from dstune.train.batching import Prefetcher
     from dstune.train.loop import train
 
-    cfg = load_config(values=_flat(_config(args)), overrides=args.set or [])
+    data = _config(args)
+    for key, value in args.set or []:
+        apply_override(data, key, parse_value(value))
+    cfg = RunConfig.model_validate(data)
     stamps, calls, fetch = [], [0], Prefetcher.next
 
     def stamped(self):  # the loop fetches grad_accum micro-batches at the start of each step
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-tokens", default="auto", type=lambda v: v if v == "auto" else int(v),
                     help="dstune's train.chunk_tokens (default: auto, as dstune's own default)")
     ap.add_argument("--group-by-length", action="store_true", help="dstune's train.group_by_length")
-    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+    ap.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
                     help="a dstune config setting for dstune's side only (repeatable), as `dstune train --set`: "
                          "to measure what one setting changes")
     ap.add_argument("--out", default="runs/bench-train")

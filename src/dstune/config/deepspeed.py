@@ -72,7 +72,7 @@ def deepspeed_config(train, optim, world: int = 1, hidden: int | None = None) ->
     ]
     for key, ours, source in checks:
         _agree(path, key, user.get(key, AUTO), ours, source)
-    # train.precision=auto is compared once a run resolved it for its device (train.build.resolve_auto).
+    # train.precision=auto is compared once a run decided it (train.build.resolve_auto_precision).
     for precision in ("bf16", "fp16") if train.precision != "auto" else ():
         enabled = (user.get(precision) or {}).get("enabled", AUTO)
         _agree(

@@ -1,6 +1,6 @@
 """One forward pass to a summed token loss, with the output layer computed in chunks when asked.
 
-The chunked path asks the model for its final hidden states and no logits (``NO_LOGITS``), keeps the
+The chunked path asks the model for its final hidden states and no logits (``no_logits``), keeps the
 labelled positions and computes logits and cross-entropy a chunk of tokens at a time, so at most
 ``chunk x vocab`` logits exist at once. In training each chunk's gradient is computed in the forward pass
 (``LinearCrossEntropy``, as liger's fused linear cross-entropy does in Triton on GPUs): the logits are used
@@ -25,7 +25,7 @@ def no_logits(input_ids: torch.Tensor) -> torch.Tensor:
     """``logits_to_keep`` for a forward whose caller computes the output layer itself: an empty index of
     positions, so the model's head runs on none. (``logits_to_keep=1`` still ran it on the last position of
     each row; under bf16 autocast on a CPU that 3-D slice made oneDNN's batched matmul copy the whole output
-    layer once per row: 0.26 s of a 3.4 s SmolLM2 step, docs/benchmarks.md.)"""
+    layer once per row: 0.21 s of a 3.4 s SmolLM2 step, docs/benchmarks.md.)"""
     return torch.empty(0, dtype=torch.long, device=input_ids.device)
 
 
