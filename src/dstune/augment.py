@@ -2,12 +2,16 @@
 low-resource chapter of the fine-tuning guides: fewer than 10K examples).
 
 Edits, after EDA (Wei and Zou 2019, "Easy Data Augmentation"): ``swap`` exchanges two words, ``delete`` drops
-each word with probability ``rate``, ``synonym`` replaces words found in a thesaurus the user gives
-(``--synonyms``: no thesaurus ships with dstune, and none is downloaded). Words are jieba's for text with
-Chinese characters and whitespace-separated otherwise. ``paraphrase`` asks a model the user names (anything
-``dstune generate`` loads) to restate the text, or, with ``via``, to translate it into that language and back
-(back-translation). Only what the model reads is changed: a classification row's text, a conversation's
-user turns, a plain text row; labels and answers stay.
+each word with probability ``rate``, ``synonym`` replaces words found in a thesaurus: by default the two
+that ship in ``dstune/assets`` (English from Moby Thesaurus II, public domain; Chinese from HIT's Tongyici
+Cilin (Extended); built by ``benchmarks/build_thesaurus.py``, nothing is downloaded), or the user's
+``--synonyms FILE``. Words are jieba's for text with Chinese characters and whitespace-separated otherwise;
+an English word is looked up without the punctuation around it and, when lowercase or capitalised at the
+start of a sentence, in lowercase, and its replacement gets the same capital and punctuation.
+``paraphrase`` asks a model the user names (anything ``dstune generate`` loads) to restate the text, or,
+with ``via``, to translate it into that language and back (back-translation). Only what the model reads is
+changed: a classification row's text, a conversation's user turns, a plain text row; labels and answers
+stay.
 
 Pseudo-labelling runs a trained classification run over an unlabelled file and keeps the rows it labels
 with at least ``min_confidence``.
@@ -21,6 +25,8 @@ on and none is ever validated on (``dstune.data.split.split_rows``).
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
 import random
 import re
@@ -35,6 +41,9 @@ from dstune.rundir import write_text_atomic
 EDITS = ("swap", "delete", "synonym")
 OPS = (*EDITS, "paraphrase")
 _CJK = re.compile(r"[\u3400-\u9fff]")
+_AFFIXED = re.compile(r"(\W*)(\w+)(\W*)")  # a whitespace-separated word: punctuation, the word, punctuation
+BUILTIN = "builtin"  # --synonyms builtin: the thesauri in dstune/assets (the default)
+THESAURI = ("thesaurus_en.tsv.gz", "thesaurus_zh.tsv.gz")
 
 
 @dataclass
@@ -43,11 +52,30 @@ class AugmentOptions:
     copies: int = 1  # rows made per op per input row
     rate: float = 0.1  # share of the words an edit touches (EDA's alpha)
     seed: int = 0
-    synonyms: str | None = None  # thesaurus file for ``synonym``
+    synonyms: str | None = None  # ``synonym``: a thesaurus file; None or "builtin": the bundled ones
     model: str | None = None  # ``paraphrase``: the model that restates (or translates) the text
     via: str | None = None  # ``paraphrase``: back-translation through this language
     max_new_tokens: int = 256
     fmt: str = "auto"
+
+
+@functools.cache
+def builtin_thesaurus() -> dict[str, list[str]]:
+    """The bundled thesauri, English and Chinese in one dict (read once; callers must not change it)."""
+    from importlib import resources
+
+    out: dict[str, list[str]] = {}
+    for name in THESAURI:
+        data = gzip.decompress((resources.files("dstune") / "assets" / name).read_bytes())
+        for line in data.decode("utf-8").splitlines():
+            word, *syns = line.split("\t")
+            out[word] = syns
+    return out
+
+
+def load_thesaurus(spec: str | None) -> dict[str, list[str]]:
+    """``--synonyms``: the bundled thesauri for None or ``builtin``, else the user's file."""
+    return builtin_thesaurus() if spec in (None, "", BUILTIN) else read_thesaurus(spec)
 
 
 def read_thesaurus(path: str) -> dict[str, list[str]]:
@@ -102,10 +130,29 @@ def edit(text: str, op: str, rate: float, rng: random.Random, thesaurus: dict[st
             gone.discard(rng.choice(real))  # a row keeps at least one word
         ws = [w for i, w in enumerate(ws) if i not in gone]
     else:
-        candidates = [i for i, w in enumerate(ws) if thesaurus.get(w)]
+        choices = {i: synonyms_of(ws[i], thesaurus, i == 0 or ws[i - 1][-1] in ".!?") for i in real}
+        candidates = [i for i in real if choices[i]]
         for i in rng.sample(candidates, min(n, len(candidates))):
-            ws[i] = rng.choice(thesaurus[ws[i]])
+            ws[i] = rng.choice(choices[i])
     return glue.join(ws)
+
+
+def synonyms_of(word: str, thesaurus: dict[str, list[str]], sentence_start: bool = False) -> list[str]:
+    """What ``word`` can be replaced with: its thesaurus entry as it is; else, for a word with punctuation
+    around it or capitals, the entry of the bare word in lowercase (when all lowercase, or capitalised at a
+    ``sentence_start``: "Good" -> "Fine", but "John" mid-sentence is a name), given the word's capital and
+    punctuation back. An all-capitals word (an acronym) is only looked up as it is."""
+    if thesaurus.get(word):
+        return thesaurus[word]
+    m = _AFFIXED.fullmatch(word)
+    if m is None:
+        return []
+    before, bare, after = m.groups()
+    capital = bare[:1].isupper() and (bare[1:].islower() or len(bare) == 1)
+    if not (bare.islower() or (capital and sentence_start)):
+        return []
+    found = thesaurus.get(bare.lower()) or []
+    return [before + (s[:1].upper() + s[1:] if capital else s) + after for s in found]
 
 
 def model_text(example: dict) -> list[tuple[str, int | None]]:
@@ -147,16 +194,12 @@ def augment_file(path: str, out: str, opts: AugmentOptions) -> dict:
     unknown = [op for op in opts.ops if op not in OPS]
     if unknown or not opts.ops:
         raise UsageError(f"--ops {','.join(opts.ops)}: choose from {', '.join(OPS)}")
-    if "synonym" in opts.ops and not opts.synonyms:
-        raise UsageError(
-            "--ops synonym needs a thesaurus: --synonyms FILE (JSON {word: [synonyms]} or lines "
-            "'word syn1 syn2'); dstune ships none and downloads none"
-        )
     if "paraphrase" in opts.ops and not opts.model:
         raise UsageError("--ops paraphrase needs --model: the model that restates the text")
     if not 0 < opts.rate < 1:
         raise UsageError(f"--rate {opts.rate}: the share of words an edit touches, between 0 and 1")
-    thesaurus = read_thesaurus(opts.synonyms) if opts.synonyms else {}
+    user_file = opts.synonyms not in (None, "", BUILTIN)  # checked even when unused, as the user named it
+    thesaurus = load_thesaurus(opts.synonyms) if "synonym" in opts.ops or user_file else {}
     examples = load_examples(path, opts.fmt).examples
     rng = random.Random(opts.seed)
     rows = [output_row(e, "original", g) for g, e in enumerate(examples)]

@@ -101,12 +101,13 @@ def data_augment(
     file: Path = typer.Argument(..., help="training data (json, jsonl, csv, parquet, txt): augment the train "
                                 "split, e.g. dstune data prepare's train.jsonl"),
     out: Path = typer.Option(..., "--out", "-o", help="output .jsonl: the original rows, then the new ones"),
-    ops: str = typer.Option("swap,delete", "--ops", help="comma-separated: swap, delete, synonym (needs "
-                            "--synonyms), paraphrase (needs --model)"),
+    ops: str = typer.Option("swap,delete", "--ops", help="comma-separated: swap, delete, synonym, "
+                            "paraphrase (needs --model)"),
     copies: int = typer.Option(1, "--copies", "-n", help="new rows per operation per input row"),
     rate: float = typer.Option(0.1, "--rate", help="share of the words an edit swaps, deletes or replaces"),
-    synonyms: Optional[str] = typer.Option(None, "--synonyms", help="thesaurus: JSON {word: [synonyms]} or "
-                                           "lines 'word syn1 syn2'"),
+    synonyms: Optional[str] = typer.Option(None, "--synonyms", help="synonym: 'builtin' (default: the "
+                                           "bundled English and Chinese thesauri) or your file, JSON "
+                                           "{word: \\[synonyms]} or lines 'word syn1 syn2'"),
     model: Optional[str] = typer.Option(None, "--model", help="paraphrase: the model (or run) that restates "
                                         "each text"),
     via: Optional[str] = typer.Option(None, "--via", help="paraphrase by back-translation through this "
