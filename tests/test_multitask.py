@@ -140,10 +140,7 @@ def test_report_plots_and_tabulates_the_task_losses(files, tmp_path):
 @pytest.mark.parametrize(
     "sets, match",
     [
-        (
-            ["task=classification", "data.mix=[{path: a.csv, weight: 1, loss_weight: 2}]"],
-            r"mix\[0\].loss_weight",
-        ),
+        (["classify.heads=per_task", "data.mix=[{path: a.json, weight: 1}]"], "needs task=classification"),
         (["objective=dpo", "data.mix=[{path: a.json, weight: 1, loss_weight: 2}]"], "objective=dpo"),
         (["data.mix=[{path: a/x.json, weight: 1}, {path: b/y.json, weight: 1, task: x}]"], "must differ"),
         (

@@ -193,7 +193,8 @@ def chat(
 
 
 def classify_text(loaded: Loaded, text: str) -> dict[str, float]:
-    """The class probabilities of one text from a classifier, label -> probability in head order.
+    """The class probabilities of one text from a classifier, label -> probability in head order (with a
+    head per task, ``<task>:<label>`` names and each task's probabilities summing to 1).
 
     Raises:
         UsageError: the text holds a control token of the tokenizer, which training drops too.
@@ -231,13 +232,25 @@ def classify_chat(loaded: Loaded, *, read: Callable[[], str | None], console: Co
         except UsageError as exc:
             console.print(f"[yellow]not classified:[/] {exc}", highlight=False)
             continue
-        label = max(probs, key=probs.__getitem__)
-        others = ", ".join(f"{name} {p:.4f}" for name, p in probs.items() if name != label)
-        console.print(
-            f"[bold]label>[/] {escape(label)} (probability {probs[label]:.4f}; {escape(others)})",
-            highlight=False,
-        )
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": label}]
+        chosen = []
+        for group in _per_head(loaded, probs):  # a head per task: a label from each task's head
+            label = max(group, key=group.__getitem__)
+            others = ", ".join(f"{name} {p:.4f}" for name, p in group.items() if name != label)
+            console.print(
+                f"[bold]label>[/] {escape(label)} (probability {group[label]:.4f}; {escape(others)})",
+                highlight=False,
+            )
+            chosen.append(label)
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": ", ".join(chosen)}]
+
+
+def _per_head(loaded: Loaded, probs: dict[str, float]) -> list[dict[str, float]]:
+    """The class probabilities of each head: one dict, or one per task (``core.heads``)."""
+    from dstune.core.heads import model_heads
+
+    heads = model_heads(loaded.model)
+    items = list(probs.items())
+    return [dict(items[s:e]) for s, e in heads.values()] if heads else [probs]
 
 
 def _show(console: Console, pieces: list[tuple[str, bool]], show_thinking: bool) -> None:

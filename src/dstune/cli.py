@@ -400,6 +400,12 @@ def eval_(
     label_column: Optional[str] = typer.Option(
         None, "--label-column", help="classification label column (default: the run's)"
     ),
+    task: Optional[str] = typer.Option(
+        None,
+        "--task",
+        help="a run with a head per task (classify.heads): the task whose head classifies the file "
+        "(default: the one whose labels hold the file's)",
+    ),
 ) -> None:
     """Perplexity, BLEU/ROUGE/exact match or accuracy/F1 of a run; writes eval.json, eval.md and plots."""
     from dstune.evaluate.run import evaluate_run
@@ -416,6 +422,7 @@ def eval_(
             target_recall=target_recall,
             text_column=text_column,
             label_column=label_column,
+            task=task,
         )
     except DstuneError as exc:
         _fail(str(exc))

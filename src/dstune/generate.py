@@ -51,13 +51,20 @@ def load_for_inference(
         # it was trained; the run's config says how a QLoRA base was quantised.
         from dstune.config import load_config
         from dstune.methods import load_trained
-        from dstune.models.classify import read_labels
+        from dstune.models.classify import read_heads, read_labels
 
         cfg = load_config(rd.config) if rd.config.is_file() else None
         # A classification run (labels.json) is rebuilt as base + head of its labels + adapter.
         labels = read_labels(run)
         pad = pad_id(tokenizer)
-        model = load_trained(final, info["base_model"], cfg, labels=labels, pad_id=pad if labels else None)
+        model = load_trained(
+            final,
+            info["base_model"],
+            cfg,
+            labels=labels,
+            pad_id=pad if labels else None,
+            heads=read_heads(run),
+        )
         family = info.get("family", "")
         max_length = cfg.data.max_length if cfg is not None else None
     else:

@@ -79,7 +79,7 @@ def load_run_for_merge(run_dir: Path) -> tuple[nn.Module, dict, object]:
     """
     from dstune.methods import peft_model, quantize_like_training
     from dstune.methods.qlora import dequantize_
-    from dstune.models.classify import load_classifier, read_labels
+    from dstune.models.classify import load_classifier, read_heads, read_labels
 
     rd = RunDir(run_dir)
     info, final = rd.read_json(RunDir.RUN), rd.final
@@ -90,17 +90,18 @@ def load_run_for_merge(run_dir: Path) -> tuple[nn.Module, dict, object]:
         )
     cfg = load_config(rd.config)
     labels = read_labels(run_dir)  # a classifier: the base gets a head of its labels before the adapter
+    heads = read_heads(run_dir)  # and its task blocks (a head per task), kept in the merged config.json
     pad = _pad_id(final) if labels else None
     if cfg.method == "qlora":
         base = (
-            load_classifier(info["base_model"], labels, pad, pooling=cfg.classify.pooling)
+            load_classifier(info["base_model"], labels, pad, pooling=cfg.classify.pooling, heads=heads)
             if labels
             else load_model(info["base_model"], dtype=torch.float32, rope_scaling=cfg.model.rope_scaling)
         )
         quantize_like_training(base, final, cfg)
         dequantize_(base)  # the adapter was trained against these de-quantised weights
         return peft_model.load(base, final), info, cfg
-    return load_trained(final, info["base_model"], cfg, labels=labels, pad_id=pad), info, cfg
+    return load_trained(final, info["base_model"], cfg, labels=labels, pad_id=pad, heads=heads), info, cfg
 
 
 def _pad_id(final: Path) -> int:

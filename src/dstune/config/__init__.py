@@ -289,11 +289,22 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _task_weights(self) -> "RunConfig":
         weighted = [f"data.mix[{i}].loss_weight" for i, s in enumerate(self.data.mix) if s.loss_weight != 1.0]
-        if weighted and (self.task != "lm" or self.objective != "sft"):
+        if weighted and self.objective != "sft":
             raise ValueError(
-                f"{weighted[0]} weights token losses, which only task=lm with objective=sft has (this run: "
-                f"task={self.task}, objective={self.objective}); use data.mix[i].weight to sample a data set "
-                f"more or less often instead"
+                f"{weighted[0]} weights a task's token (or classification row) losses, which only "
+                f"objective=sft has (this run: objective={self.objective}); use data.mix[i].weight to "
+                f"sample a data set more or less often instead"
+            )
+        if self.classify.heads == "per_task" and (self.task != "classification" or not self.data.mix):
+            raise ValueError(
+                "classify.heads=per_task gives each data.mix classification set a head of its own: it needs "
+                f"task=classification and data.mix (this run: task={self.task}, "
+                f"{'data.mix' if self.data.mix else 'data.train'}); use auto or shared"
+            )
+        if self.classify.heads == "per_task" and self.data.validation:
+            raise ValueError(
+                "classify.heads=per_task needs the task of every validation row: leave data.validation "
+                "unset, so each data.mix file is split into its own validation rows"
             )
         return self
 

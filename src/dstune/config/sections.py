@@ -73,7 +73,10 @@ class MixSource(_Section):
         description="task name in the logs (loss/<task>); default: the file's name without its suffix",
     )
     loss_weight: float = Field(
-        1.0, gt=0, description="multiplies this task's token losses in the training loss (1: unweighted)"
+        1.0,
+        gt=0,
+        description="multiplies this task's token losses (classification: row losses) in the training loss "
+        "(1: unweighted)",
     )
 
 
@@ -470,6 +473,11 @@ class ClassifyConfig(_Section):
     )
     pooling: Literal["last", "mean"] = Field(
         "last", description="what the head reads: the last real token (transformers' way) or the mean of all"
+    )
+    heads: Literal["auto", "shared", "per_task"] = Field(
+        "auto",
+        description="data.mix of classification sets: one head per task (per_task), one head over all "
+        "labels (shared), or auto: per_task when the tasks' label sets differ",
     )
 
 

@@ -83,6 +83,8 @@ def collate_classes(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["labels"] for r in rows])}
     if "weight" in rows[0]:
         batch["weights"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float32)
+    if "task" in rows[0]:  # data.mix: each row's task
+        batch["task_ids"] = torch.tensor([r["task"] for r in rows], dtype=torch.long)
     return batch
 
 

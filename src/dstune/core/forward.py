@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dstune.core.heads import block_cross_entropy, model_heads
 from dstune.core.loss import IGNORE, TaskLosses, token_loss_sum, token_losses
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -152,11 +153,12 @@ def loss_sum(
             weight and counted in its task's log (``core.loss.TaskLosses``).
     """
     labels = batch["labels"]
-    if labels.dim() == 1:
-        return class_loss_sum(
-            model(**model_inputs(batch)).logits, labels, batch.get("weights"), label_smoothing
-        )
     task_ids = batch.get("task_ids") if tasks is not None else None
+    if labels.dim() == 1:
+        logits = model(**model_inputs(batch)).logits
+        return class_loss_sum(
+            logits, labels, batch.get("weights"), label_smoothing, model_heads(model), tasks, task_ids
+        )
     if not chunk_tokens and fused_ce is None:
         logits = model(**model_inputs(batch)).logits
         if task_ids is None:
@@ -214,12 +216,24 @@ def class_loss_sum(
     labels: torch.Tensor,
     weights: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    heads: dict[str, list[int]] | None = None,
+    tasks: TaskLosses | None = None,
+    task_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of a classification head's logits ``(batch, classes)``, in fp32.
 
     With class weights each row's loss is multiplied by its class's weight (``weights``, one per row),
     and the loop divides by the number of rows, so the loss is the mean of ``w[y] x CE``. torch's
     ``weight=`` would divide by the sum of the weights instead, which depends on the batch's classes.
+    With ``heads`` (a head per task) each row's softmax covers its task's classes only
+    (``core.heads.block_cross_entropy``); with ``tasks`` and ``task_ids`` (``data.mix``) each row's loss
+    is counted in its task's log and scaled by its task's loss weight.
     """
-    per_row = F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
-    return (per_row * weights.to(per_row)).sum() if weights is not None else per_row.sum()
+    per_row = block_cross_entropy(logits, labels, heads, label_smoothing)
+    scale = weights.to(per_row) if weights is not None else None
+    if task_ids is not None and tasks is not None:
+        tasks.add(task_ids, per_row)
+        by_task = tasks.token_weights(task_ids)
+        if by_task is not None:
+            scale = by_task if scale is None else scale * by_task
+    return (per_row * scale).sum() if scale is not None else per_row.sum()

@@ -44,6 +44,7 @@ class PreparedData:
     test: list[dict]
     report: dict = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)  # task=classification: class i is labels[i]
+    heads: dict[str, list[int]] | None = None  # a head per task: task -> [start, end) (core.heads)
 
 
 def _read_report(loaded: Loaded) -> dict:
@@ -198,15 +199,31 @@ def dropped_rows_warning(report: dict, max_length: int) -> str | None:
     )
 
 
-def _tokenize_splits(cfg, splits, tokenizer, chat_template, task, class_weights, report):
-    """Each split's rows as token rows, the way its task and format need; the class labels (or [])."""
+def _tokenize_splits(cfg, splits, tokenizer, chat_template, task, class_weights, head_setting, report):
+    """Each split's rows as token rows, the way its task and format need; the class labels (or []) and
+    the task blocks of a head per task (or None)."""
     labels: list[str] = []
+    heads = None
     if task == "classification":
         from dstune.data.classify import class_weights as weights_of
-        from dstune.data.classify import label_list, tokenize_classification
+        from dstune.data.classify import per_task_class_weights, task_heads, tokenize_classification
+        from dstune.data.mix import task_names
 
-        labels = label_list(splits["train"] + splits["val"] + splits["test"])
-        weights = weights_of(class_weights, labels, splits["train"]) if labels else None
+        names = task_names(cfg.mix) if cfg.mix else []
+        labels, heads = task_heads(splits["train"] + splits["val"] + splits["test"], names, head_setting)
+        if heads:  # one head per task: a row's class is its task's label (``<task>:<label>``)
+            if any("task" not in ex for rows in splits.values() for ex in rows):
+                raise DataError(
+                    "classify.heads=per_task needs the task of every validation row: leave data.validation "
+                    "unset so each data.mix file is split into its own validation rows"
+                )
+            splits = {
+                name: [{**ex, "label": f"{names[ex['task']]}:{ex['label']}"} for ex in rows]
+                for name, rows in splits.items()
+            }
+            weights = per_task_class_weights(class_weights, labels, heads, splits["train"])
+        else:
+            weights = weights_of(class_weights, labels, splits["train"]) if labels else None
         tokenized = {
             name: tokenize_classification(
                 rows, tokenizer, labels, cfg.max_length, weights if name == "train" else None
@@ -215,6 +232,8 @@ def _tokenize_splits(cfg, splits, tokenizer, chat_template, task, class_weights,
         }
         report["labels"] = labels
         report["class_weights"] = weights
+        if heads:
+            report["heads"] = heads
     elif report["format"] in ("preference", "kto", "prompt"):
         from dstune.data.preference import tokenize_preference
 
@@ -229,7 +248,7 @@ def _tokenize_splits(cfg, splits, tokenizer, chat_template, task, class_weights,
             )
             for name, rows in splits.items()
         }
-    return tokenized, labels
+    return tokenized, labels, heads
 
 
 def prepare_data(
@@ -240,6 +259,7 @@ def prepare_data(
     *,
     task: str = "lm",
     class_weights: str | dict = "none",
+    heads: str = "auto",
 ) -> PreparedData:
     """Reads, splits and tokenizes the data a run trains on.
 
@@ -257,6 +277,8 @@ def prepare_data(
         task: "lm" (token rows with a loss mask) or "classification" (text rows with a class index for a
             classification head, ``dstune.data.classify``).
         class_weights: ``classify.class_weights``, for task "classification".
+        heads: ``classify.heads``: one head per ``data.mix`` task, or one shared
+            (``data.classify.task_heads``).
 
     Returns:
         The token rows of each split and the report.
@@ -272,7 +294,9 @@ def prepare_data(
     report: dict = {}
     splits = _read_splits(cfg, seed, report)
     report["split"] = {name: len(rows) for name, rows in splits.items()}
-    tokenized, labels = _tokenize_splits(cfg, splits, tokenizer, chat_template, task, class_weights, report)
+    tokenized, labels, heads = _tokenize_splits(
+        cfg, splits, tokenizer, chat_template, task, class_weights, heads, report
+    )
     report["tokenized"] = {name: _token_report(tok) for name, tok in tokenized.items()}
     report["trainable_tokens"] = tokenized["train"].trainable_tokens
     if not tokenized["train"].rows:
@@ -287,4 +311,5 @@ def prepare_data(
         test=tokenized["test"].rows,
         report=report,
         labels=labels,
+        heads=heads,
     )

@@ -59,6 +59,45 @@ def class_weights(
     return [float(setting[name]) for name in labels]
 
 
+def task_heads(
+    examples: list[dict], names: list[str], setting: str
+) -> tuple[list[str], dict[str, list[int]] | None]:
+    """The head's classes for ``data.mix`` classification sets (rows with ``task``), and the task blocks
+    when each task gets its own head (``classify.heads``; ``core.heads``), else None.
+
+    ``auto`` gives one head per task when the tasks' label sets differ: a shared head would make every
+    row choose among the other tasks' classes too.
+
+    Raises:
+        DataError: a task with fewer than two labels under one head per task.
+    """
+    own = [label_list([ex for ex in examples if ex.get("task") == i]) for i in range(len(names))]
+    if not names or setting == "shared" or (setting == "auto" and len({tuple(o) for o in own}) == 1):
+        return label_list(examples), None
+    for i, (name, labels) in enumerate(zip(names, own)):
+        if len(labels) < 2:
+            raise DataError(
+                f"data.mix[{i}] (task {name!r}) has the labels {labels}: a head of its own needs two or "
+                "more; fix the file's label column, or set classify.heads=shared for one head over all labels"
+            )
+    from dstune.core.heads import head_blocks
+
+    return head_blocks(names, own)
+
+
+def per_task_class_weights(
+    setting: str | dict[str, float], labels: list[str], heads: dict[str, list[int]], train: list[dict]
+) -> list[float] | None:
+    """``class_weights`` with a head per task: ``balanced`` is computed within each task's rows and classes
+    (a task's rows are only compared with its own classes); a dict names every ``<task>:<label>``."""
+    if setting != "balanced":
+        return class_weights(setting, labels, train)
+    out: list[float] = []
+    for i, (start, end) in enumerate(heads.values()):
+        out += class_weights(setting, labels[start:end], [ex for ex in train if ex.get("task") == i])
+    return out
+
+
 def tokenize_classification(
     examples: list[dict],
     tokenizer: Any,
@@ -108,6 +147,8 @@ def tokenize_classification(
                 ids = ids[:max_length]
                 out.truncated += 1
             row = {"input_ids": ids, "labels": index[ex["label"]], "source": ex["source"]}
+            if "task" in ex:  # data.mix: the row's data set (data/mix.py)
+                row["task"] = ex["task"]
             if weights is not None:
                 row["weight"] = weights[row["labels"]]
             out.rows.append(row)

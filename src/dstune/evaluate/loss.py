@@ -8,6 +8,7 @@ import torch
 
 from dstune.core.collate import eval_batches
 from dstune.core.forward import loss_sum
+from dstune.core.heads import block_cross_entropy, block_softmax, model_heads, predict_in_block
 from dstune.core.loss import count_loss_tokens
 
 
@@ -86,17 +87,19 @@ def evaluate_tasks(
 @torch.no_grad()
 def classifier_outputs(
     model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None, limit: int | None = None
-) -> tuple[list[int], list[list[float]], float]:
+) -> tuple[list[int], list[list[float]], list[float]]:
     """Class probabilities of a classification-head model on ``rows`` (``data.classify`` rows).
 
     Returns:
-        The true class indices, the softmax probabilities per row (head order), and the summed
-        (unweighted) cross-entropy.
+        The true class indices, the softmax probabilities per row (head order; with a head per task each
+        task's block sums to 1, ``core.heads``), and each row's (unweighted) cross-entropy over its
+        label's block.
     """
     was_training = model.training
     model.eval()
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    y_true, probs, total = [], [], 0.0
+    heads = model_heads(model)
+    y_true, probs, losses = [], [], []
     for batch in eval_batches(rows, micro_batch_size, pad_id, limit):
         batch = {k: v.to(device) for k, v in batch.items() if k != "weights"}  # validation is unweighted
         ctx = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
@@ -104,36 +107,58 @@ def classifier_outputs(
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits.float()
-        total += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        losses += block_cross_entropy(logits, batch["labels"], heads).tolist()
         y_true += batch["labels"].tolist()
-        probs += torch.softmax(logits, dim=-1).tolist()
+        probs += block_softmax(logits, heads).tolist()
     if was_training:
         model.train()
-    return y_true, probs, total
+    return y_true, probs, losses
 
 
 def evaluate_classifier(
-    model, rows: list[dict], micro_batch_size: int, pad_id: int, accelerator=None, limit: int | None = None
+    model,
+    rows: list[dict],
+    micro_batch_size: int,
+    pad_id: int,
+    accelerator=None,
+    limit: int | None = None,
+    names: list[str] | None = None,
 ) -> dict[str, float]:
     """Validation loss, accuracy and macro precision/recall/F1 of a classification-head model.
 
     The metrics are ``evaluate.metrics.classification_metrics`` (scikit-learn), the ones ``dstune eval``
-    reports, computed on the predicted class (the most probable one).
+    reports, computed on the predicted class (the most probable one; with a head per task, of the row's
+    task's head). With ``names`` (``data.mix`` tasks, whose rows carry ``task``) the loss, accuracy and
+    macro F1 of each task are added as ``loss/<task>``, ``accuracy/<task>`` and ``f1_macro/<task>``.
     """
-    from dstune.evaluate.metrics import classification_metrics
-
     if not rows:
         return {}
-    y_true, probs, total = classifier_outputs(model, rows, micro_batch_size, pad_id, accelerator, limit)
-    y_pred = [max(range(len(p)), key=p.__getitem__) for p in probs]
-    classes = range(len(probs[0]))  # every class of the head, so macro averages do not skip an absent one
+    heads = model_heads(model)
+    y_true, probs, losses = classifier_outputs(model, rows, micro_batch_size, pad_id, accelerator, limit)
+    y_pred = [predict_in_block(p, y, heads) for p, y in zip(probs, y_true)]
+    # every class of the head, so macro averages do not skip an absent one
+    out = _class_metrics(y_true, y_pred, losses, range(len(probs[0])))
+    out["examples"] = len(y_true)
+    tasks = [r.get("task") for r in rows[: len(y_true)]]
+    for i, name in enumerate(names or []):
+        mine = [j for j, t in enumerate(tasks) if t == i]
+        if mine:
+            classes = range(*heads[name]) if heads else range(len(probs[0]))
+            per = _class_metrics(
+                [y_true[j] for j in mine], [y_pred[j] for j in mine], [losses[j] for j in mine], classes
+            )
+            out.update({f"{key}/{name}": per[key] for key in ("loss", "accuracy", "f1_macro")})
+    return out
+
+
+def _class_metrics(y_true: list[int], y_pred: list[int], losses: list[float], classes) -> dict[str, float]:
+    from dstune.evaluate.metrics import classification_metrics
+
     m = classification_metrics([str(y) for y in y_true], [str(y) for y in y_pred], [str(c) for c in classes])
-    loss = total / max(len(y_true), 1)
     return {
-        "loss": loss,
+        "loss": sum(losses) / max(len(losses), 1),
         "accuracy": m["accuracy"],
         "precision_macro": m["precision_macro"],
         "recall_macro": m["recall_macro"],
         "f1_macro": m["f1_macro"],
-        "examples": len(y_true),
     }

@@ -85,8 +85,8 @@ def _head_probabilities(
         raise DataError(f"{len(examples) - len(rows)} rows contain a control token and cannot be classified")
     tok = loaded.tokenizer
     pad = pad_id(tok)
-    _, probs, total = classifier_outputs(loaded.model, rows, batch_size, pad)
-    return probs, total / max(len(rows), 1), len(rows)
+    _, probs, losses = classifier_outputs(loaded.model, rows, batch_size, pad)
+    return probs, sum(losses) / max(len(rows), 1), len(rows)
 
 
 def _classification(
@@ -185,6 +185,7 @@ def evaluate_run(
     target_recall: float = 0.9,
     text_column: str | None = None,
     label_column: str | None = None,
+    task: str | None = None,
     write: bool = True,
 ) -> dict:
     """Evaluates a run directory on a data file and writes ``eval.json``, ``eval.md`` and charts into it.
@@ -202,6 +203,8 @@ def evaluate_run(
         target_recall: the recall the second tuned threshold must reach.
         text_column, label_column: classification columns of ``data`` when they differ from the run's
             (a file written by ``dstune data prepare`` always has ``text`` and ``label``).
+        task: a run with a head per task (``classify.heads``): the task whose head classifies ``data``;
+            None picks the one task whose labels hold the file's.
         write: write the files; False only returns the results.
 
     Returns:
@@ -212,7 +215,7 @@ def evaluate_run(
         DataError: a bad data file or row.
     """
     from dstune.generate import load_for_inference
-    from dstune.models.classify import read_labels
+    from dstune.models.classify import read_heads, read_labels
 
     run = Path(run_dir)
     if not RunDir(run).run_json.is_file() or not RunDir(run).config.is_file():
@@ -220,6 +223,8 @@ def evaluate_run(
             f"{run} is not a run directory (no run.json and config.yaml); give the --output "
             "directory of a dstune train run"
         )
+    if task is not None and read_heads(run) is None:
+        raise UsageError(f"--task {task}: {run} was not trained with a head per task (classify.heads)")
     dc = load_config(RunDir(run).config).data
     loaded_data = load_examples(
         data,
@@ -235,15 +240,12 @@ def evaluate_run(
         examples = [strip_reasoning(ex) for ex in examples]
     loaded = load_for_inference(str(run))
     head_labels = read_labels(run)
-    common = dict(
-        total=total,
-        max_samples=max_samples,
-        batch_size=batch_size,
-        positive_label=positive_label,
-        target_recall=target_recall,
-    )
+    common = dict(total=total, max_samples=max_samples, batch_size=batch_size)
+    common.update(positive_label=positive_label, target_recall=target_recall)
     if head_labels is not None:  # a classification head: no tokens to predict, no perplexity
-        result = _evaluate_head(run, data, loaded, loaded_data.format, examples, head_labels, dc, **common)
+        result = _evaluate_head(
+            run, data, loaded, loaded_data.format, examples, head_labels, dc, task=task, **common
+        )
     else:
         result = _evaluate_lm(
             run, data, loaded, loaded_data.format, examples, dc, max_new_tokens=max_new_tokens, **common
@@ -265,25 +267,40 @@ def _evaluate_head(
     batch_size: int,
     positive_label: str | None,
     target_recall: float,
+    task: str | None = None,
 ) -> dict[str, Any]:
-    """The metrics of a classification-head run: its class probabilities, loss, accuracy and F1."""
+    """The metrics of a classification-head run: its class probabilities, loss, accuracy and F1; for a
+    run with a head per task, of the head of ``task`` (``_head_of``)."""
     if fmt != "classification":
         raise DataError(
             f"{run} is a classification run (labels {head_labels}) but {data} holds "
             f"{fmt} rows; give a file with a text and a label column"
         )
-    unknown = sorted({ex["label"] for ex in examples} - set(head_labels))
+    from dstune.models.classify import read_heads
+
+    heads, named = read_heads(run), examples
+    if heads:
+        task, (start, end) = _head_of(run, data, heads, head_labels, examples, task)
+        own = [name.split(":", 1)[1] for name in head_labels[start:end]]
+        unknown = sorted({ex["label"] for ex in examples} - set(own))
+        if unknown:
+            raise DataError(f"{data}: labels {unknown} are not among the labels {own} of task {task!r}")
+        named = [{**ex, "label": f"{task}:{ex['label']}"} for ex in examples]
+    unknown = sorted({ex["label"] for ex in named} - set(head_labels))
     if unknown:
         raise DataError(
             f"{data}: labels {unknown} are not among the run's labels {head_labels} (labels.json)"
         )
-    probs, loss, scored = _head_probabilities(loaded, examples, head_labels, dc.max_length, batch_size)
+    probs, loss, scored = _head_probabilities(loaded, named, head_labels, dc.max_length, batch_size)
+    if heads:  # the task's own head: its classes and their probabilities (the block sums to 1)
+        head_labels = [name.split(":", 1)[1] for name in head_labels[start:end]]
+        probs = [p[start:end] for p in probs]
     result = {
         "run": str(run),
         "data": str(data),
         "format": "classification",
         "task": "classification",
-        "head": "sequence classification",
+        "head": f"sequence classification, the head of task {task}" if heads else "sequence classification",
         "rows": total,
         "max_samples": max_samples,
         "scored_rows": scored,
@@ -292,9 +309,35 @@ def _evaluate_head(
         "ppl": None,
         "tokens": 0,
         "labels": head_labels,
+        **({"head_task": task} if heads else {}),
     }
     result.update(_classification(loaded, examples, head_labels, positive_label, target_recall, probs))
     return result
+
+
+def _head_of(
+    run: Path,
+    data,
+    heads: dict[str, list[int]],
+    head_labels: list[str],
+    examples: list[dict],
+    task: str | None,
+) -> tuple[str, list[int]]:
+    """The task (and its block) whose head classifies ``data``: ``task``, or the one task whose labels hold
+    every label of the file."""
+    own = {name: {label.split(":", 1)[1] for label in head_labels[s:e]} for name, (s, e) in heads.items()}
+    if task is None:
+        found = {ex["label"] for ex in examples}
+        fits = [name for name, labels in own.items() if found <= labels]
+        if len(fits) != 1:
+            raise UsageError(
+                f"{run} has a head per task ({', '.join(f'{n}: {sorted(v)}' for n, v in own.items())}); "
+                f"the labels of {data} ({sorted(found)}) fit {fits or 'none of them'}: choose one with --task"
+            )
+        task = fits[0]
+    if task not in heads:
+        raise UsageError(f"--task {task}: {run}'s tasks are {', '.join(heads)}")
+    return task, heads[task]
 
 
 def _evaluate_lm(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from dstune.core.heads import block_softmax, model_heads
 from dstune.errors import UsageError
 
 
@@ -79,8 +80,9 @@ def _layer_outputs(model: nn.Module, parts: Readout, input_ids: torch.Tensor):
     return logits, captured
 
 
-def _top(logits: torch.Tensor, k: int) -> list[tuple[int, float]]:
-    probs = torch.softmax(logits.float(), -1)
+def _top(logits: torch.Tensor, k: int, heads: dict | None = None) -> list[tuple[int, float]]:
+    """The ``k`` most probable ids; with a head per task, probabilities within each task's head."""
+    probs = block_softmax(logits.float().reshape(1, -1), heads)[0]
     values, ids = probs.topk(min(k, probs.shape[-1]))
     return [(int(i), float(v)) for i, v in zip(ids, values)]
 
@@ -115,8 +117,9 @@ def logit_lens(
 @torch.no_grad()
 def classifier_lens(model: nn.Module, ids: list[int], *, top_k: int) -> LensStep:
     """The lens of a classifier: its head applied after each layer, at the last position or, for
-    ``classify.pooling: mean``, the mean over the tokens, as the head reads. Ids are label indices."""
-    parts = readout(model)
+    ``classify.pooling: mean``, the mean over the tokens, as the head reads. Ids are label indices; with a
+    head per task (``core.heads``) probabilities are per task, and the chosen label is the surest of all."""
+    parts, heads = readout(model), model_heads(model)
     device = next(model.parameters()).device
     logits, hidden = _layer_outputs(model, parts, torch.tensor([ids], device=device))
 
@@ -124,4 +127,5 @@ def classifier_lens(model: nn.Module, ids: list[int], *, top_k: int) -> LensStep
         normed = parts.norm(h)
         return normed.mean(0, keepdim=True) if parts.pooling == "mean" else normed[-1:]
 
-    return LensStep(int(logits.argmax()), [_top(parts.head(pooled(h))[0], top_k) for h in hidden])
+    chosen = int(block_softmax(logits.float().reshape(1, -1), heads).argmax())
+    return LensStep(chosen, [_top(parts.head(pooled(h))[0], top_k, heads) for h in hidden])

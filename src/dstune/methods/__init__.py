@@ -81,6 +81,7 @@ def load_trained(
     cfg: RunConfig | None = None,
     labels: list[str] | None = None,
     pad_id: int | None = None,
+    heads: dict[str, list[int]] | None = None,
 ) -> nn.Module:
     """Loads what ``train`` saved in ``final_dir`` for inference: adapter on its base, or a full model.
 
@@ -90,6 +91,7 @@ def load_trained(
         cfg: the run's config; needed for QLoRA, whose base is quantised again the same way.
         labels, pad_id: a classification run's labels (``labels.json``) and padding id: the base is
             rebuilt with a head of that size, then the adapter (and its trained head) goes on top.
+        heads: the task blocks of a head per task (``labels.json``, ``core.heads``).
     """
     from dstune.models.load import load_model
 
@@ -99,7 +101,7 @@ def load_trained(
         pooling = cfg.classify.pooling if cfg is not None else None  # None: the saved config's, else last
 
         def load_model(path, dtype=torch.float32):  # noqa: F811 - the same call, with the head
-            return load_classifier(str(path), labels, pad_id, dtype=dtype, pooling=pooling)
+            return load_classifier(str(path), labels, pad_id, dtype=dtype, pooling=pooling, heads=heads)
 
     if labels is None and cfg is not None and cfg.model.rope_scaling:  # the base as it was trained
         load_model = functools.partial(load_model, rope_scaling=cfg.model.rope_scaling)  # noqa: F811

@@ -25,6 +25,7 @@ from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from transformers.utils import logging as hf_logging
 
+from dstune.core.heads import check_heads
 from dstune.errors import UsageError
 from dstune.rundir import RunDir
 
@@ -120,6 +121,7 @@ def load_classifier(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     pooling: str | None = None,
+    heads: dict[str, list[int]] | None = None,
 ) -> nn.Module:
     """Loads a model directory as a classifier over ``labels``.
 
@@ -132,6 +134,8 @@ def load_classifier(
         pad_id: the padding token id of the batches.
         pooling: ``last`` (transformers' way) or ``mean`` (see ``_MeanPooling``); None: what a saved
             classifier's config says (``classifier_pooling``), else ``last``.
+        heads: one head per task, ``{task: [start, end]}`` over ``labels`` (``core.heads``); None: what a
+            saved classifier's config says (``classifier_heads``), else one head.
 
     Raises:
         ValueError: fewer than two labels, or an unknown pooling.
@@ -145,6 +149,9 @@ def load_classifier(
     if pooling not in POOLINGS:
         raise UsageError(f"classify.pooling must be one of {list(POOLINGS)}, got {pooling!r}")
     config.classifier_pooling = pooling
+    if heads is not None:
+        check_heads(heads, len(labels))
+        config.classifier_heads = {task: list(block) for task, block in heads.items()}
     kwargs = {
         "config": config,
         "dtype": dtype,
@@ -181,12 +188,17 @@ def load_classifier(
     return model
 
 
-def save_labels(directory: str | Path, labels: list[str], positive: str | None = None) -> Path:
-    """Writes ``labels.json``: the class names in head order (class i is ``labels[i]``)."""
+def save_labels(
+    directory: str | Path,
+    labels: list[str],
+    positive: str | None = None,
+    heads: dict[str, list[int]] | None = None,
+) -> Path:
+    """Writes ``labels.json``: the class names in head order (class i is ``labels[i]``), and the task
+    blocks of a head per task (``core.heads``)."""
     path = Path(directory) / LABELS_FILE
-    path.write_text(
-        json.dumps({"labels": labels, "positive": positive}, indent=1, ensure_ascii=False), "utf-8"
-    )
+    record = {"labels": labels, "positive": positive, **({"heads": heads} if heads else {})}
+    path.write_text(json.dumps(record, indent=1, ensure_ascii=False), "utf-8")
     return path
 
 
@@ -194,3 +206,9 @@ def read_labels(directory: str | Path) -> list[str] | None:
     """The class names saved in a run directory, or None when it is not a classification run."""
     path = Path(directory) / LABELS_FILE
     return json.loads(path.read_text(encoding="utf-8"))["labels"] if path.is_file() else None
+
+
+def read_heads(directory: str | Path) -> dict[str, list[int]] | None:
+    """The task blocks of a run trained with one head per task (``labels.json``), else None."""
+    path = Path(directory) / LABELS_FILE
+    return json.loads(path.read_text(encoding="utf-8")).get("heads") if path.is_file() else None

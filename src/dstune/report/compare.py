@@ -177,8 +177,10 @@ def _cell(value: Any) -> str:
 
 
 def _task_columns(runs: list[dict]) -> list[tuple[str, Any]]:
-    """A validation-loss column per task of the multi-task runs among ``runs`` (``val loss/<task>``)."""
-    keys = sorted({k for r in runs for k in (r["summary"].get("val") or {}) if k.startswith("loss/")})
+    """A validation column per task and metric of the multi-task runs among ``runs`` (``val loss/<task>``;
+    with a head per task also ``accuracy/<task>`` and ``f1_macro/<task>``)."""
+    per_task = ("loss/", "accuracy/", "f1_macro/")
+    keys = sorted({k for r in runs for k in (r["summary"].get("val") or {}) if k.startswith(per_task)})
     return [(f"val {k}", lambda r, k=k: (r["summary"].get("val") or {}).get(k)) for k in keys]
 
 

@@ -118,7 +118,9 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
     template = resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family)
     data, notes = build_data(cfg, tokenizer, template)
     pad = pad_id_of(tokenizer)
-    model, speed, objective, regularization = build_model(cfg, resolved, data.labels, pad, engine.device)
+    model, speed, objective, regularization = build_model(
+        cfg, resolved, data.labels, pad, engine.device, data.heads
+    )
     objective = sampling_objective(cfg, tokenizer, template, pad, model, data, engine) or objective
     trainable = trainable_summary(model)
     is_moe = bool(
@@ -289,7 +291,9 @@ def data_line(report: dict) -> str:
     return "data: " + ("; ".join(parts) or f"{report.get('format', '?')} format")
 
 
-def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: torch.device):
+def build_model(
+    cfg: RunConfig, resolved, labels: list[str], pad: int, device: torch.device, heads: dict | None = None
+):
     """The model pipeline: load, kernels, method, regularisation, casting, checkpointing, compile.
 
     Returns:
@@ -297,7 +301,7 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
         regularisation in use (a line of text, or None).
     """
     tc = cfg.train
-    model = TASKS[cfg.task].model(cfg, resolved, labels, pad)
+    model = TASKS[cfg.task].model(cfg, resolved, labels, pad, heads)
     if cfg.model.keep_layers:
         keep_first_layers(model, cfg.model.keep_layers)
     # Kernels are chosen on the plain model, before adapters wrap its modules (see train/accel.py).
@@ -335,8 +339,9 @@ def build_model(cfg: RunConfig, resolved, labels: list[str], pad: int, device: t
 
 
 def task_losses(cfg: RunConfig) -> TaskLosses | None:
-    """Multi-task bookkeeping for a token-loss run on ``data.mix`` (each data set a task), else None."""
-    if not cfg.data.mix or cfg.task != "lm" or cfg.objective != "sft":
+    """Multi-task bookkeeping for a supervised run on ``data.mix`` (each data set a task: its tokens' or
+    rows' loss weight, and ``loss/<task>`` in the logs), else None."""
+    if not cfg.data.mix or cfg.objective != "sft":
         return None
     return TaskLosses(task_names(cfg.data.mix), [s.loss_weight for s in cfg.data.mix])
 

@@ -197,7 +197,7 @@ def start_files(run: Run, run_dir: RunDir, changes: list[dict], step: int, conso
         },
     )
     if (save := TASKS[cfg.task].save) is not None:
-        save(run_dir.path, run.data.labels)
+        save(run_dir.path, run.data)
     if run.penalty is not None:
         save_file(run.penalty.fisher, str(run_dir / RunDir.FISHER))
 

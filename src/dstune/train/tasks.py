@@ -29,7 +29,7 @@ def _lm_data(cfg: RunConfig, tokenizer, template: str | None) -> PreparedData:
     )  # tokenised once, then from the cache
 
 
-def _lm_model(cfg: RunConfig, resolved, labels: list[str], pad: int) -> torch.nn.Module:
+def _lm_model(cfg: RunConfig, resolved, labels: list[str], pad: int, heads=None) -> torch.nn.Module:
     return load_model(
         resolved,
         dtype=torch.float32,
@@ -75,10 +75,11 @@ def _classifier_data(cfg: RunConfig, tokenizer, template: str | None) -> Prepare
         cfg.train.seed,
         task="classification",
         class_weights=cfg.classify.class_weights,
+        heads=cfg.classify.heads,
     )
 
 
-def _classifier_model(cfg: RunConfig, resolved, labels: list[str], pad: int) -> torch.nn.Module:
+def _classifier_model(cfg: RunConfig, resolved, labels: list[str], pad: int, heads=None) -> torch.nn.Module:
     from dstune.models.classify import load_classifier
 
     return load_classifier(
@@ -87,19 +88,27 @@ def _classifier_model(cfg: RunConfig, resolved, labels: list[str], pad: int) -> 
         pad,
         trust_remote_code=cfg.model.trust_remote_code,
         pooling=cfg.classify.pooling,
+        heads=heads,
     )
 
 
 def _classifier_validate(run, micro: int) -> dict[str, float]:
+    tasks = getattr(run.objective, "tasks", None)
     return evaluate_classifier(
-        run.model, run.data.val, micro, run.pad_id, run.engine, run.cfg.train.eval_batches
+        run.model,
+        run.data.val,
+        micro,
+        run.pad_id,
+        run.engine,
+        run.cfg.train.eval_batches,
+        names=tasks.names if tasks is not None else None,
     )
 
 
-def _save_labels(run_dir: Path, labels: list[str]) -> None:
+def _save_labels(run_dir: Path, data: PreparedData) -> None:
     from dstune.models.classify import save_labels
 
-    save_labels(run_dir, labels)
+    save_labels(run_dir, data.labels, heads=data.heads)
 
 
 @dataclass(frozen=True)
@@ -107,10 +116,10 @@ class Task:
     """How one task prepares data and model, validates, and what its run directory holds besides."""
 
     data: Callable[[RunConfig, object, str | None], PreparedData]
-    model: Callable[[RunConfig, object, list[str], int], torch.nn.Module]
+    model: Callable[[RunConfig, object, list[str], int, dict | None], torch.nn.Module]  # heads: core.heads
     validate: Callable[[object, int], dict[str, float]]  # (Run, evaluation micro-batch) -> metrics
     tokens_per_row: bool  # rows are token sequences with per-token loss (chunked output layer, padding hint)
-    save: Callable[[Path, list[str]], None] | None = None  # extra files of the run directory (labels)
+    save: Callable[[Path, PreparedData], None] | None = None  # extra files of the run directory (labels)
 
 
 TASKS: dict[str, Task] = {
