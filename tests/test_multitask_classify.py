@@ -143,7 +143,6 @@ def test_the_run_saves_its_heads_and_logs_each_tasks_loss_and_metrics(run):
     for task in ("sentiment", "operation"):
         assert {f"loss/{task}", f"accuracy/{task}", f"f1_macro/{task}"} <= set(val)
     from dstune.report.charts import plot_run_curves
-
     from dstune.report.compare import compare_runs
 
     charts = plot_run_curves(run, run / "charts")
@@ -208,3 +207,17 @@ def test_explain_reads_each_tasks_head_on_its_own(run, tmp_path):
             assert mass == pytest.approx(1.0, abs=1e-4)  # --top-k (5) covers every class of both heads
     assert lens["steps"][0]["chosen"]["text"].split(":")[0] in ("sentiment", "operation")
     assert "label" in result.explained
+
+
+def test_pseudo_labels_come_from_the_chosen_tasks_head(run, files, tmp_path):
+    from dstune.augment import pseudo_label
+    from dstune.errors import UsageError
+
+    with pytest.raises(UsageError, match="choose the one that labels with --task"):
+        pseudo_label(str(files["operation"]), str(run), str(tmp_path / "x.jsonl"), 0.0, max_rows=4)
+    counts = pseudo_label(str(files["operation"]), str(run), str(tmp_path / "op.jsonl"), 0.0, max_rows=8,
+                          task="operation")  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "op.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert counts["written"] == len(rows) == 8  # confidence 0 keeps every row
+    assert {r["label"] for r in rows} <= {"add", "subtract", "multiply"}
+    assert all(r["confidence"] >= 1 / 3 - 1e-6 for r in rows)  # the top of three classes that sum to 1

@@ -285,10 +285,12 @@ def pseudo_label(
     min_confidence: float,
     text_column: str | None = None,
     max_rows: int | None = None,
+    task: str | None = None,
 ) -> dict:
     """Labels the texts of ``path`` with the classification run ``run`` and writes those predicted with at
     least ``min_confidence`` to ``out`` (``origin: pseudo-label``, their ``confidence``); ``max_rows``: only
-    the first rows of the file.
+    the first rows of the file. A run with a head per task (``classify.heads``) labels with the head of
+    ``task``, and the rows get that task's own label names.
 
     Returns:
         ``{"input": n, "written": m, "by_label": {label: k}}``.
@@ -302,19 +304,37 @@ def pseudo_label(
     loaded = load_for_inference(run)
     if loaded.labels is None:
         raise UsageError(f"{run} is not a classification run (task: classification); it cannot label rows")
+    start, end = _head_block(loaded, run, task)
+    names = [name.split(":", 1)[1] if task else name for name in loaded.labels[start:end]]
     texts = unlabelled_texts(path, text_column)[:max_rows]
-    rows = [{"input_ids": classifier_ids(loaded, t), "labels": 0} for t in texts]
+    rows = [{"input_ids": classifier_ids(loaded, t), "labels": start} for t in texts]
     _, probs, _ = classifier_outputs(loaded.model, rows, 8, pad_id(loaded.tokenizer))
     kept, by_label = [], {}
     for text, p in zip(texts, probs):
+        p = p[start:end]
         best = max(range(len(p)), key=p.__getitem__)
         if p[best] >= min_confidence:
-            label = loaded.labels[best]
+            label = names[best]
             kept.append({"text": text, "label": label, "origin": "pseudo-label", "group": None,
                          "confidence": round(p[best], 6)})  # fmt: skip
             by_label[label] = by_label.get(label, 0) + 1
     write_jsonl(out, kept)
     return {"input": len(texts), "written": len(kept), "by_label": by_label}
+
+
+def _head_block(loaded, run: str, task: str | None) -> tuple[int, int]:
+    """The classes that label: the whole head, or the block of ``task`` for a head per task."""
+    from dstune.core.heads import model_heads
+
+    heads = model_heads(loaded.model)
+    if heads and task not in heads:
+        raise UsageError(
+            f"{run} has a head per task ({', '.join(heads)}): choose the one that labels with --task"
+            + (f" (not {task!r})" if task else "")
+        )
+    if not heads and task is not None:
+        raise UsageError(f"--task {task}: {run} was not trained with a head per task (classify.heads)")
+    return tuple(heads[task]) if heads else (0, len(loaded.labels))
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:

@@ -141,12 +141,14 @@ def data_pseudo_label(
     text_column: Optional[str] = typer.Option(None, "--text-column", help="the text column (default: text, "
                                               "review, ...)"),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", help="label only the first N rows"),
+    task: Optional[str] = typer.Option(None, "--task", help="a run with a head per task (classify.heads): "
+                                       "the task whose head labels the texts"),
 ) -> None:
     """Label unlabelled texts with a trained classifier; keep the confident ones as training rows."""
     from dstune.augment import pseudo_label
 
     try:
-        counts = pseudo_label(str(file), run, str(out), min_confidence, text_column, max_rows)
+        counts = pseudo_label(str(file), run, str(out), min_confidence, text_column, max_rows, task)
     except DstuneError as exc:
         _fail(str(exc))
     console.print(f"wrote {out}: {counts['written']} of {counts['input']} rows labelled with confidence >= "
