@@ -221,3 +221,16 @@ def test_pseudo_labels_come_from_the_chosen_tasks_head(run, files, tmp_path):
     assert counts["written"] == len(rows) == 8  # confidence 0 keeps every row
     assert {r["label"] for r in rows} <= {"add", "subtract", "multiply"}
     assert all(r["confidence"] >= 1 / 3 - 1e-6 for r in rows)  # the top of three classes that sum to 1
+
+
+def test_validation_with_a_batch_limit_still_measures_every_task(run):
+    """train.eval_batches counts micro-batches per task: the validation rows come task after task, and one
+    batch over all of them would hold sentiment rows only."""
+    from dstune.evaluate.loss import evaluate_classifier
+
+    loaded = load_for_inference(str(run))
+    data = prepare_data(load_config(run / "config.yaml").data, loaded.tokenizer, None, 3, task="classification")
+    assert [r["task"] for r in data.val[:4]] == [0] * 4  # the first micro-batch is all sentiment
+    metrics = evaluate_classifier(loaded.model, data.val, 4, loaded.tokenizer.pad_token_id, limit=1,
+                                  names=["sentiment", "operation"])  # fmt: skip
+    assert metrics["examples"] == 8 and {"accuracy/sentiment", "accuracy/operation"} <= set(metrics)

@@ -129,18 +129,31 @@ def evaluate_classifier(
     The metrics are ``evaluate.metrics.classification_metrics`` (scikit-learn), the ones ``dstune eval``
     reports, computed on the predicted class (the most probable one; with a head per task, of the row's
     task's head). With ``names`` (``data.mix`` tasks, whose rows carry ``task``) the loss, accuracy and
-    macro F1 of each task are added as ``loss/<task>``, ``accuracy/<task>`` and ``f1_macro/<task>``.
+    macro F1 of each task are added as ``loss/<task>``, ``accuracy/<task>`` and ``f1_macro/<task>``, and
+    ``limit`` counts micro-batches per task.
     """
     if not rows:
         return {}
     heads = model_heads(model)
-    y_true, probs, losses = classifier_outputs(model, rows, micro_batch_size, pad_id, accelerator, limit)
+    # Each task's rows on their own, ``limit`` micro-batches each (as ``evaluate_groups``): the validation
+    # rows come task after task, so a limit over all of them would leave the last tasks out.
+    by_task = bool(names) and "task" in rows[0]  # a data.validation file's rows have no task
+    groups = [[r for r in rows if r.get("task") == i] for i in range(len(names))] if by_task else [rows]
+    y_true, probs, losses, tasks = [], [], [], []
+    for i, group in enumerate(groups):
+        out = (
+            classifier_outputs(model, group, micro_batch_size, pad_id, accelerator, limit) if group else None
+        )
+        if out is not None:
+            y_true, probs, losses = y_true + out[0], probs + out[1], losses + out[2]
+            tasks += [i] * len(out[0])
+    if not y_true:
+        return {}
     y_pred = [predict_in_block(p, y, heads) for p, y in zip(probs, y_true)]
     # every class of the head, so macro averages do not skip an absent one
     out = _class_metrics(y_true, y_pred, losses, range(len(probs[0])))
     out["examples"] = len(y_true)
-    tasks = [r.get("task") for r in rows[: len(y_true)]]
-    for i, name in enumerate(names or []):
+    for i, name in enumerate(names if by_task else []):
         mine = [j for j, t in enumerate(tasks) if t == i]
         if mine:
             classes = range(*heads[name]) if heads else range(len(probs[0]))
