@@ -123,7 +123,11 @@ def test_lora_trains_on_the_fp8_checkpoint_and_merges_into_a_plain_one(fp8_v3, t
     result = train(cfg, console=Console(quiet=True))
     losses = result.train_losses
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    merge_run(tmp_path / "run", tmp_path / "merged")
+    assert merge_run(tmp_path / "run", tmp_path / "merged").mode == "shards"  # FP8 de-quantised tensor by tensor
+    merge_run(tmp_path / "run", tmp_path / "memory", mode="memory")  # the whole model loaded by transformers
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory", dtype=torch.float32).state_dict()
+    for name, value in AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict().items():
+        assert torch.equal(value, in_memory[name]), name
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config  # the merged weights are plain floats, not FP8
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)

@@ -462,6 +462,12 @@ def merge(
     dtype: str = typer.Option(
         "fp32", "--dtype", help="fp32 | bf16: dtype of the written weights (the merge is fp32)"
     ),
+    mode: str = typer.Option(
+        "auto",
+        "--mode",
+        help="shards: LoRA folded tensor by tensor, the model never loaded whole (FP8 V3/R1 bases "
+        "de-quantised); memory: the whole model loaded; auto: shards where the run allows it",
+    ),
 ) -> None:
     """Fold a run's adapter into its base model (fp32) and write one checkpoint plain transformers loads."""
     from dstune.merge import merge_run
@@ -469,9 +475,13 @@ def merge(
     if dtype not in ("fp32", "bf16"):
         _fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
     try:
-        result = merge_run(run, out, max_shard_size=max_shard_size, dtype=dtype)
+        result = merge_run(run, out, max_shard_size=max_shard_size, dtype=dtype, mode=mode)
     except DstuneError as exc:
         _fail(str(exc))
+    if result.mode == "shards":
+        console.print("merged shard by shard (one tensor at a time)", highlight=False)
+    elif result.why_memory:
+        console.print(f"merged in memory: {result.why_memory}", highlight=False)
     auto = "AutoModelForSequenceClassification" if result.labels else "AutoModelForCausalLM"
     console.print(
         f"merged {result.method} run into {result.out_dir} (safetensors, tokenizer, chat template); "

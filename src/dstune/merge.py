@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from dstune.config import load_config
 from dstune.core.facts import pad_id
-from dstune.errors import DstuneError, UsageError
+from dstune.errors import UsageError
+from dstune.merge_shards import MergeError, NotShardable, merge_by_shards, plan_shard_merge
 from dstune.methods import MERGEABLE, load_trained
 from dstune.models.load import load_model, load_tokenizer
 from dstune.models.templates import resolve_chat_template
@@ -41,10 +42,6 @@ _WHY_NOT = {
 }
 
 
-class MergeError(DstuneError, ValueError):
-    """A run that cannot be merged (its method adds computation no weight can hold)."""
-
-
 @dataclass
 class MergeResult:
     """What ``merge_run`` wrote."""
@@ -56,6 +53,8 @@ class MergeResult:
     labels: list[str] | None = (
         None  # a classifier's class names: the checkpoint is *ForSequenceClassification
     )
+    mode: str = "memory"  # shards: tensor by tensor (dstune.merge_shards); memory: the whole model loaded
+    why_memory: str = ""  # mode auto: why the run could not merge shard by shard
 
 
 def merge_model(model: nn.Module) -> nn.Module:
@@ -109,7 +108,12 @@ def _pad_id(final: Path) -> int:
 
 
 def merge_run(
-    run_dir: str | Path, out_dir: str | Path, *, max_shard_size: str = "2GB", dtype: str = "fp32"
+    run_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    max_shard_size: str = "2GB",
+    dtype: str = "fp32",
+    mode: str = "auto",
 ) -> MergeResult:
     """Merges a run's adapter into its base and writes a standalone checkpoint, or exports the adapter.
 
@@ -118,6 +122,8 @@ def merge_run(
         out_dir: where to write; must not exist or be empty.
         max_shard_size: safetensors shard size (transformers' ``max_shard_size``).
         dtype: ``fp32`` or ``bf16`` for the written weights (the merge itself is always fp32).
+        mode: ``shards`` merges tensor by tensor without loading the model (``dstune.merge_shards``: a
+            LoRA run), ``memory`` loads the whole model, ``auto`` takes shards where the run allows it.
 
     Returns:
         A MergeResult of the written checkpoint.
@@ -142,21 +148,42 @@ def merge_run(
         )
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} is not empty; choose another --out (nothing was written)")
-    model, info, _ = load_run_for_merge(run)
-    merged = merge_model(model)
-    if dtype == "bf16":
-        merged = merged.to(torch.bfloat16)
+    plan, why = _shard_plan(run, mode)
+    info = RunDir(run).read_json(RunDir.RUN)
     tokenizer = load_tokenizer(str(RunDir(run).final))
     tokenizer.chat_template = resolve_chat_template(tokenizer, "auto", info.get("family", ""))
+    merged = None
+    if plan is None:
+        merged = merge_model(load_run_for_merge(run)[0])
+        if dtype == "bf16":
+            merged = merged.to(torch.bfloat16)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        merged.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
+        if plan is not None:
+            merge_by_shards(plan, out, dtype=dtype, max_shard_size=max_shard_size)
+        else:
+            merged.save_pretrained(str(out), max_shard_size=max_shard_size, safe_serialization=True)
         tokenizer.save_pretrained(str(out))
     except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint is left to be mistaken for one
         _clear(out, created)
         raise
-    return MergeResult(out, True, method, labels=read_labels(run))
+    mode_used = "shards" if plan is not None else "memory"
+    return MergeResult(out, True, method, labels=read_labels(run), mode=mode_used, why_memory=why)
+
+
+def _shard_plan(run: Path, mode: str):
+    """The shard-by-shard plan of ``run`` (or None to merge in memory) and, under ``auto``, why not."""
+    if mode not in ("auto", "shards", "memory"):
+        raise UsageError(f"--mode {mode!r}: choose auto, shards or memory")
+    if mode == "memory":
+        return None, ""
+    try:
+        return plan_shard_merge(run), ""
+    except NotShardable as exc:
+        if mode == "shards":
+            raise MergeError(f"--mode shards: {exc}; nothing was written (--mode memory merges in memory)")
+        return None, str(exc)
 
 
 def _clear(out: Path, created: bool) -> None:
