@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,11 +33,11 @@ def rows_file(tmp_path_factory) -> Path:
 
 
 def dstune_train(
-    out: Path, data: Path, *args: str, engine: str = "auto", env: dict | None = None
+    out: Path, data: Path, *args: str, engine: str = "auto", env: dict | None = None, micro: int | None = None
 ) -> subprocess.CompletedProcess:
     """``dstune train`` as a user runs it: one process, or two ranks of ``engine`` (``--nproc 2``)."""
     nproc = 1 if engine == "auto" else 2
-    micro = 4 // nproc  # the same rows per step either way
+    micro = micro or 4 // nproc  # the same rows per step either way
     cmd = [sys.executable, "-m", "dstune.cli", "train", "--data", str(data), "--output", str(out),
            "--set", "data.max_length=64", "--set", "train.progress=false", "--set", f"train.micro_batch_size={micro}",
            "--set", "train.precision=fp32",  # the engines agree to fp32 rounding (auto: bf16 on an avx512_bf16 CPU)
@@ -368,3 +369,23 @@ def test_a_broken_deepspeed_json_names_the_file_and_line(tmp_path):
         load_config(None, ["train.distributed=zero3", f"train.deepspeed={tmp_path / 'nope.json'}"])
     with pytest.raises(ConfigError, match="train.deepspeed .* needs train.distributed=zero2 or zero3"):
         load_config(None, [f"train.deepspeed={bad}"])
+
+
+@pytest.mark.slow  # ~40 s: a two-rank run that stops, and its resume
+def test_out_of_memory_on_one_rank_stops_every_rank_and_the_run_resumes(rows_file, tmp_path):
+    """Rank 1 alone runs out of memory in step 3. It cannot halve its batch as one process does (rank 0 is
+    already inside the step's collectives), so it stops with the reason, the launcher ends rank 0 at once
+    (not after the 30-minute process-group timeout), and the run resumes from its step-2 checkpoint with
+    the halved micro-batch the message asks for."""
+    args = ["--model", "tiny:deepseek-llm", "--method", "lora", *COMMON]
+    cut = tmp_path / "cut"
+    start = time.monotonic()
+    failed = dstune_train(cut, rows_file, *args, engine="fsdp2", env={"DSTUNE_FAULTS": "oom@step:3@rank1"})
+    assert failed.returncode != 0 and time.monotonic() - start < 120
+    said = failed.stdout + failed.stderr
+    assert "out of memory on rank 1 of 2 at step 3" in said and "--allow-config-change" in said
+    assert [p.name for p in (cut / "checkpoints").iterdir()] == ["step-000002"]
+    resumed = dstune_train(cut, rows_file, *args, "--resume", "--allow-config-change", "--set",
+                           "train.grad_accum=2", engine="fsdp2", micro=1)  # fmt: skip
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+    assert json.loads((cut / "summary.json").read_text())["steps"] == 6

@@ -6,6 +6,8 @@
 - ``kill@save:N``   SIGKILL while writing the checkpoint of step N (files written, not yet renamed)
 - ``oom@step:N``    raise ``torch.OutOfMemoryError`` in the first forward pass of step N (once)
 - ``oom@eval:N``    raise it in the first evaluation forward pass after step N (once)
+``@rankR`` after any of them limits it to the process of rank R (``oom@step:2@rank1``): one rank failing
+while the others go on, as a real fault on one device does.
 Real faults (a killed node, an exhausted GPU) cannot be produced on demand in CI; each hook leaves the
 process in exactly the state such a fault would, at the point where it matters.
 """
@@ -26,15 +28,19 @@ class Faults:
     def __init__(self, spec: str | None = None):
         spec = os.environ.get("DSTUNE_FAULTS", "") if spec is None else spec
         self.pending: set[tuple[str, str, int]] = set()
+        rank = int(os.environ.get("RANK", 0))
         for item in filter(None, (x.strip() for x in spec.split(","))):
             try:
-                kind, rest = item.split("@")
+                kind, rest, *only = item.split("@")
                 point, n = rest.split(":")
-                self.pending.add((kind, point, int(n)))
+                if len(only) > 1 or (only and not only[0].startswith("rank")):
+                    raise ValueError(item)
+                if not only or int(only[0].removeprefix("rank")) == rank:
+                    self.pending.add((kind, point, int(n)))
             except ValueError:
                 raise UsageError(
-                    f"DSTUNE_FAULTS: cannot parse '{item}'; expected KIND@POINT:N, "
-                    f"e.g. kill@step:3 or oom@step:2"
+                    f"DSTUNE_FAULTS: cannot parse '{item}'; expected KIND@POINT:N or KIND@POINT:N@rankR, "
+                    f"e.g. kill@step:3 or oom@step:2@rank1"
                 ) from None
 
     def _take(self, kind: str, point: str, n: int) -> bool:

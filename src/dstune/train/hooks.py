@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from rich.console import Console
 
+from dstune.errors import DstuneError
 from dstune.report.logger import MetricsLogger
 from dstune.rundir import RunDir
 from dstune.train.batching import Prefetcher
@@ -38,6 +39,19 @@ def free_memory(engine) -> None:
     gc.collect()
     if engine.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def ranks_out_of_memory(engine, where: str, micro: int) -> DstuneError:
+    """The error a rank of a multi-process run stops with on out-of-memory. One process halves its batch
+    and retries (``Hooks.out_of_memory``); a rank cannot, because the others are already inside the
+    step's collectives with the old batch, and they would wait for it until the process-group timeout.
+    Stopping makes the launcher end the other ranks at once; the run resumes from its last checkpoint."""
+    return DstuneError(
+        f"out of memory on rank {engine.process_index} of {engine.num_processes} at {where} (micro-batch "
+        f"{micro}); a multi-process run cannot shrink one rank's batch mid-step, so it stops. Halve "
+        "train.micro_batch_size and double train.grad_accum (the same rows per step) and resume with "
+        "--resume --allow-config-change"
+    )
 
 
 class Hooks:
@@ -143,6 +157,10 @@ class Hooks:
         state, tc = self.state, self.run.cfg.train
         self.run.optimizer.zero_grad(set_to_none=True)
         free_memory(self.run.engine)
+        if self.run.engine.num_processes > 1:
+            raise ranks_out_of_memory(
+                self.run.engine, f"step {state.step + 1}", tc.micro_batch_size
+            ) from error
         if max(len(b["input_ids"]) for b in window) // state.split <= 1:
             raise error
         state.split *= 2
@@ -216,7 +234,9 @@ class Hooks:
                 self.faults.oom("eval", step)
                 metrics = TASKS[run.cfg.task].validate(run, micro)
                 break
-            except torch.OutOfMemoryError:
+            except torch.OutOfMemoryError as error:
+                if run.engine.num_processes > 1:
+                    raise ranks_out_of_memory(run.engine, f"evaluation after step {step}", micro) from error
                 if micro == 1:
                     raise
                 micro //= 2
