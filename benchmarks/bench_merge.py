@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -43,21 +42,32 @@ def lora_run(out: Path) -> Path:
 
 
 def timed_merge(run: Path, out: Path, mode: str, shard: str, dtype: str) -> dict:
-    """One ``merge_run`` in a child process: its wall time and peak resident memory."""
+    """One ``merge_run`` in a child process: its wall time and peak resident memory. The peak is the child's
+    own ``VmHWM`` (since its exec): ``ru_maxrss`` would inherit the parent's peak at fork on Linux."""
     code = (
         "import sys; from dstune.merge import merge_run; "
         "r = merge_run(sys.argv[1], sys.argv[2], mode=sys.argv[3], max_shard_size=sys.argv[4], dtype=sys.argv[5]); "
-        "print(r.mode)"
+        "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]; "
+        "print(r.mode, hwm)"
     )
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, str(run), str(out), mode, shard, dtype],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run([sys.executable, "-c", code, str(run), str(out), mode, shard, dtype],
+                          capture_output=True, text=True)  # fmt: skip
     wall = time.perf_counter() - start
-    used = (proc.stdout.read().strip().splitlines() or [""])[-1]  # after any library chatter
-    if status != 0 or used != mode:
-        raise SystemExit(f"merge --mode {mode} failed (status {status}, mode {used!r})")
-    return {"mode": mode, "wall_s": round(wall, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    last = (done.stdout.strip().splitlines() or [""])[-1].split()  # after any library chatter
+    if done.returncode != 0 or not last or last[0] != mode:
+        raise SystemExit(f"merge --mode {mode} failed ({done.returncode}): {done.stderr[-2000:]}")
+    return {"mode": mode, "wall_s": round(wall, 2), "peak_rss_mb": round(int(last[1]) / 1024, 1)}
+
+
+def import_baseline() -> float:
+    """Peak resident memory (MB) of a process that only imports what ``dstune merge`` imports."""
+    code = (
+        "import dstune.merge, dstune.merge_shards, peft, transformers; "
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return round(int(done.stdout.split()[-1]) / 1024, 1)
 
 
 def same_weights(a: Path, b: Path) -> int:
@@ -93,12 +103,15 @@ def main() -> None:
         print(rows[-1], flush=True)
     tensors = same_weights(args.out / "merged-memory", args.out / "merged-shards")
     memory, shards = rows
+    baseline = import_baseline()
     result = {
         "run": str(run), "max_shard_size": args.max_shard_size, "dtype": args.dtype, "rows": rows,
+        "imports_only_peak_rss_mb": baseline,
         "equal_tensors": tensors,
         "peak_rss_ratio_shards_to_memory": round(shards["peak_rss_mb"] / memory["peak_rss_mb"], 3),
         "wall_ratio_memory_to_shards": round(memory["wall_s"] / shards["wall_s"], 2),
     }  # fmt: skip
+    print(f"imports alone: {baseline} MB")
     print(f"{tensors} tensors equal; shards/memory peak RSS {result['peak_rss_ratio_shards_to_memory']}x, "
           f"speed {result['wall_ratio_memory_to_shards']}x")  # fmt: skip
     args.result.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
