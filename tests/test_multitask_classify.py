@@ -234,3 +234,23 @@ def test_validation_with_a_batch_limit_still_measures_every_task(run):
     metrics = evaluate_classifier(loaded.model, data.val, 4, loaded.tokenizer.pad_token_id, limit=1,
                                   names=["sentiment", "operation"])  # fmt: skip
     assert metrics["examples"] == 8 and {"accuracy/sentiment", "accuracy/operation"} <= set(metrics)
+
+
+def test_a_two_head_run_resumes_exactly(files, tmp_path):
+    """A crash after the step-4 checkpoint (the later files removed), then --resume: the same losses, per-task
+    logs and head weights as the uninterrupted run."""
+    import shutil
+
+    sets = ("train.max_steps=6", "train.save_every=4", "train.eval_every=0", "train.keep_checkpoints=3")
+    full = train(_cfg(files, tmp_path / "run", *sets, operation_weight=2.0))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000006")
+    shutil.rmtree(tmp_path / "run" / "final")
+    resumed = train(_cfg(files, tmp_path / "run", *sets, operation_weight=2.0), resume=True)
+    assert resumed.train_losses == full.train_losses  # bitwise: fp32 on CPU
+    assert read_heads(tmp_path / "run") == {"sentiment": [0, 2], "operation": [2, 5]}
+    for name, p in full.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, dict(resumed.model.named_parameters())[name]), name
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in logged if r["split"] == "train"}
+    assert {"loss/sentiment", "loss/operation"} <= set(steps[6])  # logged after the resume too
