@@ -7,8 +7,8 @@ CPU) and once per engine in ``--engines``, in one invocation:
     .venv/bin/python benchmarks/bench_sharded.py                          # SmolLM2-135M, full fine-tuning
     .venv/bin/python benchmarks/bench_sharded.py --engines fsdp2,zero2,zero3,zero3-offload
 
-Peak memory is each run's rank 0 (``summary.json: memory``: CUDA's max allocated on a GPU, else the peak
-RSS of the process, which includes the Python/torch runtime both sides share). The per-step losses of
+Peak memory is each rank's (``summary.json: memory``, ``measured_mb_per_rank``: CUDA's max allocated on a
+GPU, else the peak RSS of the process, which includes the Python/torch runtime both sides share). The per-step losses of
 the two engines must agree (rel 1e-4 in fp32): memory must not come from changed maths.
 """
 
@@ -48,6 +48,8 @@ def run(engine: str, args) -> dict:
         "engine": engine,
         "losses": losses,
         "peak_mb_rank0": summary["memory"]["measured_mb"],
+        "peak_mb_per_rank": summary["memory"].get("measured_mb_per_rank"),
+        "startup_mb_per_rank": summary["memory"].get("startup_mb_per_rank"),
         "measured": summary["memory"].get("measured"),
         "predicted_mb": summary["memory"].get("predicted_mb"),
         "train_wall_s": summary["wall_s"],
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         ok &= agree
         mine |= {
             "peak_memory_over_ddp": round(mine["peak_mb_rank0"] / ddp["peak_mb_rank0"], 3),
+            "peak_memory_over_ddp_per_rank": [
+                round(a / b, 3) for a, b in zip(mine["peak_mb_per_rank"] or [], ddp["peak_mb_per_rank"] or [])
+            ],
             "step_time_over_ddp": round(mine["s_per_step"] / ddp["s_per_step"], 3),
             "max_rel_loss_diff": worst,
             "losses_agree": agree,

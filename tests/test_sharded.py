@@ -156,6 +156,9 @@ def test_fsdp2_full_fine_tuning_gathers_the_whole_model_like_one_process(one_pro
     one, two = one_process["full"], tmp_path / "fsdp2"
     dstune_train(two, rows_file, *FULL, engine="fsdp2")
     assert_same_curve(curve(one), curve(two))
+    memory = json.loads((two / "summary.json").read_text())["memory"]  # each rank's peaks, rank 0 first
+    assert len(memory["measured_mb_per_rank"]) == len(memory["startup_mb_per_rank"]) == 2
+    assert memory["measured_mb"] == memory["measured_mb_per_rank"][0] and min(memory["startup_mb_per_rank"]) > 100
     a, b = (load_file(r / "final" / "model.safetensors") for r in (one, two))
     assert_same_tensors(a, b, atol=2e-5)
 

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from dstune.config import OBJECTIVE_FORMATS, RunConfig
 from dstune.core.facts import pad_id as pad_id_of
-from dstune.core.facts import resolve_precision
+from dstune.core.facts import peak_rss_mb, resolve_precision
 from dstune.core.forward import chunk_size
 from dstune.core.loss import TaskLosses
 from dstune.data import DataError, PreparedData, dropped_rows_warning
@@ -152,6 +152,7 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
     speed["precision"] = precision
     notes.append(f"speed: {speed}")
     model, optimizer = engine.prepare(model, optimizer)
+    speed["startup_peak_mb"] = round(peak_rss_mb(), 1)  # host memory once loaded and sharded
     penalty = before_first_step(cfg, engine, model, objective, data, tokenizer, template, pad, notes)
     run = Run(
         cfg,
@@ -292,7 +293,12 @@ def data_line(report: dict) -> str:
 
 
 def build_model(
-    cfg: RunConfig, resolved, labels: list[str], pad: int, device: torch.device, heads: dict | None = None
+    cfg: RunConfig,
+    resolved,
+    labels: list[str],
+    pad: int,
+    device: torch.device,
+    heads: dict | None = None,
 ):
     """The model pipeline: load, kernels, method, regularisation, casting, checkpointing, compile.
 

@@ -227,7 +227,7 @@ def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks, memory: d
         "trainable": run.trainable,
         "data": run.data.report,
         "speed": run.speed,
-        "memory": {**memory, **measured_peak(run.engine.device)},
+        "memory": {**memory, **peaks(run.engine, run.speed.get("startup_peak_mb"))},
         "wall_s": hooks.wall_s(),
     }
     if hooks.is_main:
@@ -235,6 +235,23 @@ def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks, memory: d
     return RunResult(
         run_dir.path, state.step, state.losses, val, final_dir, summary, run.unwrapped, run.cfg.task
     )
+
+
+def peaks(engine, startup_mb: float | None = None) -> dict:
+    """The measured peak (``plan.autofit.measured_peak``) of rank 0 and, in a multi-process run, of every
+    rank (``measured_mb_per_rank``), with each rank's host-memory peak once the model was loaded and
+    sharded (``startup_mb_per_rank``: under FSDP2 only rank 0 loads the weights). Every rank calls it."""
+    peak = measured_peak(engine.device)
+    if engine.num_processes > 1:
+        mine = torch.zeros(2, engine.num_processes, dtype=torch.float64, device=engine.device)
+        mine[0, engine.process_index] = peak["measured_mb"]
+        mine[1, engine.process_index] = startup_mb or 0.0
+        both = engine.reduce(mine, "sum").tolist()
+        peak["measured_mb_per_rank"] = [round(x, 1) for x in both[0]]
+        peak["measured_mb"] = peak["measured_mb_per_rank"][0]
+        if startup_mb is not None:
+            peak["startup_mb_per_rank"] = [round(x, 1) for x in both[1]]
+    return peak
 
 
 def save_final(model, tokenizer, chat_template: str | None, out: Path, weights: dict | None = None) -> Path:
