@@ -23,7 +23,7 @@ import json
 import math
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +53,6 @@ class ShardPlan:
     files: list[Path]  # the base's safetensors files
     updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # checkpoint weight -> (A, B, scaling)
     block: tuple[int, int] | None = None  # FP8 checkpoints: quantization_config.weight_block_size
-    notes: list[str] = field(default_factory=list)
 
 
 def plan_shard_merge(run_dir: str | Path) -> ShardPlan:

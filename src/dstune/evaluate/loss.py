@@ -141,12 +141,10 @@ def evaluate_classifier(
     groups = [[r for r in rows if r.get("task") == i] for i in range(len(names))] if by_task else [rows]
     y_true, probs, losses, tasks = [], [], [], []
     for i, group in enumerate(groups):
-        out = (
-            classifier_outputs(model, group, micro_batch_size, pad_id, accelerator, limit) if group else None
-        )
-        if out is not None:
-            y_true, probs, losses = y_true + out[0], probs + out[1], losses + out[2]
-            tasks += [i] * len(out[0])
+        if group:
+            got = classifier_outputs(model, group, micro_batch_size, pad_id, accelerator, limit)
+            y_true, probs, losses = y_true + got[0], probs + got[1], losses + got[2]
+            tasks += [i] * len(got[0])
     if not y_true:
         return {}
     y_pred = [predict_in_block(p, y, heads) for p, y in zip(probs, y_true)]

@@ -286,15 +286,13 @@ def _evaluate_head(
         if unknown:
             raise DataError(f"{data}: labels {unknown} are not among the labels {own} of task {task!r}")
         named = [{**ex, "label": f"{task}:{ex['label']}"} for ex in examples]
-    unknown = sorted({ex["label"] for ex in named} - set(head_labels))
-    if unknown:
+    elif unknown := sorted({ex["label"] for ex in examples} - set(head_labels)):
         raise DataError(
             f"{data}: labels {unknown} are not among the run's labels {head_labels} (labels.json)"
         )
     probs, loss, scored = _head_probabilities(loaded, named, head_labels, dc.max_length, batch_size)
     if heads:  # the task's own head: its classes and their probabilities (the block sums to 1)
-        head_labels = [name.split(":", 1)[1] for name in head_labels[start:end]]
-        probs = [p[start:end] for p in probs]
+        head_labels, probs = own, [p[start:end] for p in probs]
     result = {
         "run": str(run),
         "data": str(data),
