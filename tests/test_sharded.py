@@ -392,3 +392,44 @@ def test_out_of_memory_on_one_rank_stops_every_rank_and_the_run_resumes(rows_fil
                            "train.grad_accum=2", engine="fsdp2", micro=1)  # fmt: skip
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout
     assert json.loads((cut / "summary.json").read_text())["steps"] == 6
+
+
+def test_zero3_partitions_the_model_while_transformers_loads_it(tmp_path):
+    """ZeRO-3 loads inside ``deepspeed.zero.Init`` (``engine.loading``): every weight is partitioned as it is
+    created and filled layer by layer, so no rank holds the whole model; the parameter counts, the
+    optimizer's decay groups and the weights are those of the plain load, and a model loaded after the
+    block is plain again. One process (a group of one), tiny DeepSeek-V3 with its fused 3-D experts."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from dstune.config import RunConfig
+    from dstune.core.facts import full_shape
+    from dstune.methods.summary import trainable_summary
+    from dstune.models.load import load_model, resolve_model_dir
+    from dstune.train.engine import make_engine
+    from dstune.train.optim import build_optimizer
+
+    cfg = RunConfig.model_validate({
+        "model": {"name": "tiny:deepseek-v3"}, "data": {"train": str(tmp_path / "unused.jsonl")}, "method": "full",
+        "train": {"distributed": "zero3", "precision": "fp32"}, "output": str(tmp_path / "run"),
+    })  # fmt: skip
+    engine = make_engine(cfg)
+    resolved = resolve_model_dir(cfg.model.name)
+    plain = load_model(resolved)
+    with engine.loading(resolved.path):
+        assert is_deepspeed_zero3_enabled()
+        model = load_model(resolved)
+    assert not is_deepspeed_zero3_enabled()
+    whole = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        assert hasattr(p, "ds_id") and p.numel() == 0, name  # partitioned: the data lives in ds_tensor
+        assert full_shape(p) == whole[name].shape, name
+    assert trainable_summary(model) == trainable_summary(plain)
+    groups = [[p.shape if p.numel() else full_shape(p) for p in g["params"]] for g in
+              build_optimizer(model, cfg.optim, engine.device).param_groups]  # fmt: skip
+    assert groups == [[p.shape for p in g["params"]] for g in build_optimizer(plain, cfg.optim, engine.device).param_groups]
+    assert any(len(shape) == 3 for g in groups for shape in g)  # the fused experts, seen as 3-D
+    params = list(model.parameters())
+    with engine.deepspeed.zero.GatheredParameters(params):
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.data, whole[name].data, rtol=0, atol=0, msg=name)
+    assert not hasattr(load_model(resolved).lm_head.weight, "ds_id")

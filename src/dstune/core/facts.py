@@ -29,6 +29,18 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def numel(p: torch.Tensor) -> int:
+    """A parameter's element count, also when DeepSpeed ZeRO-3 has partitioned it (then ``numel()`` is 0
+    and ``ds_numel`` holds the whole count)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (an empty ``shape``, the whole
+    one in ``ds_shape``)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
 def file_sha256(path: str | Path | None) -> str | None:
     """SHA-256 of a file (hex), read in 1 MiB blocks; None when there is no such file."""
     if not path or not Path(path).is_file():

@@ -19,7 +19,7 @@ import peft
 import torch.nn as nn
 
 from dstune.config import RunConfig
-from dstune.core.facts import layer_index
+from dstune.core.facts import full_shape, layer_index
 from dstune.errors import UsageError
 from dstune.methods.freeze import first_top_layer
 from dstune.methods.lora_fast import make_lean
@@ -116,7 +116,7 @@ def expert_targets(model: nn.Module, experts: str) -> tuple[list[str], list[str]
     if not kinds:
         return [], []
     modules = [n for n in _linear_names(model) if _kind(n) in kinds]
-    params = [n for n, p in model.named_parameters() if p.ndim == 3 and param_kind(n) in kinds]
+    params = [n for n, p in model.named_parameters() if len(full_shape(p)) == 3 and param_kind(n) in kinds]
     if not modules and not params:
         raise UsageError(
             f"lora.experts={experts}: {type(model).__name__} has no "

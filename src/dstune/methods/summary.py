@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch.nn as nn
 
+from dstune.core.facts import numel
 from dstune.models.inspect import param_kind
 
 KIND_ORDER = [
@@ -42,9 +43,9 @@ def trainable_summary(model: nn.Module) -> dict[str, dict]:
             continue
         seen.add(id(p))
         kind = "adapter" if _is_adapter(name) else param_kind(name)
-        counts[kind]["trainable" if p.requires_grad else "frozen"] += p.numel()
+        counts[kind]["trainable" if p.requires_grad else "frozen"] += numel(p)
         if kind == "adapter" and p.requires_grad:
-            adapted[param_kind(name)] += p.numel()
+            adapted[param_kind(name)] += numel(p)
     if "adapter" in counts:
         counts["adapter"]["on"] = dict(adapted)
     return {k: counts[k] for k in KIND_ORDER + sorted(set(counts) - set(KIND_ORDER)) if k in counts}

@@ -118,9 +118,10 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
     template = resolve_chat_template(tokenizer, cfg.model.chat_template, resolved.family)
     data, notes = build_data(cfg, tokenizer, template)
     pad = pad_id_of(tokenizer)
-    model, speed, objective, regularization = build_model(
-        cfg, resolved, data.labels, pad, engine.device, data.heads
-    )
+    with engine.loading(resolved.path):
+        model, speed, objective, regularization = build_model(
+            cfg, resolved, data.labels, pad, engine.device, data.heads
+        )
     objective = sampling_objective(cfg, tokenizer, template, pad, model, data, engine) or objective
     trainable = trainable_summary(model)
     is_moe = bool(
@@ -326,11 +327,11 @@ def build_model(
     speed = describe(device, attention, liger, compile_layers(model, tc.compile), experts)
     chunk = (
         chunk_size(tc.chunk_tokens, model.get_output_embeddings().weight.shape[0])
-        if TASKS[cfg.task].tokens_per_row
+        if TASKS[cfg.task].tokens_per_row and tc.distributed != "zero3"
         else 0
     )
     if tc.distributed == "zero3":  # ZeRO-3 frees the head's weight after the forward: logits come from it
-        chunk, fused_ce = 0, None
+        fused_ce = None
     speed["chunk_tokens"] = chunk
     speed["split_by_length"] = length_split_overhead(tc.split_by_length, device.type, tc.distributed)
     tasks = task_losses(cfg)

@@ -72,3 +72,8 @@ class ProcessGroupEngine:
 
     def wait_for_everyone(self) -> None:
         dist.barrier()
+
+    def loading(self, model_dir: str):
+        """Around the model's load and method setup: every rank loads the whole model (the engine shards
+        it in ``prepare``), except under ZeRO-3 (``train/zero.py``)."""
+        return nullcontext()

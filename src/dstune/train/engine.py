@@ -8,7 +8,7 @@ other objects with the same methods; the loop does not change.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import torch
@@ -39,6 +39,7 @@ class Engine(Protocol):
     def gather_state(self, model, optimizer) -> Trainable: ...
     def load_state(self, model, optimizer, trainable: Trainable) -> None: ...
     def final_state(self, model) -> dict | None: ...
+    def loading(self, model_dir: str) -> AbstractContextManager: ...
 
 
 def make_engine(cfg: RunConfig) -> Engine:
@@ -83,5 +84,8 @@ def accelerate_engine(precision: str, cpu: bool) -> Engine:
 
         def final_state(self, model) -> None:
             return None  # save_pretrained reads the model's own weights
+
+        def loading(self, model_dir: str):
+            return nullcontext()  # every process loads the whole model
 
     return AccelerateEngine(mixed_precision=precision, cpu=cpu)

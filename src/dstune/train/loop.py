@@ -240,8 +240,8 @@ def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks, memory: d
 def peaks(engine, startup_mb: float | None = None) -> dict:
     """The measured peak (``plan.autofit.measured_peak``) of rank 0 and, in a multi-process run, of every
     rank (``measured_mb_per_rank``), with each rank's host-memory peak once the model was loaded and
-    sharded (``startup_mb_per_rank``: every rank loads the whole model before its engine shards it, see
-    docs/benchmarks.md "Sharded training"). Every rank calls it."""
+    sharded (``startup_mb_per_rank``: under fsdp2 and zero2 every rank loads the whole model before its
+    engine shards it, see docs/benchmarks.md "Sharded training"). Every rank calls it."""
     peak = measured_peak(engine.device)
     if engine.num_processes > 1:
         mine = torch.zeros(2, engine.num_processes, dtype=torch.float64, device=engine.device)

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from dstune.config import OptimConfig
-from dstune.core.facts import layer_index
+from dstune.core.facts import full_shape, layer_index, numel
 from dstune.errors import MissingExtra
 from dstune.models.classify import head_parameters
 from dstune.train.schedules import build_scheduler, lr_factor  # noqa: F401  (re-exported: the loop imports them here)
@@ -64,7 +64,7 @@ def describe_params(model: nn.Module) -> list[tuple[ParamInfo, nn.Parameter]]:
             part = "head"
         else:
             part = "other"
-        decay = not (p.ndim < 2 or "norm" in name.lower() or id(p) in embedding_ids)
+        decay = not (len(full_shape(p)) < 2 or "norm" in name.lower() or id(p) in embedding_ids)
         out.append(
             (ParamInfo(name, part, index if part == "layer" else None, decay, bool(_LORA_B.search(name))), p)
         )
@@ -129,7 +129,7 @@ def render_groups(optimizer: torch.optim.Optimizer) -> str:
     for g in optimizer.param_groups:
         lr = g.get("initial_lr", g["lr"])
         lines.append(
-            f"{g.get('name', '?'):<24}{len(g['params']):>8}{sum(p.numel() for p in g['params']):>14,}"
+            f"{g.get('name', '?'):<24}{len(g['params']):>8}{sum(numel(p) for p in g['params']):>14,}"
             f"{lr:>12.3g}{g.get('weight_decay', 0.0):>10.3g}"
         )
     return "\n".join(lines)

@@ -20,8 +20,10 @@ ranks: equal to one process within 1e-6 for ZeRO-2, ZeRO-3 and both with offload
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -68,6 +70,7 @@ class ZeroEngine(ProcessGroupEngine):
         self.cfg = cfg
         self.stage = ZERO_STAGE[cfg.train.distributed]
         self._boundary = True
+        os.environ.setdefault("LOCAL_RANK", "0")  # a one-process run (no torchrun): DeepSpeed reads it
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """``deepspeed.initialize`` with dstune's optimizer (its groups and lrs, which the lr schedule
@@ -78,13 +81,35 @@ class ZeroEngine(ProcessGroupEngine):
         config = deepspeed_config(self.cfg.train, self.cfg.optim, self.num_processes, hidden)
         if self.stage == 3 and (blocks := moe_blocks(model)):
             self.deepspeed.utils.set_z3_leaf_modules(model, blocks)
-        os.environ.setdefault("LOCAL_RANK", "0")  # a one-process run (no torchrun): DeepSpeed reads it
         engine, _, _, _ = self.deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.engine, self.optimizer = engine, ZeroOptimizer(engine, optimizer)
         return engine, self.optimizer
 
     def unwrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return getattr(model, "module", model)
+
+    @contextmanager
+    def loading(self, model_dir: str):
+        """ZeRO-3: transformers builds the model inside ``deepspeed.zero.Init`` (each parameter is split
+        over the ranks as it is created) and copies the checkpoint in layer by layer from rank 0, the
+        Hugging Face Trainer's way (``HfDeepSpeedConfig``), so no rank holds the whole model in memory.
+        Only for the load and the method's setup: a model loaded later in the process (a distillation
+        teacher, an evaluation) is not partitioned."""
+        if self.stage != 3:
+            yield
+            return
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
+        ds = deepspeed_config(self.cfg.train, self.cfg.optim, self.num_processes, hidden)
+        del ds["train_batch_size"]  # zero.Init checks it against a world of one: DeepSpeed is not started
+        keep = HfDeepSpeedConfig(ds)
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del keep
 
     @contextmanager
     def no_sync(self, model: torch.nn.Module):
