@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,9 +36,12 @@ def run(engine: str, args) -> dict:
            "--set", f"train.micro_batch_size={args.micro_batch}", "--set", f"data.max_length={args.max_length}",
            "--set", f"train.precision={args.precision}", "--set", "train.progress=false",
            "--set", "data.split=[1.0,0.0,0.0]", "--set", "train.seed=0"]  # fmt: skip
+    if engine != "auto":
+        cmd += [a for s in args.set for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    with NodeMemory() as node:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(f"{engine} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -50,12 +54,44 @@ def run(engine: str, args) -> dict:
         "peak_mb_rank0": summary["memory"]["measured_mb"],
         "peak_mb_per_rank": summary["memory"].get("measured_mb_per_rank"),
         "startup_mb_per_rank": summary["memory"].get("startup_mb_per_rank"),
+        "final_save_mb_per_rank": summary["memory"].get("final_save_mb_per_rank"),
         "measured": summary["memory"].get("measured"),
         "predicted_mb": summary["memory"].get("predicted_mb"),
         "train_wall_s": summary["wall_s"],
         "process_wall_s": round(wall, 1),
         "s_per_step": round(summary["wall_s"] / args.steps, 2),
+        "node_peak_mb": node.peak_mb,
     }
+
+
+class NodeMemory:
+    """The machine's peak memory in use while the run's ranks live: how far ``MemAvailable`` of
+    /proc/meminfo fell below its value at the start, sampled every 50 ms. Unlike the sum of the ranks' RSS it
+    counts memory the ranks share once, and not the page cache of memory-mapped checkpoint files (the
+    kernel can drop it). Nothing else may run on the machine meanwhile."""
+
+    def __enter__(self):
+        self.start = self.low = available_mb()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.05):
+            self.low = min(self.low, available_mb())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak_mb = round(self.start - self.low, 1)
+
+
+def available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="OMP threads per rank")
     p.add_argument("--out", default=None, help="where the runs go (default: a new temporary folder)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE for the sharded runs (not DDP)")
     args = p.parse_args(argv)
     args.out = args.out or tempfile.mkdtemp(prefix="dstune-bench-sharded-")
     ddp = run("auto", args)
@@ -86,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_memory_over_ddp_per_rank": [
                 round(a / b, 3) for a, b in zip(mine["peak_mb_per_rank"] or [], ddp["peak_mb_per_rank"] or [])
             ],
+            "node_peak_over_ddp": round(mine["node_peak_mb"] / ddp["node_peak_mb"], 3),
             "step_time_over_ddp": round(mine["s_per_step"] / ddp["s_per_step"], 3),
             "max_rel_loss_diff": worst,
             "losses_agree": agree,

@@ -74,7 +74,8 @@ HUB = {"deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": "tiny:r1-distill-qwen",
        # the recipes' models (examples/recipe-*.yaml name them in the config, see config_args)
        "deepseek-ai/deepseek-llm-7b-base": "tiny:deepseek-llm",
        "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": "tiny:r1-distill-qwen",
-       "deepseek-ai/DeepSeek-V2-Lite": "tiny:deepseek-v2"}
+       "deepseek-ai/DeepSeek-V2-Lite": "tiny:deepseek-v2",
+       "deepseek-ai/DeepSeek-V3": "tiny:deepseek-v3"}
 OFFLINE_HUB = {"inspect", "plan"}  # subcommands that read a hub id's architecture from dstune's tables
 NETWORK = {"postgresql://user:pass@db-host/studies": "sqlite:///{work}/shared-study.db"}
 ALIASES = {"runs/lora-r8": "runs/my-run", "runs/lora-r16": "runs/lora-deepseek-v3-tiny"}

@@ -137,3 +137,29 @@ def test_lora_trains_on_the_fp8_checkpoint_and_merges_into_a_plain_one(fp8_v3, t
     adapted = "model.layers.0.self_attn.o_proj.weight"  # a LoRA target: base + the trained update
     base = dequantise(stored[adapted], stored[adapted + "_scale_inv"])
     assert not torch.allclose(merged.get_parameter(adapted), base)
+
+
+def test_dstune_dequantize_writes_the_plain_checkpoint_transformers_would_load(fp8_v3, tmp_path):
+    """``dstune dequantize`` (what ZeRO-3 needs: it partitions a plain checkpoint while loading) rewrites the
+    FP8 weights tensor by tensor: the result loads without a quantization_config into exactly the weights
+    transformers de-quantises on its own, in shards with an index, with the tokenizer beside them."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "plain"
+    done = subprocess.run([sys.executable, "-m", "dstune.cli", "dequantize", str(fp8_v3), "-o", str(out),
+                           "--dtype", "fp32", "--max-shard-size", "100KB"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    stored = load_file(fp8_v3 / "model.safetensors")
+    assert f"de-quantised {sum(n.endswith('_scale_inv') for n in stored)} FP8 weights" in done.stdout
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
+    written = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    assert not any(k.endswith("_scale_inv") for k in written) and all(v.dtype != torch.float8_e4m3fn for v in written.values())
+    plain, fp8 = (dict(load_model(d, dtype=torch.float32).named_parameters()) for d in (out, fp8_v3))
+    assert sorted(plain) == sorted(fp8)
+    for name, p in fp8.items():
+        torch.testing.assert_close(plain[name], p, rtol=0, atol=0, msg=name)
+    again = subprocess.run([sys.executable, "-m", "dstune.cli", "dequantize", str(out), "-o", str(tmp_path / "x")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert again.returncode != 0 and "its weights are not FP8" in " ".join((again.stdout + again.stderr).split())

@@ -178,13 +178,15 @@ def _recipes():
 def test_each_recipe_names_its_gpu_and_fits_it(path):
     import re
 
+    from dstune.config.deepspeed import ZERO_STAGE
     from dstune.plan.search import plan
 
-    found = re.search(r"dstune plan examples/\S+ --gpu (\S+)", path.read_text(encoding="utf-8"))
+    found = re.search(r"dstune plan examples/\S+ --gpu (\S+)(?: --nodes (\d+))?", path.read_text(encoding="utf-8"))
     assert found, f"{path.name} does not say which GPU it was planned for"
     cfg = load_config(path)
     assert cfg.model.name.startswith("deepseek-ai/")  # a real model, planned from dstune's offline tables
-    asked, budget, _, _ = plan(cfg, found.group(1), Setup())
+    setup = Setup(nodes=int(found.group(2) or 1), zero=ZERO_STAGE[cfg.train.distributed])
+    asked, budget, _, _ = plan(cfg, found.group(1), setup)
     assert asked.total <= budget, f"{path.name}: {asked.total / 2**30:.1f} GiB on {found.group(1)}"
 
 
@@ -195,5 +197,7 @@ def test_the_recipes_cover_the_guides_three_scenarios():
     dialogue = by_model["deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"]
     assert (dialogue.lora.r, dialogue.lora.alpha, dialogue.train.gradient_checkpointing) == (8, 32, True)
     assert 1 <= dialogue.train.epochs <= 2
+    v3 = by_model["deepseek-ai/DeepSeek-V3"]  # the multi-node one: ZeRO-3, which partitions while it loads
+    assert (v3.method, v3.train.distributed, v3.train.precision) == ("lora", "zero3", "bf16")
     low = by_model["deepseek-ai/DeepSeek-V2-Lite"]
     assert (low.method, low.qlora.bits, low.lora.r, low.lora.alpha, low.train.grad_accum) == ("qlora", 4, 4, 8, 16)

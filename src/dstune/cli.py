@@ -490,6 +490,37 @@ def merge(
     )
 
 
+@app.command("dequantize")
+def dequantize(
+    model: str = typer.Argument(
+        ..., help="an FP8 checkpoint: a local directory or hub id (DeepSeek-V3/R1/V3.2)"
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the plain checkpoint"),
+    dtype: str = typer.Option("bf16", "--dtype", help="bf16 | fp32: dtype of the written weights"),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="safetensors shard size"),
+) -> None:
+    """Rewrite FP8 weights as plain bf16/fp32, one tensor at a time (no GPU, one tensor in memory).
+
+    Needed before training a V3/R1 checkpoint with train.distributed=zero3: DeepSpeed partitions a plain
+    checkpoint while it loads, while transformers loads an FP8 one whole in every process.
+    """
+    from dstune.merge_shards import NotShardable, dequantize_checkpoint
+    from dstune.models.load import resolve_model_dir
+
+    if dtype not in ("fp32", "bf16"):
+        _fail(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    if out.exists() and any(out.iterdir()):
+        _fail(f"--out {out} is not empty: give a new directory")
+    try:
+        count = dequantize_checkpoint(
+            resolve_model_dir(model).path, out, dtype=dtype, max_shard_size=max_shard_size
+        )
+    except (DstuneError, NotShardable) as exc:
+        _fail(str(exc))
+    console.print(f"de-quantised {count} FP8 weights into {out} ({dtype}); train from it with --model {out}",
+                  highlight=False)  # fmt: skip
+
+
 @app.command("chat")
 def chat(
     target: str = typer.Argument(

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dstune.core.shards import parse_size, write_shards  # noqa: F401  (parse_size: re-exported)
 from dstune.errors import DstuneError
 from dstune.rundir import RunDir
 
@@ -189,42 +189,6 @@ def merged_tensors(plan: ShardPlan, dtype: torch.dtype):
             yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def write_shards(tensors, out: Path, max_bytes: int) -> dict[str, str]:
-    """Writes ``tensors`` into safetensors shards of at most ``max_bytes`` (one tensor may exceed it) named as
-    ``save_pretrained`` names them, and the index when there are several. Returns the weight map."""
-    from safetensors.torch import save_file
-
-    parts, current, size = [], {}, 0
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            part = out / f".part-{len(parts):05d}.safetensors"
-            save_file(current, str(part), metadata={"format": "pt"})
-            parts.append((part, list(current)))
-            current, size = {}, 0
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_bytes:
-            flush()
-        current[name] = tensor.contiguous()
-        size += nbytes
-    flush()
-    weight_map: dict[str, str] = {}
-    for i, (part, names) in enumerate(parts):
-        final = (
-            "model.safetensors" if len(parts) == 1 else f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
-        )
-        part.rename(out / final)
-        weight_map.update(dict.fromkeys(names, final))
-    if len(parts) > 1:
-        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-        index["metadata"]["total_size"] = sum((out / f).stat().st_size for f in set(weight_map.values()))
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    return weight_map
-
-
 def write_config(plan: ShardPlan, out: Path, dtype: str) -> None:
     """The base's config with the written dtype, and without the FP8 ``quantization_config`` once
     de-quantised; its generation config and, for remote code (``auto_map``), its Python files."""
@@ -242,20 +206,52 @@ def write_config(plan: ShardPlan, out: Path, dtype: str) -> None:
             shutil.copyfile(py, out / py.name)
 
 
-def parse_size(text: str) -> int:
-    """``--max-shard-size`` in bytes: ``2GB``, ``500MB``, ``1GiB`` or a number of bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", text, flags=re.IGNORECASE)
-    if not match:
-        from dstune.errors import UsageError
-
-        raise UsageError(f"--max-shard-size {text!r}: give a size such as 2GB, 500MB or 1GiB")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    power = "BKMGT".index(unit[0]) if unit != "B" else 0
-    return int(number * (1024 if "I" in unit else 1000) ** power)
-
-
 def merge_by_shards(plan: ShardPlan, out: Path, *, dtype: str = "fp32", max_shard_size: str = "2GB") -> None:
     """Writes the merged weights and config of ``plan`` into ``out`` (the caller writes the tokenizer and
     clears ``out`` on failure)."""
     write_shards(merged_tensors(plan, _DTYPES[dtype]), out, parse_size(max_shard_size))
     write_config(plan, out, dtype)
+
+
+def dequantize_checkpoint(
+    base: str | Path, out: Path, *, dtype: str = "bf16", max_shard_size: str = "5GB"
+) -> int:
+    """``dstune dequantize``: an FP8 checkpoint (the official V3/R1/V3.2 weights) rewritten as plain
+    ``dtype`` weights, one tensor at a time (DeepSeek's ``fp8_cast_bf16.py`` does the same). A plain
+    checkpoint is what DeepSpeed ZeRO-3 partitions while it loads (``zero.Init``); transformers loads an
+    FP8 one whole in every process. Returns the number of tensors de-quantised.
+
+    Raises:
+        NotShardable: ``base`` is not a safetensors checkpoint with an FP8 ``quantization_config``.
+    """
+    base = Path(base)
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    quant = config.get("quantization_config") or {}
+    if quant.get("quant_method") != "fp8" or not quant.get("weight_block_size"):
+        raise NotShardable(
+            f"{base}/config.json has no quantization_config with quant_method fp8 and a weight_block_size: "
+            "its weights are not FP8, nothing to de-quantise"
+        )
+    plan = ShardPlan(base, _base_files(base), {}, tuple(quant["weight_block_size"]))
+    with_scales = [n for n, _ in _names(plan) if n.endswith(".weight_scale_inv")]
+    out.mkdir(parents=True, exist_ok=True)
+    write_shards(merged_tensors(plan, _DTYPES[dtype]), out, parse_size(max_shard_size))
+    write_config(plan, out, dtype)
+    skip = {"config.json", "model.safetensors.index.json", "generation_config.json"}
+    for path in base.iterdir():  # tokenizer, chat template and the like, as they are
+        if (
+            path.is_file()
+            and path.suffix != ".safetensors"
+            and path.name not in skip
+            and not path.name.endswith(".py")
+        ):
+            shutil.copyfile(path, out / path.name)
+    return len(with_scales)
+
+
+def _names(plan: ShardPlan):
+    from safetensors import safe_open
+
+    for path in plan.files:
+        with safe_open(str(path), "pt") as f:
+            yield from ((name, path) for name in f.keys())

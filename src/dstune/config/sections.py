@@ -398,6 +398,11 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="0: evaluate only at the end")
     save_every: int = Field(0, ge=0, description="0: checkpoint only at the end")
     keep_checkpoints: int = Field(3, ge=0, description="keep the newest K checkpoints; 0 keeps all")
+    save_shard_size: str = Field(
+        "5GB",
+        description="the largest safetensors file of final/ when a sharded run (fsdp2, zero2, zero3) saves a "
+        "whole model: rank 0 gathers and holds one such file at a time",
+    )
     packing: bool = Field(
         False, description="pack several examples per row (no padding; attention stays per example)"
     )
@@ -448,6 +453,17 @@ class TrainConfig(_Section):
     )
     best_mode: Literal["auto", "min", "max"] = Field("auto", description="auto: min for loss/ppl, else max")
     progress: bool = Field(True, description="show a progress bar")
+
+    @field_validator("save_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        from dstune.core.shards import parse_size
+
+        try:
+            parse_size(value)
+        except Exception:
+            raise ValueError(f"{value!r}: give a size such as 5GB, 500MB or 1GiB") from None
+        return value
 
     @field_validator("split_by_length", "liger", mode="before")
     @classmethod

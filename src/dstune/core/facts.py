@@ -83,6 +83,33 @@ def peak_rss_mb() -> float:
     return peak / _MB if sys.platform == "darwin" else peak / 1024
 
 
+class HostPeak:
+    """The host memory a block of code adds at its peak (MB): ``VmHWM`` reset when the block starts (Linux's
+    ``/proc/self/clear_refs``), read when it ends, less the resident memory at the start; None where the
+    kernel has no such files."""
+
+    mb: float | None = None
+
+    def __enter__(self) -> "HostPeak":
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.start = _status_mb("VmRSS")
+        except OSError:
+            self.start = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.start is not None:
+            self.mb = round(_status_mb("VmHWM") - self.start, 1)
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {key}")
+
+
 def native_bf16(device_type: str) -> str | None:
     """Why this machine computes bf16 matmuls natively (a line for the run's log), or None when it would
     emulate them: a CUDA GPU torch says supports bf16 (Ampere and later), or a CPU with ``avx512_bf16``

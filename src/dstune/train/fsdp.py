@@ -6,9 +6,10 @@ weights only while that layer computes. accelerate is not used here on purpose: 
 drops its FSDP plugin and wraps the model in plain DDP (DESIGN.md), so this engine calls torch directly
 and has the methods of ``accelerate.Accelerator`` the loop uses (``engine.Engine``).
 
-Checkpoints and the final adapter or model are gathered with torch's state-dict API
+Checkpoints and the final adapter are gathered with torch's state-dict API
 (``torch.distributed.checkpoint.state_dict``) into the same safetensors files a one-process run writes;
-rank 0 holds the gathered trainable state in CPU memory while it writes them (see ``gather_state``).
+rank 0 holds the gathered trainable state in CPU memory while it writes them (see ``gather_state``). A
+full model's final save gathers one weight at a time as it writes (``stream_save``).
 torch's own sharded checkpoint files (DCP) are not used: their metadata is a pickle.
 """
 
@@ -21,6 +22,7 @@ import torch
 from dstune.errors import UsageError
 from dstune.train.checkpoint import Trainable, group_names
 from dstune.train.dist import ProcessGroupEngine
+from dstune.train.stream_save import gathered
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -119,13 +121,15 @@ class Fsdp2Engine(ProcessGroupEngine):
         by_name = trainable.named_optimizer()
         set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
-    def final_state(self, model) -> dict:
-        """What ``save_pretrained`` writes, gathered on rank 0: the adapter's weights (frozen base weights
-        are not saved with an adapter), or every weight of a full or partly frozen model."""
+    def final_state(self, model):
+        """What ``save_pretrained`` writes: an adapter's weights gathered on rank 0 (frozen base weights are
+        not saved with an adapter), or, for a full or partly frozen model, every weight gathered one at a
+        time as it is written (``stream_save``), so rank 0 never holds the whole model."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        adapter = hasattr(model, "peft_config")
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapter)
+        if not hasattr(model, "peft_config"):
+            return gathered(model, lambda name, t: full(t), self.is_main_process)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         return get_model_state_dict(model, options=opts)
 
 

@@ -19,7 +19,8 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from dstune.config import RunConfig, save_config
-from dstune.core.facts import file_sha256
+from dstune.core.facts import HostPeak, file_sha256
+from dstune.core.shards import parse_size
 from dstune.errors import DstuneError
 from dstune.plan.autofit import apply_auto_fit, measured_peak, predicted_peak_mb
 from dstune.quiet import output_console
@@ -34,6 +35,7 @@ from dstune.train.objective import Objective, SupervisedObjective
 from dstune.train.optim import clip_gradients
 from dstune.train.schedules import change_length, phased_factor
 from dstune.train.state import TrainState
+from dstune.train.stream_save import MAX_SHARD_BYTES, drain, save_streamed
 from dstune.train.tasks import TASKS
 
 
@@ -214,9 +216,19 @@ def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks, memory: d
         state.step, end_val, run.unwrapped, hooks.validate
     )  # keep_best restores the best
     final_dir = None
-    weights = run.engine.final_state(run.unwrapped)  # every rank: a sharded engine gathers them on rank 0
+    memory = {**memory, **peaks(run.engine, run.speed.get("startup_peak_mb"))}  # the training's peaks
+    with HostPeak() as saving:
+        # Every rank: a sharded engine gathers an adapter on rank 0, or a whole model one tensor at a time.
+        weights = run.engine.final_state(run.unwrapped)
+        if hooks.is_main:
+            final_dir = save_final(
+                run.unwrapped, run.tokenizer, run.template, run_dir / RunDir.FINAL, weights,
+                parse_size(run.cfg.train.save_shard_size),
+            )  # fmt: skip
+        elif weights is not None and not isinstance(weights, dict):
+            drain(weights)
+    memory |= per_rank(run.engine, "final_save_mb", saving.mb)
     if hooks.is_main:
-        final_dir = save_final(run.unwrapped, run.tokenizer, run.template, run_dir / RunDir.FINAL, weights)
         plot_loss(run_dir.path)
     hooks.logger.close()
     summary = {
@@ -227,7 +239,7 @@ def finish(run: Run, run_dir: RunDir, state: TrainState, hooks: Hooks, memory: d
         "trainable": run.trainable,
         "data": run.data.report,
         "speed": run.speed,
-        "memory": {**memory, **peaks(run.engine, run.speed.get("startup_peak_mb"))},
+        "memory": memory,
         "wall_s": hooks.wall_s(),
     }
     if hooks.is_main:
@@ -241,29 +253,43 @@ def peaks(engine, startup_mb: float | None = None) -> dict:
     """The measured peak (``plan.autofit.measured_peak``) of rank 0 and, in a multi-process run, of every
     rank (``measured_mb_per_rank``), with each rank's host-memory peak once the model was loaded and
     sharded (``startup_mb_per_rank``: under fsdp2 and zero2 every rank loads the whole model before its
-    engine shards it, see docs/benchmarks.md "Sharded training"). Every rank calls it."""
+    engine shards it, see docs/benchmarks.md "Sharded training"). Every rank calls it, before the final
+    save (whose host memory ``finish`` measures apart: ``final_save_mb``)."""
     peak = measured_peak(engine.device)
     if engine.num_processes > 1:
-        mine = torch.zeros(2, engine.num_processes, dtype=torch.float64, device=engine.device)
-        mine[0, engine.process_index] = peak["measured_mb"]
-        mine[1, engine.process_index] = startup_mb or 0.0
-        both = engine.reduce(mine, "sum").tolist()
-        peak["measured_mb_per_rank"] = [round(x, 1) for x in both[0]]
-        peak["measured_mb"] = peak["measured_mb_per_rank"][0]
+        peak |= per_rank(engine, "measured_mb", peak["measured_mb"])
         if startup_mb is not None:
-            peak["startup_mb_per_rank"] = [round(x, 1) for x in both[1]]
+            peak["startup_mb_per_rank"] = per_rank(engine, "startup_mb", startup_mb)["startup_mb_per_rank"]
     return peak
 
 
-def save_final(model, tokenizer, chat_template: str | None, out: Path, weights: dict | None = None) -> Path:
+def per_rank(engine, key: str, value: float | None) -> dict:
+    """``{key: rank 0's value}`` and, in a multi-process run, ``{key}_per_rank`` (every rank calls it)."""
+    if value is None:
+        return {}
+    if engine.num_processes == 1:
+        return {key: value}
+    mine = torch.zeros(engine.num_processes, dtype=torch.float64, device=engine.device)
+    mine[engine.process_index] = value
+    every = [round(x, 1) for x in engine.reduce(mine, "sum").tolist()]
+    return {key: every[0], f"{key}_per_rank": every}
+
+
+def save_final(
+    model, tokenizer, chat_template: str | None, out: Path, weights=None, max_bytes: int = MAX_SHARD_BYTES
+) -> Path:
     """Saves the trained model: an adapter in peft's format, or a full model, plus the tokenizer.
 
     ``save_pretrained`` writes safetensors in both cases, so plain transformers/peft load the result;
-    ``weights``: the model's weights gathered from a sharded engine (None: the model's own).
+    ``weights``: the model's weights gathered from a sharded engine (None: the model's own), a dict, or
+    for a whole model an iterator that gathers them one at a time while they are written (``stream_save``).
     """
     out.mkdir(parents=True, exist_ok=True)
-    extra = {"state_dict": weights} if weights is not None else {}
-    model.save_pretrained(str(out), safe_serialization=True, **extra)
+    if weights is not None and not isinstance(weights, dict):
+        save_streamed(model, weights, out, max_bytes)
+    else:
+        extra = {"state_dict": weights} if weights is not None else {}
+        model.save_pretrained(str(out), safe_serialization=True, **extra)
     if chat_template and not tokenizer.chat_template:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(str(out))

@@ -31,6 +31,7 @@ from dstune.config import RunConfig
 from dstune.config.deepspeed import ZERO_STAGE, deepspeed_config
 from dstune.train.checkpoint import Trainable, group_names
 from dstune.train.dist import ProcessGroupEngine
+from dstune.train.stream_save import gathered, gathered_named
 
 
 def import_deepspeed():
@@ -212,24 +213,26 @@ class ZeroEngine(ProcessGroupEngine):
             for i in range(len(opt.fp16_groups)):
                 opt._reassign_or_swap_out_partitioned_parameters(i)
 
-    def final_state(self, model) -> dict:
-        """What ``save_pretrained`` writes, gathered on rank 0: the trained fp32 weights (the master
-        copy), plus, for a full or partly frozen model, the frozen ones."""
+    def final_state(self, model):
+        """What ``save_pretrained`` writes: an adapter's trained fp32 weights (the master copy) gathered on
+        rank 0, or, for a full or partly frozen model, every weight gathered one at a time as it is
+        written (``stream_save``): the trained ones from the fp32 master, the frozen ones as they are."""
+        if hasattr(model, "peft_config"):
+            trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            pairs = gathered_named(trained, self._whole, self.is_main_process)
+            return {n: t for n, t in pairs if t is not None}
+        return gathered(model, self._whole, self.is_main_process)
+
+    def _whole(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """One parameter's whole value (every rank calls it): the fp32 master of a trained one."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        adapter = hasattr(model, "peft_config")
-        out = {}
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                value = safe_get_full_fp32_param(p).reshape(getattr(p, "ds_shape", p.shape))
-            elif adapter:
-                continue
-            else:
-                with self.deepspeed.zero.GatheredParameters([p]):
-                    value = p.detach()
-            if self.is_main_process:
-                out[name] = value.detach().cpu().clone()
-        return out
+        if p.requires_grad:
+            return safe_get_full_fp32_param(p).reshape(getattr(p, "ds_shape", p.shape))
+        if not hasattr(p, "ds_id"):  # ZeRO-2 keeps the weights whole; a buffer
+            return p.detach()
+        with self.deepspeed.zero.GatheredParameters([p]):
+            return p.detach().clone()
 
 
 class ZeroOptimizer:
