@@ -154,13 +154,21 @@ def test_fsdp2_full_fine_tuning_gathers_the_whole_model_like_one_process(one_pro
     """Full fine-tuning shards every weight; the final model is gathered into the safetensors file
     transformers loads, equal to the one-process model."""
     one, two = one_process["full"], tmp_path / "fsdp2"
-    dstune_train(two, rows_file, *FULL, engine="fsdp2")
+    # Files of 10 MB: the 66 MB model is gathered and written one weight at a time into several files.
+    dstune_train(two, rows_file, *FULL, "--set", "train.save_shard_size=10MB", engine="fsdp2")
     assert_same_curve(curve(one), curve(two))
     memory = json.loads((two / "summary.json").read_text())["memory"]  # each rank's peaks, rank 0 first
     assert len(memory["measured_mb_per_rank"]) == len(memory["startup_mb_per_rank"]) == 2
     assert memory["measured_mb"] == memory["measured_mb_per_rank"][0] and min(memory["startup_mb_per_rank"]) > 100
-    a, b = (load_file(r / "final" / "model.safetensors") for r in (one, two))
+    assert len(memory["final_save_mb_per_rank"]) == 2
+    files = sorted((two / "final").glob("*.safetensors"))
+    assert len(files) > 2 and (two / "final" / "model.safetensors.index.json").is_file()
+    a = load_file(one / "final" / "model.safetensors")
+    b = {k: v for f in files for k, v in load_file(f).items()}
     assert_same_tensors(a, b, atol=2e-5)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(two / "final")).config.architectures == ["LlamaForCausalLM"]
 
 
 @pytest.mark.slow  # ~45 s per engine: a killed two-rank run and its resume
