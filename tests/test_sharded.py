@@ -289,6 +289,7 @@ def test_the_launch_exits_with_the_code_of_the_rank_that_ended_first_not_of_thos
         (["objective=grpo"], "objective=grpo"),
         (["train.split_by_length=on"], "train.split_by_length=on"),
         (["regularize.ewc_lambda=1", "regularize.ewc_data=x.jsonl"], "regularize.ewc_lambda"),
+        (["lora.init=pissa"], "lora.init=pissa"),  # it crashed at the final save (checked on fsdp2 and zero3)
     ],
 )
 def test_what_fsdp2_cannot_run_is_refused_by_key_before_anything_is_written(sets, key, tmp_path):
@@ -416,6 +417,12 @@ def test_zero3_partitions_the_model_while_transformers_loads_it(tmp_path):
     from dstune.train.engine import make_engine
     from dstune.train.optim import build_optimizer
 
+    qlora = RunConfig.model_validate({
+        "model": {"name": "tiny:deepseek-llm"}, "data": {"train": str(tmp_path / "unused.jsonl")}, "method": "qlora",
+        "train": {"distributed": "zero3", "precision": "fp32"}, "output": str(tmp_path / "run"),
+    })  # fmt: skip
+    with make_engine(qlora).loading(resolve_model_dir(qlora.model.name).path):
+        assert not is_deepspeed_zero3_enabled()  # a quantised model is loaded whole, and peft must know it
     cfg = RunConfig.model_validate({
         "model": {"name": "tiny:deepseek-v3"}, "data": {"train": str(tmp_path / "unused.jsonl")}, "method": "full",
         "train": {"distributed": "zero3", "precision": "fp32"}, "output": str(tmp_path / "run"),

@@ -265,6 +265,11 @@ class RunConfig(_Section):
                 "the gradients live in DeepSpeed's partitions, not in .grad",
             ),
             "stability.diag_every": (zero and bool(self.stability.diag_every), "it reads .grad per layer"),
+            f"lora.init={self.lora.init}": (
+                self.method in ("lora", "qlora") and self.lora.init in ("pissa", "pissa_fast", "olora"),
+                "peft converts the trained adapter to plain LoRA at the final save by loading the initial "
+                "one into the model, which a sharded model's gathered weights bypass",
+            ),
         }
         for key, (on, why) in refused.items():
             if on:

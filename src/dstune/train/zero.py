@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -96,12 +97,20 @@ class ZeroEngine(ProcessGroupEngine):
         Hugging Face Trainer's way (``HfDeepSpeedConfig``), so no rank holds the whole model in memory.
         Only for the load and the method's setup: a model loaded later in the process (a distillation
         teacher, an evaluation) is not partitioned."""
-        if self.stage != 3:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        if self.stage != 3 or self.cfg.method == "qlora" or config.get("quantization_config"):
+            # transformers loads a quantised model whole in every process (no zero.Init), and peft's setup
+            # must then not treat its weights as partitioned
+            if self.stage == 3 and config.get("quantization_config") and self.is_main_process:
+                warnings.warn(
+                    f"{model_dir} stores quantised (e.g. FP8) weights, which every rank loads whole; "
+                    "`dstune dequantize` it first so that ZeRO-3 partitions the model while it loads",
+                    stacklevel=3,
+                )
             yield
             return
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
         hidden = config.get("hidden_size") or (config.get("text_config") or {}).get("hidden_size")
         ds = deepspeed_config(self.cfg.train, self.cfg.optim, self.num_processes, hidden)
         del ds["train_batch_size"]  # zero.Init checks it against a world of one: DeepSpeed is not started
