@@ -403,7 +403,7 @@ def test_out_of_memory_on_one_rank_stops_every_rank_and_the_run_resumes(rows_fil
     assert json.loads((cut / "summary.json").read_text())["steps"] == 6
 
 
-def test_zero3_partitions_the_model_while_transformers_loads_it(tmp_path):
+def test_zero3_partitions_the_model_while_transformers_loads_it(tmp_path, monkeypatch):
     """ZeRO-3 loads inside ``deepspeed.zero.Init`` (``engine.loading``): every weight is partitioned as it is
     created and filled layer by layer, so no rank holds the whole model; the parameter counts, the
     optimizer's decay groups and the weights are those of the plain load, and a model loaded after the
@@ -417,6 +417,9 @@ def test_zero3_partitions_the_model_while_transformers_loads_it(tmp_path):
     from dstune.train.engine import make_engine
     from dstune.train.optim import build_optimizer
 
+    # A one-process ZeRO engine sets LOCAL_RANK for DeepSpeed; the test's process must not keep it, or the
+    # runs later tests start in it would take themselves for torchrun ranks.
+    monkeypatch.setenv("LOCAL_RANK", "0")
     qlora = RunConfig.model_validate({
         "model": {"name": "tiny:deepseek-llm"}, "data": {"train": str(tmp_path / "unused.jsonl")}, "method": "qlora",
         "train": {"distributed": "zero3", "precision": "fp32"}, "output": str(tmp_path / "run"),

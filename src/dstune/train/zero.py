@@ -72,7 +72,8 @@ class ZeroEngine(ProcessGroupEngine):
         self.cfg = cfg
         self.stage = ZERO_STAGE[cfg.train.distributed]
         self._boundary = True
-        os.environ.setdefault("LOCAL_RANK", "0")  # a one-process run (no torchrun): DeepSpeed reads it
+        # A one-process run (no torchrun): DeepSpeed reads LOCAL_RANK from zero.Init to the end of training.
+        os.environ.setdefault("LOCAL_RANK", "0")
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """``deepspeed.initialize`` with dstune's optimizer (its groups and lrs, which the lr schedule
