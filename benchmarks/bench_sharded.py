@@ -8,8 +8,10 @@ CPU) and once per engine in ``--engines``, in one invocation:
     .venv/bin/python benchmarks/bench_sharded.py --engines fsdp2,zero2,zero3,zero3-offload
 
 Peak memory is each rank's (``summary.json: memory``, ``measured_mb_per_rank``: CUDA's max allocated on a
-GPU, else the peak RSS of the process, which includes the Python/torch runtime both sides share). The per-step losses of
-the two engines must agree (rel 1e-4 in fp32): memory must not come from changed maths.
+GPU, else the peak RSS of the process, which includes the Python/torch runtime both sides share), and the machine's
+(``node_peak_mb``: how far ``MemAvailable`` fell during the run; nothing else may run meanwhile). ``--set KEY=VALUE``
+applies to the sharded runs only. The per-step losses of the two engines must agree (rel 1e-4 in fp32): memory must
+not come from changed maths.
 """
 
 from __future__ import annotations
