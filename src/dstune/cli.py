@@ -504,7 +504,7 @@ def dequantize(
     Needed before training a V3/R1 checkpoint with train.distributed=zero3: DeepSpeed partitions a plain
     checkpoint while it loads, while transformers loads an FP8 one whole in every process.
     """
-    from dstune.merge_shards import NotShardable, dequantize_checkpoint
+    from dstune.merge_shards import dequantize_checkpoint
     from dstune.models.load import resolve_model_dir
 
     if dtype not in ("fp32", "bf16"):
@@ -515,7 +515,7 @@ def dequantize(
         count = dequantize_checkpoint(
             resolve_model_dir(model).path, out, dtype=dtype, max_shard_size=max_shard_size
         )
-    except (DstuneError, NotShardable) as exc:
+    except DstuneError as exc:  # NotShardable among them: not an FP8 checkpoint
         _fail(str(exc))
     console.print(f"de-quantised {count} FP8 weights into {out} ({dtype}); train from it with --model {out}",
                   highlight=False)  # fmt: skip

@@ -233,10 +233,9 @@ def dequantize_checkpoint(
             "its weights are not FP8, nothing to de-quantise"
         )
     plan = ShardPlan(base, _base_files(base), {}, tuple(quant["weight_block_size"]))
-    with_scales = [n for n, _ in _names(plan) if n.endswith(".weight_scale_inv")]
+    scales = sum(name.endswith(".weight_scale_inv") for name in _keys(plan.files))
     out.mkdir(parents=True, exist_ok=True)
-    write_shards(merged_tensors(plan, _DTYPES[dtype]), out, parse_size(max_shard_size))
-    write_config(plan, out, dtype)
+    merge_by_shards(plan, out, dtype=dtype, max_shard_size=max_shard_size)  # no updates: de-quantised only
     skip = {"config.json", "model.safetensors.index.json", "generation_config.json"}
     for path in base.iterdir():  # tokenizer, chat template and the like, as they are
         if (
@@ -246,12 +245,13 @@ def dequantize_checkpoint(
             and not path.name.endswith(".py")
         ):
             shutil.copyfile(path, out / path.name)
-    return len(with_scales)
+    return scales
 
 
-def _names(plan: ShardPlan):
+def _keys(files: list[Path]):
+    """The tensor names of safetensors ``files``, read from their headers."""
     from safetensors import safe_open
 
-    for path in plan.files:
+    for path in files:
         with safe_open(str(path), "pt") as f:
-            yield from ((name, path) for name in f.keys())
+            yield from f.keys()

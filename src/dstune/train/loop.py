@@ -35,7 +35,7 @@ from dstune.train.objective import Objective, SupervisedObjective
 from dstune.train.optim import clip_gradients
 from dstune.train.schedules import change_length, phased_factor
 from dstune.train.state import TrainState
-from dstune.train.stream_save import MAX_SHARD_BYTES, drain, save_streamed
+from dstune.train.stream_save import drain, save_streamed
 from dstune.train.tasks import TASKS
 
 
@@ -276,13 +276,14 @@ def per_rank(engine, key: str, value: float | None) -> dict:
 
 
 def save_final(
-    model, tokenizer, chat_template: str | None, out: Path, weights=None, max_bytes: int = MAX_SHARD_BYTES
+    model, tokenizer, chat_template: str | None, out: Path, weights=None, max_bytes: int | None = None
 ) -> Path:
     """Saves the trained model: an adapter in peft's format, or a full model, plus the tokenizer.
 
     ``save_pretrained`` writes safetensors in both cases, so plain transformers/peft load the result;
     ``weights``: the model's weights gathered from a sharded engine (None: the model's own), a dict, or
-    for a whole model an iterator that gathers them one at a time while they are written (``stream_save``).
+    for a whole model an iterator that gathers them one at a time while they are written (``stream_save``)
+    into files of at most ``max_bytes``.
     """
     out.mkdir(parents=True, exist_ok=True)
     if weights is not None and not isinstance(weights, dict):

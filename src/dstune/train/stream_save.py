@@ -26,8 +26,6 @@ import torch
 from dstune.core.facts import layer_index
 from dstune.core.shards import write_shards
 
-MAX_SHARD_BYTES = 5 * 10**9  # the hub's usual shard size; rank 0's memory bound while it writes
-
 
 def saved_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The parameters (a tied weight once, under the first name, as ``named_parameters`` gives it) and the
@@ -62,10 +60,10 @@ def drain(tensors: Iterator) -> None:
         pass
 
 
-def save_streamed(model, tensors: Iterator[tuple[str, torch.Tensor]], out: Path,
-                  max_bytes: int = MAX_SHARD_BYTES) -> None:  # fmt: skip
+def save_streamed(model, tensors: Iterator[tuple[str, torch.Tensor]], out: Path, max_bytes: int) -> None:
     """Rank 0: writes the model's config files with ``save_pretrained`` and its weights from ``tensors``
-    shard by shard, reverting transformers' weight conversions per decoder layer."""
+    in files of at most ``max_bytes`` (``train.save_shard_size``: rank 0's memory bound while it writes),
+    reverting transformers' weight conversions per decoder layer."""
     from transformers.core_model_loading import revert_weight_conversion
 
     out.mkdir(parents=True, exist_ok=True)
