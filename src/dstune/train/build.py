@@ -122,7 +122,7 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
         model, speed, objective, regularization = build_model(
             cfg, resolved, data.labels, pad, engine.device, data.heads
         )
-    objective = sampling_objective(cfg, tokenizer, template, pad, model, data, engine) or objective
+    objective = sampling_objective(cfg, tokenizer, template, pad, model, data, engine, resolved) or objective
     trainable = trainable_summary(model)
     is_moe = bool(
         getattr(model.config, "n_routed_experts", None) or getattr(model.config, "num_experts", None)
@@ -180,13 +180,13 @@ def build(cfg: RunConfig, console: Console | None = None, schedule: list[dict] |
     return run
 
 
-def sampling_objective(cfg: RunConfig, tokenizer, template, pad: int, model, data, engine):
+def sampling_objective(cfg: RunConfig, tokenizer, template, pad: int, model, data, engine, resolved):
     """The objectives that generate with the tokenizer or a teacher (grpo, distill), or None. They come
     before the micro-batches: GRPO numbers the rows, sequence distillation rewrites them."""
     if cfg.objective == "grpo":  # it samples with the tokenizer and scores the rows' answers
         from dstune.train.grpo import make_grpo
 
-        return make_grpo(cfg, tokenizer, template, pad, model, data)
+        return make_grpo(cfg, tokenizer, template, pad, model, data, resolved.path)
     if cfg.objective == "distill":  # the teacher is loaded once; sequence mode rewrites the training rows
         from dstune.train.distill import make_distill
 

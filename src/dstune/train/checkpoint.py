@@ -134,7 +134,8 @@ def _read_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_state() -> tuple[dict, dict]:
+def rng_state() -> tuple[dict, dict]:
+    """The torch (CPU and CUDA), Python and numpy generators' states: tensors and JSON metadata."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -148,7 +149,7 @@ def _rng_state() -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _set_rng_state(tensors: dict, meta: dict) -> None:
+def set_rng_state(tensors: dict, meta: dict) -> None:
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available():
         states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda"))]
@@ -172,7 +173,7 @@ def _write_files(tmp: Path, trainable: Trainable, scheduler, loop_state: dict) -
     save_file(trainable.weights, str(tmp / "trainable.safetensors"))
     opt_tensors, opt_meta = _optimizer_files(trainable)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = _rng_state()
+    rng_tensors, rng_meta = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = {"loop": loop_state, "scheduler": scheduler.state_dict(), "optimizer": opt_meta, "rng": rng_meta}
     (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
@@ -314,5 +315,5 @@ def load_checkpoint(path: Path, model: nn.Module, scheduler) -> tuple[Trainable,
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     sd = _read_optimizer(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return Trainable(weights, state["optimizer"]["param_names"], sd), state["loop"]

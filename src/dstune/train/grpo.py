@@ -94,16 +94,35 @@ class GrpoObjective:
     stats: _Stats = field(default_factory=_Stats)
     samples: list[dict] = field(default_factory=list)  # the last validation's logged completions
     chunk_tokens: int = 0
+    vllm: dict | None = None  # grpo.generation=vllm: VllmRollout's arguments; the engine starts at first use
+    _rollout: object = None
 
     # ------------------------------------------------------------------ rollouts
 
-    def generate(self, model, rows: list[dict], engine, sample: bool) -> list[list[int]]:
-        """Completions of ``rows``: ``num_generations`` sampled each, or one greedy."""
+    def generate(self, model, rows: list[dict], engine, sample: bool) -> tuple[list[list[int]], list | None]:
+        """Completions of ``rows`` (``num_generations`` sampled each, or one greedy) and, from vLLM, the
+        sampler's log-probability of each of their tokens (None from transformers: it is the policy)."""
         c = self.cfg
-        return generate_ids(
-            model, [r["input_ids"] for r in rows], engine, self.pad_id, self.stop_ids, c.max_new_tokens,
-            n=c.num_generations if sample else 1, sample=sample, temperature=c.temperature, top_p=c.top_p,
+        prompts, n = [r["input_ids"] for r in rows], c.num_generations if sample else 1
+        if self.vllm is None:
+            return generate_ids(
+                model, prompts, engine, self.pad_id, self.stop_ids, c.max_new_tokens,
+                n=n, sample=sample, temperature=c.temperature, top_p=c.top_p,
+            ), None  # fmt: skip
+        return self._rollout.generate(
+            prompts, self.stop_ids, c.max_new_tokens,
+            n=n, sample=sample, temperature=c.temperature, top_p=c.top_p,
         )  # fmt: skip
+
+    def sync_rollout(self, model, engine) -> None:
+        """grpo.generation=vllm: starts vLLM at the first call, then pushes the policy's weights to it."""
+        if self.vllm is None:
+            return
+        from dstune.train.vllm_rollout import VllmRollout
+
+        if self._rollout is None:
+            self._rollout = VllmRollout(**self.vllm)
+        self._rollout.sync(engine.unwrap_model(model))
 
     def _score(self, rows: list[dict], completions: list[list[int]]) -> tuple[torch.Tensor, dict]:
         """The total reward of each completion and each function's rewards (NaN: not applicable)."""
@@ -125,8 +144,9 @@ class GrpoObjective:
             total += weight * torch.tensor(each[name], dtype=torch.float64).nan_to_num(0.0)
         return total.float(), {"texts": texts, "prompts": prompts, "each": each}
 
-    def _batch(self, rows: list[dict], completions: list[list[int]], advantages: torch.Tensor) -> dict:
-        """Prompt + completion token rows, right-padded, with the completion tokens as labels."""
+    def _batch(self, rows: list[dict], completions: list[list[int]], advantages: torch.Tensor, logps) -> dict:
+        """Prompt + completion token rows, right-padded, with the completion tokens as labels; with vLLM's
+        log-probabilities, those too (``sampling_logps``, aligned with ``token_logps``)."""
         group = len(completions) // len(rows)
         token_rows = []
         for k, comp in enumerate(completions):
@@ -136,20 +156,27 @@ class GrpoObjective:
             token_rows.append({"input_ids": prompt + comp, "labels": [IGNORE] * len(prompt) + labels})
         batch = collate(token_rows, self.pad_id)
         batch["advantages"] = advantages
+        if logps is not None and self.cfg.vllm_is_cap:
+            sampled = torch.zeros(len(completions), batch["input_ids"].shape[1] - 1)
+            for k, values in enumerate(logps):  # token j of the row is predicted at position j - 1
+                start = len(rows[k // group]["input_ids"]) - 1
+                sampled[k, start : start + len(values)] = torch.tensor(values)
+            batch["sampling_logps"] = sampled
         return batch
 
     def prepare(self, model, window: list[dict], engine) -> list[dict]:
         """The window's prompt micro-batches as completion batches with advantages (one rollout each)."""
         out = []
+        self.sync_rollout(model, engine)
         for batch in window:
             rows = [self.rows[i] for i in batch["row"].tolist()]
-            completions = self.generate(model, rows, engine, sample=True)
+            completions, logps = self.generate(model, rows, engine, sample=True)
             total, scored = self._score(rows, completions)
             advantages, std = group_advantages(total, self.cfg.num_generations, self.cfg.scale_rewards)
             self._record(total, scored["each"], completions)
             self.stats.add("reward_std", std)
             self.stats.add("frac_reward_zero_std", (std == 0).float())
-            out.append(self._batch(rows, completions, advantages))
+            out.append(self._batch(rows, completions, advantages, logps))
         return out
 
     def _record(self, total: torch.Tensor, each: dict, completions: list[list[int]]) -> None:
@@ -179,6 +206,11 @@ class GrpoObjective:
         loss, binds = clipped_token_loss(
             logps, logps.detach(), batch["advantages"], c.epsilon, c.epsilon_high or c.epsilon
         )
+        if "sampling_logps" in batch:  # vLLM sampled: truncated importance weights p_train / p_vllm
+            ratio = torch.exp(logps.detach() - batch["sampling_logps"].to(logps.device))
+            loss = loss * ratio.clamp(max=c.vllm_is_cap)
+            self.stats.add("vllm/is_ratio", ratio[keep])
+            self.stats.add("vllm/is_capped", (ratio[keep] > c.vllm_is_cap).float())
         if c.beta:
             with torch.no_grad():
                 ref = self._reference_logps(model, ids, mask, labels)
@@ -212,9 +244,10 @@ class GrpoObjective:
         rows = rows[: limit * micro] if limit else rows
         step = micro * self.cfg.num_generations  # as many sequences per generate call as in training
         self.samples = []
+        self.sync_rollout(model, engine)
         for start in range(0, len(rows), step):
             part = rows[start : start + step]
-            completions = self.generate(model, part, engine, sample=False)
+            completions, _ = self.generate(model, part, engine, sample=False)
             total, scored = self._score(part, completions)
             self._record(total, scored["each"], completions)
             for i in range(min(len(part), self.cfg.log_completions - len(self.samples))):
@@ -228,11 +261,13 @@ class GrpoObjective:
         return {"loss": -metrics["reward"], **metrics, "prompts": len(rows)}
 
 
-def make_grpo(cfg, tokenizer, template: str | None, pad_id: int, model, data) -> GrpoObjective:
-    """The GRPO objective of ``cfg`` for ``model`` (before the engine wraps it). With ``grpo.beta`` > 0
-    the reference is the peft adapter disabled, or a frozen copy of the starting weights (full, freeze):
-    the second copy costs the model's memory once more. ``grpo.prefill`` is appended to every prompt of
-    ``data``'s train and validation rows."""
+def make_grpo(
+    cfg, tokenizer, template: str | None, pad_id: int, model, data, model_dir: str
+) -> GrpoObjective:
+    """The GRPO objective of ``cfg`` for ``model`` (before the engine wraps it), loaded from ``model_dir``.
+    With ``grpo.beta`` > 0 the reference is the peft adapter disabled, or a frozen copy of the starting
+    weights (full, freeze): the second copy costs the model's memory once more. ``grpo.prefill`` is
+    appended to every prompt of ``data``'s train and validation rows."""
     from peft import PeftModel
 
     reference = None
@@ -251,4 +286,14 @@ def make_grpo(cfg, tokenizer, template: str | None, pad_id: int, model, data) ->
     for i, row in enumerate(rows):  # micro-batches carry row indices; rewards read the rows' answers
         row["row"] = i
     fns = [(r.key, load_reward(r.name), r.weight) for r in cfg.grpo.rewards]
-    return GrpoObjective(cfg.grpo, tokenizer, pad_id, stop_ids(tokenizer, template), fns, rows, reference)
+    stops = stop_ids(tokenizer, template)
+    objective = GrpoObjective(cfg.grpo, tokenizer, pad_id, stops, fns, rows, reference)
+    if cfg.grpo.generation == "vllm":
+        longest = max(len(r["input_ids"]) for r in data.train + data.val) + cfg.grpo.max_new_tokens
+        g = cfg.grpo
+        objective.vllm = dict(
+            model_dir=model_dir, precision=cfg.train.precision, max_model_len=longest, seed=cfg.train.seed,
+            memory=g.vllm_memory, kv_cache_gb=g.vllm_kv_cache_gb, sleep=g.vllm_sleep,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )  # fmt: skip
+    return objective

@@ -144,7 +144,8 @@ def train_step(run: Run, state: TrainState, hooks: Hooks) -> tuple[torch.Tensor,
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Refuses a run whose data files are missing, naming the key, before anything is written."""
+    """Refuses a run whose data files are missing, naming the key, or that needs vLLM where it is not
+    installed, before anything is written."""
     files = [("data.train", cfg.data.train), ("data.validation", cfg.data.validation)]
     files += [(f"data.mix[{i}].path", s.path) for i, s in enumerate(cfg.data.mix)]
     if cfg.data.train is None and not cfg.data.mix:
@@ -152,6 +153,10 @@ def check_inputs(cfg: RunConfig) -> None:
     for key, path in files:
         if path is not None and not Path(path).is_file():
             raise DstuneError(f"{key}: data file not found: {path}")
+    if cfg.objective == "grpo" and cfg.grpo.generation == "vllm":
+        from dstune.train.vllm_rollout import check_vllm_installed
+
+        check_vllm_installed()
 
 
 def restore(run: Run, state: TrainState, ckpt: Path, console: Console) -> None:

@@ -60,19 +60,23 @@ def drain(tensors: Iterator) -> None:
         pass
 
 
+def checkpoint_format(
+    model, tensors: Iterator[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors`` (in ``named_parameters`` order) under the names and shapes of the model's checkpoint:
+    transformers' weight conversions reverted one decoder layer at a time, as ``save_pretrained`` does."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for _, layer in groupby(tensors, key=lambda item: layer_index(item[0])):
+        yield from revert_weight_conversion(model, dict(layer)).items()
+
+
 def save_streamed(model, tensors: Iterator[tuple[str, torch.Tensor]], out: Path, max_bytes: int) -> None:
     """Rank 0: writes the model's config files with ``save_pretrained`` and its weights from ``tensors``
     in files of at most ``max_bytes`` (``train.save_shard_size``: rank 0's memory bound while it writes),
     reverting transformers' weight conversions per decoder layer."""
-    from transformers.core_model_loading import revert_weight_conversion
-
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), state_dict={}, safe_serialization=True)  # config files, no weights
     for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
         stale.unlink()
-
-    def converted():
-        for _, layer in groupby(tensors, key=lambda item: layer_index(item[0])):
-            yield from revert_weight_conversion(model, dict(layer)).items()
-
-    write_shards(converted(), out, max_bytes)
+    write_shards(checkpoint_format(model, tensors), out, max_bytes)
