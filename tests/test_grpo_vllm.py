@@ -216,6 +216,24 @@ def test_vllm_samples_from_the_policy(files, tmp_path):
 
 
 @needs_vllm
+def test_vllm_follows_full_fine_tuning_of_a_tied_embedding(files, tmp_path):
+    """SmolLM2's output layer is its embedding matrix: vLLM must sample with the changed matrix at both ends
+    (its reload alone left the CPU build's prepared output product stale)."""
+    run = build(make_cfg(files, tmp_path / "run", method="full"))
+    net, obj = run.engine.unwrap_model(run.model), run.objective
+    obj.sync_rollout(run.model, run.engine)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        embedding = net.get_input_embeddings().weight
+        embedding.add_(0.02 * torch.randn_like(embedding))
+    assert net.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
+    rows = run.data.val[:4]
+    want = generate_ids(run.model, [r["input_ids"] for r in rows], run.engine, obj.pad_id, obj.stop_ids, 12)
+    obj.sync_rollout(run.model, run.engine)
+    assert obj.generate(run.model, rows, run.engine, sample=False)[0] == want
+
+
+@needs_vllm
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_grpo_with_vllm_trains_logs_and_resumes_bitwise(files, tmp_path, method):
     over = dict(train__max_steps=4, train__save_every=2, train__eval_every=2, train__log_every=1)
@@ -234,3 +252,27 @@ def test_grpo_with_vllm_trains_logs_and_resumes_bitwise(files, tmp_path, method)
     for name, p in full.model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, dict(resumed.model.named_parameters())[name]), name
+
+
+@needs_vllm
+def test_two_ddp_ranks_each_sample_with_their_own_vllm_engine(files, tmp_path):
+    """``--nproc 2``: every rank starts vLLM on torchrun's process group (vLLM's external launcher)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = make_cfg(files, tmp_path / "run", train__max_steps=3, train__log_every=1, grpo__vllm_kv_cache_gb=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dstune.cli", "train", str(tmp_path / "cfg.yaml"), "--nproc", "2"],
+        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    steps = [r for r in map(json.loads, lines) if r["split"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(r["vllm/is_ratio"] == pytest.approx(1.0, abs=0.01) for r in steps)
+    assert any(r["grad_norm"] > 0 for r in steps)
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()

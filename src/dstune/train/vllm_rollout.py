@@ -21,6 +21,7 @@ policy; with ``grpo.vllm_is_cap`` the loss of each completion token is weighted 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from typing import Iterator
 
@@ -83,6 +84,35 @@ def policy_weights(net: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     return checkpoint_format(base, tensors())
 
 
+def _refresh_tied_heads(model: torch.nn.Module) -> None:
+    """An output layer tied to the embeddings (SmolLM2) has no tensor of its own to reload, so vLLM's reload
+    leaves what it prepared from the weight (the CPU build's packed matrix product) with the old values,
+    though the shared weight holds the new ones (found by tests/test_grpo_vllm.py): prepare it again."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    modules = list(model.modules())
+    embeddings = {
+        m.weight.data_ptr()
+        for m in modules
+        if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)
+    }
+    for head in modules:
+        if isinstance(head, ParallelLMHead) and head.weight.data_ptr() in embeddings:
+            head.quant_method.process_weights_after_loading(head)
+
+
+class _ExpectedReloadWarnings(logging.Filter):
+    """vLLM warns at every reload that the rotary tables (computed, not loaded) and a tied output layer (no
+    tensor of its own) got no weights; both are expected here, and would repeat at every step."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.endswith("Failed to load weights") and message.split(":")[0] in _NOT_LOADED)
+
+
+_NOT_LOADED = {"RotaryEmbedding", "ParallelLMHead"}
+
+
 class VllmRollout:
     """One vLLM engine in this process that samples GRPO's completions from the policy.
 
@@ -114,12 +144,20 @@ class VllmRollout:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            _ExpectedReloadWarnings()
+        )
+
         self.sleep = sleep
         cpu = current_platform.is_cpu()
         if cpu and kv_cache_gb is None:
             kv_cache_gb = 2.0  # vLLM's CPU share of host memory counts this whole process, training included
         kept = rng_state()  # vLLM seeds the global generators: a resumed run must draw as a straight one
+        ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.llm = LLM(
+            # DDP: every rank runs an engine of its own on its own prompts; vLLM joins the ranks' process
+            # group (torchrun's environment) instead of making one (TRL's colocate mode does the same).
+            distributed_executor_backend="external_launcher" if ranks > 1 else None,
             model=model_dir,
             dtype=VLLM_DTYPES[precision],
             max_model_len=max_model_len,
@@ -143,6 +181,7 @@ class VllmRollout:
         update = {"weights_iterator": policy_weights(net), "is_checkpoint_format": True}
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs=update)
+            self.llm.apply_model(_refresh_tied_heads)
         self.llm.reset_prefix_cache()  # cached prompt states were computed with the old weights
 
     def generate(
