@@ -168,15 +168,27 @@ class GrpoObjective:
         """The window's prompt micro-batches as completion batches with advantages (one rollout each)."""
         out = []
         self.sync_rollout(model, engine)
-        for batch in window:
-            rows = [self.rows[i] for i in batch["row"].tolist()]
-            completions, logps = self.generate(model, rows, engine, sample=True)
+        parts = [[self.rows[i] for i in batch["row"].tolist()] for batch in window]
+        for rows, (completions, logps) in zip(parts, self._sample(model, parts, engine)):
             total, scored = self._score(rows, completions)
             advantages, std = group_advantages(total, self.cfg.num_generations, self.cfg.scale_rewards)
             self._record(total, scored["each"], completions)
             self.stats.add("reward_std", std)
             self.stats.add("frac_reward_zero_std", (std == 0).float())
             out.append(self._batch(rows, completions, advantages, logps))
+        return out
+
+    def _sample(self, model, parts: list[list[dict]], engine) -> list[tuple[list, list | None]]:
+        """The sampled completions of each micro-batch's rows: transformers one micro-batch at a time (its
+        memory grows with the batch), vLLM all of the step's in one call (it schedules them itself)."""
+        if self.vllm is None:
+            return [self.generate(model, rows, engine, sample=True) for rows in parts]
+        completions, logps = self.generate(model, [r for rows in parts for r in rows], engine, sample=True)
+        out, start = [], 0
+        for rows in parts:
+            end = start + len(rows) * self.cfg.num_generations
+            out.append((completions[start:end], logps[start:end]))
+            start = end
         return out
 
     def _record(self, total: torch.Tensor, each: dict, completions: list[list[int]]) -> None:
@@ -242,7 +254,8 @@ class GrpoObjective:
             return {}
         kept, self.stats = self.stats, _Stats()
         rows = rows[: limit * micro] if limit else rows
-        step = micro * self.cfg.num_generations  # as many sequences per generate call as in training
+        # as many sequences per generate call as in training; vLLM takes them all at once
+        step = len(rows) if self.vllm else micro * self.cfg.num_generations
         self.samples = []
         self.sync_rollout(model, engine)
         for start in range(0, len(rows), step):
