@@ -69,3 +69,26 @@ def smollm2_dir() -> str:
     from dstune.models.load import resolve_model_dir
 
     return resolve_model_dir("smollm2").path
+
+
+# Rewards the completions of a group differ in, for a random tiny model (vocabulary 129,280) and for SmolLM2
+# (49,152): the share of token ids in the lower half of the vocabulary. Written to a file and named in the
+# config (``path/rewards.py:low_ids``), as a user would.
+GRPO_REWARDS = """
+def low_ids(prompts, completions, completion_ids, **kwargs):
+    return [sum(t < 64640 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def low_ids_smollm2(prompts, completions, completion_ids, **kwargs):
+    return [sum(t < 24576 for t in ids) / max(len(ids), 1) for ids in completion_ids]
+"""
+
+
+@pytest.fixture(scope="module")
+def grpo_files(tmp_path_factory) -> dict[str, Path]:
+    """For GRPO runs: 24 problems of the arithmetic set (prompts with integer answers) and the rewards file."""
+    d = tmp_path_factory.mktemp("grpo")
+    lines = (SHARED_DATA / "arith_train.jsonl").read_text(encoding="utf-8").splitlines()
+    (d / "arith.jsonl").write_text("\n".join(lines[:24]) + "\n", encoding="utf-8")
+    (d / "rewards.py").write_text(GRPO_REWARDS, encoding="utf-8")
+    return {"data": d / "arith.jsonl", "rewards": d / "rewards.py", "dir": d}

@@ -20,36 +20,24 @@ from dstune.train.grpo import aggregate, clipped_token_loss, group_advantages, k
 from dstune.train.loop import train
 from dstune.train.rewards import accuracy, final_answer, format_reward, length, load_reward
 
-ARITH = Path(__file__).resolve().parents[2] / "shared" / "data" / "arith_train.jsonl"
 
-# A reward a random tiny model's completions differ in: the share of token ids in the lower half of the
-# vocabulary. Written to a file and named in the config, as a user would.
-REWARD_CODE = '''
-def low_ids(prompts, completions, completion_ids, **kwargs):
-    return [sum(t < 64640 for t in ids) / max(len(ids), 1) for ids in completion_ids]
-'''
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("grpo")
-    lines = ARITH.read_text(encoding="utf-8").splitlines()
-    (d / "arith.jsonl").write_text("\n".join(lines[:24]) + "\n", encoding="utf-8")
-    (d / "rewards.py").write_text(REWARD_CODE, encoding="utf-8")
-    return {"data": d / "arith.jsonl", "rewards": d / "rewards.py", "dir": d}
-
-
-def make_cfg(files, out: Path, method: str = "lora", **over) -> RunConfig:
+def make_cfg(grpo_files, out: Path, method: str = "lora", **over) -> RunConfig:
     base = {
         "model": {"name": "tiny:deepseek-llm"},
         "objective": "grpo",
         "method": method,
-        "grpo": {"num_generations": 4, "max_new_tokens": 8, "rewards": [f"{files['rewards']}:low_ids"]},
-        "data": {"train": str(files["data"]), "max_length": 64, "split": [0.75, 0.25, 0.0]},
+        "grpo": {"num_generations": 4, "max_new_tokens": 8, "rewards": [f"{grpo_files['rewards']}:low_ids"]},
+        "data": {"train": str(grpo_files["data"]), "max_length": 64, "split": [0.75, 0.25, 0.0]},
         "lora": {"r": 8, "alpha": 16},
         "optim": {"lr": 1e-2 if method == "lora" else 1e-3, "schedule": "constant"},
-        "train": {"micro_batch_size": 2, "max_steps": 4, "progress": False, "seed": 3, "eval_batches": 1,
-                  "precision": "fp32"},  # the hand computations are fp32
+        "train": {
+            "micro_batch_size": 2,
+            "max_steps": 4,
+            "progress": False,
+            "seed": 3,
+            "eval_batches": 1,
+            "precision": "fp32",
+        },  # the hand computations are fp32
         "output": str(out),
     }
     for key, value in over.items():
@@ -142,29 +130,29 @@ def test_length_reward_is_dapos_soft_overlong_penalty():
     assert got == [0.0, 0.0, -0.5, -1.0]
 
 
-def test_user_rewards_load_only_by_name_and_fail_clearly(files, tmp_path):
-    fn = load_reward(f"{files['rewards']}:low_ids")
+def test_user_rewards_load_only_by_name_and_fail_clearly(grpo_files, tmp_path):
+    fn = load_reward(f"{grpo_files['rewards']}:low_ids")
     assert fn([""], [""], completion_ids=[[1, 100000]]) == [0.5]
     assert load_reward("math:sqrt") is math.sqrt  # module:function, importable
     with pytest.raises(UsageError, match="no such file"):
         load_reward(f"{tmp_path}/missing.py:f")
     with pytest.raises(UsageError, match="has no function 'nope'"):
-        load_reward(f"{files['rewards']}:nope")
+        load_reward(f"{grpo_files['rewards']}:nope")
     broken = tmp_path / "broken.py"
     broken.write_text("import not_a_module_anywhere\n", encoding="utf-8")
     with pytest.raises(UsageError, match="cannot import .*ModuleNotFoundError"):
         load_reward(f"{broken}:f")
 
 
-def test_reward_file_paths_in_a_config_are_taken_from_the_configs_folder(files, tmp_path):
-    path = files["dir"] / "run.yaml"
+def test_reward_file_paths_in_a_config_are_taken_from_the_configs_folder(grpo_files, tmp_path):
+    path = grpo_files["dir"] / "run.yaml"
     path.write_text(
         "objective: grpo\ngrpo:\n  rewards: [rewards.py:low_ids, {name: format, weight: 0.5}]\n"
         "data:\n  train: arith.jsonl\n",
         encoding="utf-8",
     )
     cfg = load_config(path)
-    assert cfg.grpo.rewards[0].name == f"{files['rewards']}:low_ids"
+    assert cfg.grpo.rewards[0].name == f"{grpo_files['rewards']}:low_ids"
     assert (cfg.grpo.rewards[1].name, cfg.grpo.rewards[1].weight) == ("format", 0.5)
 
 
@@ -182,9 +170,9 @@ def test_reward_file_paths_in_a_config_are_taken_from_the_configs_folder(files, 
         ({"grpo__num_generations": 1}, "num_generations"),
     ],
 )
-def test_bad_grpo_configs_are_refused_before_anything_is_written(files, tmp_path, over, message):
+def test_bad_grpo_configs_are_refused_before_anything_is_written(grpo_files, tmp_path, over, message):
     with pytest.raises((ConfigError, ValueError), match=message):
-        make_cfg(files, tmp_path / "never", **over)
+        make_cfg(grpo_files, tmp_path / "never", **over)
     assert not (tmp_path / "never").exists()
 
 
@@ -219,10 +207,10 @@ def test_bad_prompt_rows_stop_with_file_line_and_field(tmp_path, row, message):
         load_examples(path)
 
 
-def test_accuracy_reward_needs_answers(files, tmp_path):
+def test_accuracy_reward_needs_answers(grpo_files, tmp_path):
     path = tmp_path / "no_answers.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"q{i}"}) for i in range(8)), encoding="utf-8")
-    cfg = make_cfg(files, tmp_path / "run", data__train=str(path), grpo__rewards=["accuracy"])
+    cfg = make_cfg(grpo_files, tmp_path / "run", data__train=str(path), grpo__rewards=["accuracy"])
     with pytest.raises(DataError, match=r"no_answers.jsonl:line \d+: no 'answer' field"):
         train(cfg, console=Console(quiet=True))
 
@@ -230,11 +218,11 @@ def test_accuracy_reward_needs_answers(files, tmp_path):
 # ----------------------------------------------------------------------------- training
 
 
-def test_loss_sum_equals_a_hand_computation_on_a_fixed_batch(files, tmp_path):
+def test_loss_sum_equals_a_hand_computation_on_a_fixed_batch(grpo_files, tmp_path):
     """The objective's loss on sampled completions equals the GRPO formula computed from full logits."""
     from dstune.train.build import build
 
-    run = build(make_cfg(files, tmp_path / "run", method="full", grpo__loss_type="grpo"))
+    run = build(make_cfg(grpo_files, tmp_path / "run", method="full", grpo__loss_type="grpo"))
     obj = run.objective
     window = [run.batches.at(0)[0]]
     torch.manual_seed(0)
@@ -256,11 +244,11 @@ def test_loss_sum_equals_a_hand_computation_on_a_fixed_batch(files, tmp_path):
     assert g_got.abs().sum() > 0  # the rewards differ within groups: there is something to learn
 
 
-def test_a_step_moves_the_policy_towards_completions_with_positive_advantage(files, tmp_path):
+def test_a_step_moves_the_policy_towards_completions_with_positive_advantage(grpo_files, tmp_path):
     from dstune.train.build import build
     from dstune.train.preference import sequence_logps
 
-    run = build(make_cfg(files, tmp_path / "run", method="full"))
+    run = build(make_cfg(grpo_files, tmp_path / "run", method="full"))
     obj = run.objective
     batch = obj.prepare(run.model, [run.batches.at(0)[0]], run.engine)[0]
     inputs = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -278,10 +266,10 @@ def test_a_step_moves_the_policy_towards_completions_with_positive_advantage(fil
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_grpo_trains_logs_rewards_and_resumes_bitwise(files, tmp_path, method):
+def test_grpo_trains_logs_rewards_and_resumes_bitwise(grpo_files, tmp_path, method):
     over = dict(train__max_steps=4, train__save_every=2, train__eval_every=2, train__grad_accum=2)
     out = tmp_path / "a"
-    full = train(make_cfg(files, out, method, **over), console=Console(quiet=True))
+    full = train(make_cfg(grpo_files, out, method, **over), console=Console(quiet=True))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["split"] == "train"]
     assert len(steps) == 4 and all("reward/low_ids" in r and "reward_std" in r for r in steps)
@@ -294,7 +282,7 @@ def test_grpo_trains_logs_rewards_and_resumes_bitwise(files, tmp_path, method):
     assert (out / "reward.png").is_file()
     shutil.rmtree(out / "checkpoints" / "step-000004")
     shutil.rmtree(out / "final")
-    resumed = train(make_cfg(files, out, method, **over), resume=True, console=Console(quiet=True))
+    resumed = train(make_cfg(grpo_files, out, method, **over), resume=True, console=Console(quiet=True))
     assert resumed.train_losses == full.train_losses
     for name, p in full.model.named_parameters():
         if p.requires_grad:
@@ -302,10 +290,12 @@ def test_grpo_trains_logs_rewards_and_resumes_bitwise(files, tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_kl_to_the_reference_starts_at_zero(files, tmp_path, method):
+def test_kl_to_the_reference_starts_at_zero(grpo_files, tmp_path, method):
     """beta > 0: the reference is the adapter disabled (LoRA) or a frozen copy (full); at the first step
     the policy equals it, so the KL estimate is 0, and it grows once the weights move."""
-    cfg = make_cfg(files, tmp_path / "run", method, grpo__beta=0.05, train__max_steps=3, train__log_every=1)
+    cfg = make_cfg(
+        grpo_files, tmp_path / "run", method, grpo__beta=0.05, train__max_steps=3, train__log_every=1
+    )
     train(cfg, console=Console(quiet=True))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     kl = [r["kl"] for r in rows if r["split"] == "train"]
@@ -314,9 +304,9 @@ def test_kl_to_the_reference_starts_at_zero(files, tmp_path, method):
 
 
 @pytest.mark.parametrize("loss_type", ["dr_grpo", "dapo"])
-def test_loss_types_and_truncation_masking_train(files, tmp_path, loss_type):
+def test_loss_types_and_truncation_masking_train(grpo_files, tmp_path, loss_type):
     cfg = make_cfg(
-        files,
+        grpo_files,
         tmp_path / "run",
         grpo__loss_type=loss_type,
         grpo__mask_truncated=True,
@@ -336,12 +326,12 @@ def test_example_config_loads():
 
 
 @pytest.mark.slow  # a minute or more on 2 CPU cores; run by CI's slow suite
-def test_tune_searches_beta_group_size_and_lr_on_the_reward(files, tmp_path):
+def test_tune_searches_beta_group_size_and_lr_on_the_reward(grpo_files, tmp_path):
     import optuna
 
     from dstune.tune.study import run_tune
 
-    cfg = make_cfg(files, tmp_path / "unused", train__max_steps=2, train__eval_every=1)
+    cfg = make_cfg(grpo_files, tmp_path / "unused", train__max_steps=2, train__eval_every=1)
     space = {
         "grpo.beta": {"type": "categorical", "choices": [0.0, 0.04]},
         "grpo.num_generations": {"type": "categorical", "choices": [2, 4]},
@@ -374,10 +364,10 @@ def test_tune_searches_beta_group_size_and_lr_on_the_reward(files, tmp_path):
 
 @pytest.mark.slow  # a minute or more on 2 CPU cores; run by CI's slow suite
 @pytest.mark.parametrize("method", ["freeze", "qlora"])
-def test_grpo_trains_with_the_other_methods(files, tmp_path, method):
+def test_grpo_trains_with_the_other_methods(grpo_files, tmp_path, method):
     """Every method where the maths allows: freeze trains the top layers; QLoRA's 4-bit base generates
     and trains its adapter (bitsandbytes on CPU); the weights move."""
-    cfg = make_cfg(files, tmp_path / "run", method, train__max_steps=2, train__eval_every=0)
+    cfg = make_cfg(grpo_files, tmp_path / "run", method, train__max_steps=2, train__eval_every=0)
     result = train(cfg, console=Console(quiet=True))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
@@ -387,12 +377,12 @@ def test_grpo_trains_with_the_other_methods(files, tmp_path, method):
 
 @pytest.mark.slow  # a minute or more on 2 CPU cores; run by CI's slow suite
 @pytest.mark.parametrize("family", ["tiny:deepseek-v3", "tiny:r1-distill-qwen"])
-def test_grpo_on_moe_and_r1_families_renders_prompts_as_at_inference(files, tmp_path, family):
+def test_grpo_on_moe_and_r1_families_renders_prompts_as_at_inference(grpo_files, tmp_path, family):
     """V3's routed experts and R1-Distill's template: the prompt ends where generation starts (R1 opens
     <think> itself, and the format reward counts it as opened), and completions stop at the end token."""
     from dstune.train.build import build
 
-    cfg = make_cfg(files, tmp_path / "run", model__name=family, train__max_steps=2, train__eval_every=0)
+    cfg = make_cfg(grpo_files, tmp_path / "run", model__name=family, train__max_steps=2, train__eval_every=0)
     run = build(cfg)
     row = run.data.train[0]
     prompt = run.tokenizer.apply_chat_template(
@@ -410,14 +400,16 @@ def test_grpo_on_moe_and_r1_families_renders_prompts_as_at_inference(files, tmp_
     assert result.steps == 2 and "reward/low_ids" in result.summary["val"]
 
 
-@pytest.mark.parametrize("model,tail", [("tiny:deepseek-llm", "<｜Assistant｜>"),
-                                        ("tiny:r1-distill-qwen", "<｜Assistant｜><think>")])
-def test_data_inspect_shows_prompt_rows_as_generation_sees_them(files, model, tail):
+@pytest.mark.parametrize(
+    "model,tail",
+    [("tiny:deepseek-llm", "<｜Assistant｜>"), ("tiny:r1-distill-qwen", "<｜Assistant｜><think>")],
+)
+def test_data_inspect_shows_prompt_rows_as_generation_sees_them(grpo_files, model, tail):
     from dstune.data.inspect import inspect_file, render_inspection
 
-    report = inspect_file(files["data"], model=model, examples=1)
+    report = inspect_file(grpo_files["data"], model=model, examples=1)
     text = render_inspection(report)
-    first = json.loads(files["data"].read_text(encoding="utf-8").splitlines()[0])
+    first = json.loads(grpo_files["data"].read_text(encoding="utf-8").splitlines()[0])
     assert report["format"] == "prompt" and report["examples"] == 24, report
     # The prompt as rendered for sampling (R1's template prefills <think>), its answer, and no trained token.
     assert f"line 1 prompt (answer '{first['answer']}')" in text and "0 trained" in text

@@ -19,6 +19,7 @@ import pytest
 import torch
 from rich.console import Console
 from safetensors.torch import load_file
+from test_grpo import make_cfg as grpo_cfg
 
 from dstune.config import ConfigError, RunConfig
 from dstune.errors import DstuneError
@@ -27,48 +28,20 @@ from dstune.train.loop import train
 from dstune.train.rollout import generate_ids
 from dstune.train.vllm_rollout import policy_weights
 
-ARITH = Path(__file__).resolve().parents[2] / "shared" / "data" / "arith_train.jsonl"
 HAS_VLLM = __import__("importlib").util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (CI runs these in .ci/run's vLLM venv)")
-
-# A reward SmolLM2's completions differ in (the share of token ids in the lower half of its vocabulary),
-# so every group has an advantage to learn from; named in the config as a user would.
-REWARD_CODE = '''
-def low_ids(prompts, completions, completion_ids, **kwargs):
-    return [sum(t < 24576 for t in ids) / max(len(ids), 1) for ids in completion_ids]
-'''
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("grpo-vllm")
-    lines = ARITH.read_text(encoding="utf-8").splitlines()
-    (d / "arith.jsonl").write_text("\n".join(lines[:24]) + "\n", encoding="utf-8")
-    (d / "rewards.py").write_text(REWARD_CODE, encoding="utf-8")
-    return {"data": d / "arith.jsonl", "rewards": d / "rewards.py"}
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM, reason="vLLM is not installed (CI runs these in .ci/run's vLLM venv)"
+)
 
 
 def make_cfg(files, out: Path, model: str = "smollm2", method: str = "lora", **over) -> RunConfig:
-    base = {
-        "model": {"name": model},
-        "objective": "grpo",
-        "method": method,
-        "grpo": {"num_generations": 4, "max_new_tokens": 12, "temperature": 1.0, "generation": "vllm",
-                 "rewards": [f"{files['rewards']}:low_ids"]},
-        "data": {"train": str(files["data"]), "max_length": 160, "split": [0.75, 0.25, 0.0]},
-        "lora": {"r": 8, "alpha": 16},
-        "optim": {"lr": 1e-3 if method == "lora" else 1e-5, "schedule": "constant"},
-        "train": {"micro_batch_size": 2, "max_steps": 4, "progress": False, "seed": 3, "eval_batches": 1,
-                  "precision": "fp32"},
-        "output": str(out),
-    }  # fmt: skip
-    for key, value in over.items():
-        section, _, leaf = key.partition("__")
-        if isinstance(value, dict):
-            base.setdefault(section, {}).setdefault(leaf, {}).update(value)
-        else:
-            base.setdefault(section, {})[leaf] = value
-    return RunConfig.model_validate(base)
+    """test_grpo's config on ``model`` (SmolLM2 by default), its completions sampled by vLLM."""
+    base = dict(
+        model__name=model, grpo__generation="vllm", grpo__num_generations=4, grpo__max_new_tokens=12,
+        grpo__temperature=1.0, grpo__rewards=[f"{files['rewards']}:low_ids_smollm2"], data__max_length=160,
+        optim__lr=1e-3 if method == "lora" else 1e-5,
+    )  # fmt: skip
+    return grpo_cfg(files, out, method, **{**base, **over})
 
 
 def randomise_adapter(net: torch.nn.Module) -> None:
@@ -88,8 +61,8 @@ def randomise_adapter(net: torch.nn.Module) -> None:
     [("tiny:deepseek-v3", {"lora__experts": "all"}), ("tiny:deepseek-llm", {}), ("smollm2", {})],
     ids=["v3-fused-experts", "deepseek-llm", "smollm2-tied"],
 )
-def test_pushed_weights_are_the_merged_policy_under_the_checkpoint_names(files, tmp_path, model, over):
-    cfg = make_cfg(files, tmp_path / "run", model=model, grpo__generation="transformers", **over)
+def test_pushed_weights_are_the_merged_policy_under_the_checkpoint_names(grpo_files, tmp_path, model, over):
+    cfg = make_cfg(grpo_files, tmp_path / "run", model=model, grpo__generation="transformers", **over)
     run = build(cfg)
     net = run.engine.unwrap_model(run.model)
     randomise_adapter(net)
@@ -98,8 +71,12 @@ def test_pushed_weights_are_the_merged_policy_under_the_checkpoint_names(files, 
     # What peft's merge gives, saved as a checkpoint (transformers reverts its weight conversions).
     merged = copy.deepcopy(net).merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
-    want = {k: v for f in sorted((tmp_path / "merged").glob("*.safetensors")) for k, v in load_file(f).items()}
-    base = {k: v for f in sorted(Path(run.resolved.path).glob("*.safetensors")) for k, v in load_file(f).items()}
+    want = {
+        k: v for f in sorted((tmp_path / "merged").glob("*.safetensors")) for k, v in load_file(f).items()
+    }
+    base = {
+        k: v for f in sorted(Path(run.resolved.path).glob("*.safetensors")) for k, v in load_file(f).items()
+    }
     assert set(pushed) == set(want) <= set(base)  # a tied head is pushed once, as saved
     assert not any("lora" in k for k in pushed)
     for name, value in want.items():
@@ -112,8 +89,8 @@ def test_pushed_weights_are_the_merged_policy_under_the_checkpoint_names(files, 
         assert torch.equal(p, before[name]), name
 
 
-def test_full_fine_tuning_pushes_the_trained_weights(files, tmp_path):
-    run = build(make_cfg(files, tmp_path / "run", model="tiny:deepseek-v3", method="full",
+def test_full_fine_tuning_pushes_the_trained_weights(grpo_files, tmp_path):
+    run = build(make_cfg(grpo_files, tmp_path / "run", model="tiny:deepseek-v3", method="full",
                          grpo__generation="transformers"))  # fmt: skip
     net = run.engine.unwrap_model(run.model)
     with torch.no_grad():
@@ -126,9 +103,9 @@ def test_full_fine_tuning_pushes_the_trained_weights(files, tmp_path):
         assert torch.equal(pushed[name], value), name
 
 
-def test_importance_weights_equal_a_hand_computation(files, tmp_path):
+def test_importance_weights_equal_a_hand_computation(grpo_files, tmp_path):
     """loss_sum with vLLM's sampling log-probabilities: each token's clipped loss x min(p/q, cap)."""
-    run = build(make_cfg(files, tmp_path / "run", model="tiny:deepseek-llm", method="full",
+    run = build(make_cfg(grpo_files, tmp_path / "run", model="tiny:deepseek-llm", method="full",
                          grpo__generation="transformers", grpo__vllm_is_cap=1.5))  # fmt: skip
     obj = run.objective
     torch.manual_seed(0)
@@ -137,7 +114,9 @@ def test_importance_weights_equal_a_hand_computation(files, tmp_path):
     from dstune.train.preference import token_logps
 
     with torch.no_grad():
-        logps, keep = token_logps(run.model, batch["input_ids"], batch["attention_mask"], batch["labels"], 1.0)
+        logps, keep = token_logps(
+            run.model, batch["input_ids"], batch["attention_mask"], batch["labels"], 1.0
+        )
     torch.manual_seed(1)
     sampling = (logps + 0.6 * torch.randn_like(logps)) * keep  # a sampler off the policy by a little
     batch["sampling_logps"] = sampling
@@ -159,8 +138,8 @@ def test_importance_weights_equal_a_hand_computation(files, tmp_path):
         ({"method": "full", "model": {"keep_layers": 2}}, "model.keep_layers"),
     ],
 )
-def test_configs_vllm_cannot_sample_from_are_refused(files, tmp_path, over, message):
-    data = make_cfg(files, tmp_path / "run").model_dump()
+def test_configs_vllm_cannot_sample_from_are_refused(grpo_files, tmp_path, over, message):
+    data = make_cfg(grpo_files, tmp_path / "run").model_dump()
     for key, value in over.items():
         if isinstance(value, dict):
             data[key].update(value)
@@ -170,14 +149,16 @@ def test_configs_vllm_cannot_sample_from_are_refused(files, tmp_path, over, mess
         RunConfig.model_validate(data)
 
 
-def test_a_missing_vllm_is_refused_before_anything_is_written(files, tmp_path, monkeypatch):
+def test_a_missing_vllm_is_refused_before_anything_is_written(grpo_files, tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
     out = tmp_path / "run"
     with pytest.raises(DstuneError, match="grpo.generation=vllm: the vllm package is not installed"):
-        train(make_cfg(files, out), console=Console(quiet=True))
+        train(make_cfg(grpo_files, out), console=Console(quiet=True))
     assert not out.exists()
 
 
@@ -185,8 +166,8 @@ def test_a_missing_vllm_is_refused_before_anything_is_written(files, tmp_path, m
 
 
 @needs_vllm
-def test_vllm_samples_from_the_policy(files, tmp_path):
-    run = build(make_cfg(files, tmp_path / "run"))
+def test_vllm_samples_from_the_policy(grpo_files, tmp_path):
+    run = build(make_cfg(grpo_files, tmp_path / "run"))
     net = run.engine.unwrap_model(run.model)
     randomise_adapter(net)
     obj = run.objective
@@ -212,14 +193,16 @@ def test_vllm_samples_from_the_policy(files, tmp_path):
                 p.mul_(-1)
     obj.sync_rollout(run.model, run.engine)
     moved, _ = obj.generate(run.model, rows, run.engine, sample=False)
-    assert moved == generate_ids(run.model, prompts, run.engine, obj.pad_id, obj.stop_ids, 12, n=1, sample=False)
+    assert moved == generate_ids(
+        run.model, prompts, run.engine, obj.pad_id, obj.stop_ids, 12, n=1, sample=False
+    )
 
 
 @needs_vllm
-def test_vllm_follows_full_fine_tuning_of_a_tied_embedding(files, tmp_path):
+def test_vllm_follows_full_fine_tuning_of_a_tied_embedding(grpo_files, tmp_path):
     """SmolLM2's output layer is its embedding matrix: vLLM must sample with the changed matrix at both ends
     (its reload alone left the CPU build's prepared output product stale)."""
-    run = build(make_cfg(files, tmp_path / "run", method="full"))
+    run = build(make_cfg(grpo_files, tmp_path / "run", method="full"))
     net, obj = run.engine.unwrap_model(run.model), run.objective
     obj.sync_rollout(run.model, run.engine)
     torch.manual_seed(0)
@@ -235,19 +218,21 @@ def test_vllm_follows_full_fine_tuning_of_a_tied_embedding(files, tmp_path):
 
 @needs_vllm
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_grpo_with_vllm_trains_logs_and_resumes_bitwise(files, tmp_path, method):
+def test_grpo_with_vllm_trains_logs_and_resumes_bitwise(grpo_files, tmp_path, method):
     over = dict(train__max_steps=4, train__save_every=2, train__eval_every=2, train__log_every=1)
     out = tmp_path / "a"
-    full = train(make_cfg(files, out, method=method, **over), console=Console(quiet=True))
+    full = train(make_cfg(grpo_files, out, method=method, **over), console=Console(quiet=True))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["split"] == "train"]
     assert len(steps) == 4
-    assert all(r["reward/low_ids/std"] > 0 for r in steps)
+    assert all(r["reward/low_ids_smollm2/std"] > 0 for r in steps)
     assert all(r["vllm/is_ratio"] == pytest.approx(1.0, abs=0.01) for r in steps)  # fp32: on policy
     assert any(r["grad_norm"] > 0 for r in steps)
     shutil.rmtree(out / "checkpoints" / "step-000004")
     shutil.rmtree(out / "final")
-    resumed = train(make_cfg(files, out, method=method, **over), resume=True, console=Console(quiet=True))
+    resumed = train(
+        make_cfg(grpo_files, out, method=method, **over), resume=True, console=Console(quiet=True)
+    )
     assert resumed.train_losses == full.train_losses
     for name, p in full.model.named_parameters():
         if p.requires_grad:
@@ -255,7 +240,7 @@ def test_grpo_with_vllm_trains_logs_and_resumes_bitwise(files, tmp_path, method)
 
 
 @needs_vllm
-def test_two_ddp_ranks_each_sample_with_their_own_vllm_engine(files, tmp_path):
+def test_two_ddp_ranks_each_sample_with_their_own_vllm_engine(grpo_files, tmp_path):
     """``--nproc 2``: every rank starts vLLM on torchrun's process group (vLLM's external launcher)."""
     import os
     import subprocess
@@ -263,7 +248,9 @@ def test_two_ddp_ranks_each_sample_with_their_own_vllm_engine(files, tmp_path):
 
     import yaml
 
-    cfg = make_cfg(files, tmp_path / "run", train__max_steps=3, train__log_every=1, grpo__vllm_kv_cache_gb=1)
+    cfg = make_cfg(
+        grpo_files, tmp_path / "run", train__max_steps=3, train__log_every=1, grpo__vllm_kv_cache_gb=1
+    )
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
     proc = subprocess.run(
         [sys.executable, "-m", "dstune.cli", "train", str(tmp_path / "cfg.yaml"), "--nproc", "2"],
