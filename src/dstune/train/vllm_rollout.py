@@ -31,7 +31,7 @@ from dstune.errors import DstuneError
 from dstune.train.checkpoint import rng_state, set_rng_state
 from dstune.train.stream_save import checkpoint_format, saved_tensors
 
-VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+VLLM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def check_vllm_installed() -> None:
@@ -148,7 +148,7 @@ class VllmRollout:
             _ExpectedReloadWarnings()
         )
 
-        self.sleep, self.dtype = sleep, getattr(torch, VLLM_DTYPES[precision])
+        self.sleep, self.dtype = sleep, VLLM_DTYPES[precision]
         cpu = current_platform.is_cpu()
         if cpu and kv_cache_gb is None:
             kv_cache_gb = 2.0  # vLLM's CPU share of host memory counts this whole process, training included
@@ -159,7 +159,7 @@ class VllmRollout:
             # group (torchrun's environment) instead of making one (TRL's colocate mode does the same).
             distributed_executor_backend="external_launcher" if ranks > 1 else None,
             model=model_dir,
-            dtype=VLLM_DTYPES[precision],
+            dtype=self.dtype,
             max_model_len=max_model_len,
             gpu_memory_utilization=memory,
             kv_cache_memory_bytes=int(kv_cache_gb * 2**30) if kv_cache_gb else None,
@@ -197,12 +197,12 @@ class VllmRollout:
         top_p: float,
     ) -> tuple[list[list[int]], list[list[float]]]:
         """``n`` completions of each prompt (prompt-major, as ``rollout.generate_ids``), each ending at its
-        first stop token, and vLLM's log-probability of each sampled token. The request's seed is drawn
-        from the global torch generator, which checkpoints save, so a resumed run asks for the same
-        samples."""
+        first stop token, and vLLM's log-probability of each sampled token. A sampling request's seed is
+        drawn from the global torch generator, which checkpoints save, so a resumed run asks for the same
+        samples; greedy requests draw nothing, as transformers' greedy ``generate``."""
         from vllm import SamplingParams
 
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if sample else None
         params = SamplingParams(
             n=n,
             temperature=temperature if sample else 0.0,
@@ -211,7 +211,7 @@ class VllmRollout:
             max_tokens=max_new_tokens,
             stop_token_ids=stop_ids,
             logprobs=0,  # the sampled token's
-            seed=seed if sample else None,
+            seed=seed,
             detokenize=False,
         )
         if self.sleep:
